@@ -1,0 +1,109 @@
+"""Files the pipeline writes: always a temp file renamed into place, so a kill never leaves half a file.
+
+Models are saved as their architecture description + a state_dict (never pickled modules) and rebuilt from it:
+a pruned plain model is its per-layer widths, a multi-branch model its stage widths.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from repvgg import PlainRepVGG, RepVGG, load_official_state_dict
+
+FORMAT = "repvgg-compress/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used, said in one line."""
+
+
+@contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temp path beside `path`; on success it replaces `path` in one rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | Path, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def torch_save(obj, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def model_record(model: nn.Module) -> dict:
+    """Architecture + weights of a RepVGG or PlainRepVGG, as plain data."""
+    model = getattr(model, "module", model)  # DistributedDataParallel
+    if isinstance(model, PlainRepVGG):
+        arch = "plain"
+    elif isinstance(model, RepVGG):
+        arch = "repvgg"
+    else:
+        raise TypeError(f"cannot save a {type(model).__name__}: only RepVGG and PlainRepVGG")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return {"format": FORMAT, "arch": arch, "config": model.config(), "state_dict": state}
+
+
+def build_model(record: dict) -> nn.Module:
+    """Rebuild a model from `model_record` output, strict about every key and shape."""
+    from repvgg.checkpoint import _load_strict
+
+    config = dict(record["config"])
+    if record["arch"] == "plain":
+        model = PlainRepVGG.from_config(config)
+    else:
+        config["override_groups_map"] = {int(k): int(v) for k, v in (config.get("override_groups_map") or {}).items()}
+        model = RepVGG(**config)
+    _load_strict(model, record["state_dict"])
+    return model
+
+
+def save_model(model: nn.Module, path: str | Path, **extra) -> None:
+    torch_save({**model_record(model), **extra}, path)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a checkpoint file; a truncated or foreign file gets one line naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a damaged zip/pickle
+        raise CheckpointError(f"checkpoint {path} cannot be read (truncated or not a torch file): {e}") from None
+
+
+def load_model(path: str | Path) -> nn.Module:
+    """Our checkpoints, or an official RepVGG state dict (training- or inference-time, `module.` or not)."""
+    record = load_checkpoint(path)
+    try:
+        if isinstance(record, dict) and record.get("format") == FORMAT:
+            return build_model(record)
+        state = record.get("state_dict", record) if isinstance(record, dict) else None
+        if not isinstance(state, dict):
+            raise ValueError("it holds no state dict")
+        return load_official_state_dict(state)
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {path}: {e}") from None

@@ -1,0 +1,20 @@
+"""RepVGG: multi-branch training-time model, its exact plain twin, and loaders for the public checkpoints."""
+
+from .checkpoint import load_official_state_dict
+from .graph import channel_groups
+from .model import CONFIGS, LayerSpec, RepVGG, RepVGGBlock, create_model, fuse_bn
+from .plain import PlainLayer, PlainRepVGG, reparameterize
+
+__all__ = [
+    "CONFIGS",
+    "LayerSpec",
+    "PlainLayer",
+    "PlainRepVGG",
+    "RepVGG",
+    "RepVGGBlock",
+    "channel_groups",
+    "create_model",
+    "fuse_bn",
+    "load_official_state_dict",
+    "reparameterize",
+]

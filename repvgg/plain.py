@@ -1,0 +1,84 @@
+"""The inference-time (plain) RepVGG: a stack of 3x3 conv + bias + ReLU, global pooling and a Linear head.
+
+Unlike the multi-branch model, nothing ties one layer's width to another's, so the model is described by an
+explicit list of `LayerSpec`s and can be rebuilt from that list alone, whatever widths pruning left.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import torch
+from torch import nn
+
+from .model import LayerSpec, RepVGG
+
+
+class PlainLayer(nn.Module):
+    """conv3x3(+bias) -> bn -> ReLU. `bn` is Identity except while fine-tuning inserts a temporary BatchNorm."""
+
+    def __init__(self, spec: LayerSpec):
+        super().__init__()
+        self.conv = nn.Conv2d(spec.in_channels, spec.out_channels, 3, spec.stride, 1, groups=spec.groups, bias=True)
+        self.bn: nn.Module = nn.Identity()
+        self.act = nn.ReLU()
+
+    @property
+    def spec(self) -> LayerSpec:
+        c = self.conv
+        return LayerSpec(c.in_channels, c.out_channels, c.stride[0], c.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+class PlainRepVGG(nn.Module):
+    def __init__(self, layers: list[LayerSpec], num_classes: int):
+        super().__init__()
+        if not layers:
+            raise ValueError("a plain RepVGG needs at least one layer")
+        for i, (spec, nxt) in enumerate(zip(layers, [*layers[1:], None])):
+            spec.check(f"layer {i}")
+            if nxt is not None and nxt.in_channels != spec.out_channels:
+                raise ValueError(
+                    f"layer {i + 1}: in_channels={nxt.in_channels} does not match layer {i} out_channels={spec.out_channels}"
+                )
+        if num_classes <= 0:
+            raise ValueError(f"num_classes must be positive, got {num_classes}")
+        self.layers = nn.ModuleList(PlainLayer(s) for s in layers)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.linear = nn.Linear(layers[-1].out_channels, num_classes)
+
+    def layer_specs(self) -> list[LayerSpec]:
+        return [layer.spec for layer in self.layers]
+
+    def widths(self) -> list[int]:
+        return [s.out_channels for s in self.layer_specs()]
+
+    def config(self) -> dict:
+        """JSON-able description that `from_config` rebuilds (per-layer widths survive pruning)."""
+        return {"layers": [asdict(s) for s in self.layer_specs()], "num_classes": self.linear.out_features}
+
+    @classmethod
+    def from_config(cls, config: dict) -> "PlainRepVGG":
+        return cls([LayerSpec(**layer) for layer in config["layers"]], int(config["num_classes"]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return self.linear(torch.flatten(self.gap(x), 1))
+
+
+@torch.no_grad()
+def reparameterize(model: RepVGG) -> PlainRepVGG:
+    """A new plain model computing exactly what `model` computes in eval mode; `model` is left untouched."""
+    blocks = model.blocks()
+    plain = PlainRepVGG([b.spec for b in blocks], model.linear.out_features)
+    ref = model.linear.weight
+    plain.to(device=ref.device, dtype=ref.dtype)
+    for block, layer in zip(blocks, plain.layers):
+        kernel, bias = block.equivalent_kernel_bias()
+        layer.conv.weight.copy_(kernel)
+        layer.conv.bias.copy_(bias)
+    plain.linear.load_state_dict(model.linear.state_dict())
+    return plain.train(model.training)
