@@ -11,6 +11,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from repvgg import CONFIGS
+
 STAGES = ("train", "reparam", "prune", "finetune", "quantize", "export", "bench")
 
 
@@ -19,7 +21,7 @@ class RecipeError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid")
 
 
 class ModelCfg(Section):
@@ -40,6 +42,8 @@ class ModelCfg(Section):
             self.name = None
         elif self.name is None:
             raise ValueError("model: give a name or num_blocks + width_multiplier")
+        elif self.name not in CONFIGS and f"RepVGG-{self.name}" not in CONFIGS:
+            raise ValueError(f"model.name: unknown model '{self.name}'; valid names: {', '.join(CONFIGS)}")
         return self
 
 
@@ -180,7 +184,7 @@ def _first_error(err: ValidationError, cls: type[BaseModel]) -> str:
             section = field.annotation if field is not None and isinstance(field.annotation, type) else section
         return f"unknown recipe key '{loc}'{_suggest(str(e['loc'][-1]), section.model_fields)}"
     msg = e["msg"].removeprefix("Value error, ")
-    return msg if msg.split(":")[0] == loc or not loc else f"recipe key '{loc}': {msg} (got {e.get('input')!r})"
+    return msg if msg.split(":")[0].startswith(loc) else f"recipe key '{loc}': {msg} (got {e.get('input')!r})"
 
 
 def _apply_override(raw: dict, assignment: str) -> None:

@@ -15,7 +15,7 @@ _HEAD = ("linear.weight", "linear.bias")
 
 
 def _strip_prefix(state_dict: dict) -> dict:
-    return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in state_dict.items()}
+    return {(k.removeprefix("module.")): v for k, v in state_dict.items()}
 
 
 def _layer_weights(state_dict: dict, branch: str) -> list[tuple[str, torch.Tensor]]:

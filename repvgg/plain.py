@@ -60,7 +60,7 @@ class PlainRepVGG(nn.Module):
         return {"layers": [asdict(s) for s in self.layer_specs()], "num_classes": self.linear.out_features}
 
     @classmethod
-    def from_config(cls, config: dict) -> "PlainRepVGG":
+    def from_config(cls, config: dict) -> PlainRepVGG:
         return cls([LayerSpec(**layer) for layer in config["layers"]], int(config["num_classes"]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

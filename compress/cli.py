@@ -1,0 +1,123 @@
+"""`python compress.py --recipe R [--out DIR] [--set k=v ...] [--stages a,b] [--dry-run]` and
+`python compress.py inspect PATH`. Parse, validate once, dispatch; every expected failure is one line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from .recipe import STAGES, Recipe, RecipeError, load_recipe
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="compress.py", description=__doc__)
+    ap.add_argument("--recipe", type=Path, help="YAML recipe")
+    ap.add_argument("--out", type=Path, help="run directory (default runs/<recipe name>)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override a recipe value (repeatable)")
+    ap.add_argument("--stages", help=f"comma-separated subset of: {','.join(STAGES)}")
+    ap.add_argument("--dry-run", action="store_true", help="print the validated recipe and the stage plan")
+    ap.add_argument("--resume", action="store_true",
+                    help="require an existing run dir to resume (resuming is automatic when one exists)")
+    ap.add_argument("--debug", action="store_true", help="full tracebacks")
+    return ap
+
+
+def _stage_plan(recipe: Recipe, stages_arg: str | None) -> list[str]:
+    if stages_arg is None:
+        return recipe.stages
+    asked = [s.strip() for s in stages_arg.split(",") if s.strip()]
+    for s in asked:
+        if s not in STAGES:
+            raise RecipeError(f"--stages: unknown stage '{s}' (stages: {', '.join(STAGES)})")
+    return [s for s in STAGES if s in asked]
+
+
+def _device(recipe: Recipe, local_rank: int) -> torch.device:
+    if recipe.device == "cuda" and not torch.cuda.is_available():
+        raise RecipeError("device: cuda asked for but no CUDA device is available")
+    if recipe.device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank)
+
+
+def run(args) -> int:
+    from .data import build_data
+    from .pipeline import Pipeline, RunLock
+    from .train import Env
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    plan = _stage_plan(recipe, args.stages)
+    out_dir = args.out or Path("runs") / recipe.name
+    if args.dry_run:
+        print(json.dumps(recipe.model_dump(mode="json"), indent=2))
+        print(f"plan: {' -> '.join(plan)}  (run dir {out_dir})")
+        return 0
+    if args.resume and not (out_dir / "summary.json").exists() and not any(out_dir.glob("*.ckpt")):
+        raise RecipeError(f"--resume: nothing to resume in {out_dir}")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = _device(recipe, local_rank)
+    if world_size > 1:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    torch.manual_seed(recipe.seed)
+    data = build_data(recipe.data, recipe.seed, rank, world_size)
+    writer = None
+    try:
+        if rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            lock = RunLock(out_dir).__enter__()
+            writer = SummaryWriter(str(out_dir / "tb"))
+        env = Env(device=device, out_dir=out_dir, rank=rank, world_size=world_size, writer=writer)
+        summary = Pipeline(recipe, out_dir, env, data).run(plan)
+        if rank == 0:
+            print(json.dumps({k: _brief(v) for k, v in summary["stages"].items()}, indent=1))
+            print(f"summary: {out_dir / 'summary.json'}   tensorboard --logdir {out_dir / 'tb'}")
+    finally:
+        if writer is not None:
+            writer.close()
+            lock.__exit__(None, None, None)
+        if world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+def _brief(stage: dict) -> dict:
+    return {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in stage.items()
+            if isinstance(v, (int, float, str)) and k != "key"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["inspect"]:
+        from .inspect import inspect_main
+
+        return inspect_main(argv[1:])
+    args = _parser().parse_args(argv)
+    if args.recipe is None:
+        _parser().error("--recipe is required")
+    try:
+        return run(args)
+    except Exception as e:  # expected failures are one line; --debug shows the traceback
+        if args.debug or not _is_user_error(e):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _is_user_error(e: Exception) -> bool:
+    from .data import DataError
+    from .io import CheckpointError
+    from .pipeline import PipelineError
+    from .reparam import ReparamError
+    from .train import TrainingError
+
+    return isinstance(e, (RecipeError, DataError, CheckpointError, PipelineError, TrainingError, ReparamError))

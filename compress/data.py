@@ -1,0 +1,206 @@
+"""Datasets the recipe names: embedded digits (no download), an ImageFolder, or CIFAR-10 python batches.
+
+Shuffling goes through a seeded `DistributedSampler` (one replica when not distributed) and each epoch reseeds
+augmentation, so an epoch is the same whether the run was interrupted before it or not.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
+from torchvision import datasets
+from torchvision.transforms import v2 as T
+
+from .recipe import DataCfg
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics, as the official code
+
+
+class DataError(ValueError):
+    """A data problem, said in one line that names the path."""
+
+
+def _augment(preset: str, size: int) -> list:
+    if preset == "cifar":  # pad-4 crop + flip
+        return [T.RandomCrop(size, padding=4), T.RandomHorizontalFlip()]
+    if preset == "imagenet":  # the paper's RandomResizedCrop + flip
+        return [T.RandomResizedCrop(size, antialias=True), T.RandomHorizontalFlip()]
+    return []
+
+
+def _image_transforms(cfg: DataCfg, train: bool) -> T.Compose:
+    size = cfg.image_size
+    if train:
+        geometry = _augment(cfg.augment, size)
+        if cfg.augment != "imagenet":
+            geometry = [T.Resize(size, antialias=True), T.CenterCrop(size), *geometry]
+    elif cfg.augment == "imagenet":
+        geometry = [T.Resize(int(size / 0.875), antialias=True), T.CenterCrop(size)]
+    else:
+        geometry = [T.Resize(size, antialias=True), T.CenterCrop(size)]
+    return T.Compose([T.ToImage(), *geometry, T.ToDtype(torch.float32, scale=True), T.Normalize(MEAN, STD)])
+
+
+class TransformedTensors(Dataset):
+    """Tensor images with a per-sample transform (digits are tensors from the start)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform=None):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        x = self.images[i]
+        return (self.transform(x) if self.transform else x), self.labels[i]
+
+
+def _digits(cfg: DataCfg, seed: int):
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # 8x8 in [0, 1]
+    x = F.interpolate(x, size=cfg.image_size, mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
+    x = (x - 0.5) / 0.5
+    y = torch.tensor(digits.target, dtype=torch.long)
+    # the split is fixed (not the recipe seed): test numbers stay comparable across runs
+    train_idx, test_idx = train_test_split(torch.arange(len(y)), test_size=0.25, stratify=y, random_state=0)
+    augment = T.Compose(_augment(cfg.augment, cfg.image_size)) if cfg.augment == "cifar" else None
+    return (TransformedTensors(x[train_idx], y[train_idx], augment), TensorDataset(x[test_idx], y[test_idx]), 10)
+
+
+def _decode_checked(path: str) -> Image.Image:
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, UnidentifiedImageError) as e:
+        raise DataError(f"image cannot be decoded: {path} ({e.__class__.__name__})") from None
+
+
+class CheckedImageFolder(datasets.ImageFolder):
+    """ImageFolder whose undecodable images fail with their path, or are skipped (the next image stands in)."""
+
+    def __init__(self, root, transform, skip_bad: bool):
+        super().__init__(root, transform=transform, loader=_decode_checked)
+        self.skip_bad = skip_bad
+        self.skipped: set[str] = set()
+
+    def __getitem__(self, index):
+        for offset in range(len(self.samples)):
+            i = (index + offset) % len(self.samples)
+            try:
+                return super().__getitem__(i)
+            except DataError:
+                if not self.skip_bad:
+                    raise
+                self.skipped.add(self.samples[i][0])
+        raise DataError(f"no decodable image in {self.root}")
+
+
+def _imagefolder(cfg: DataCfg):
+    root = Path(cfg.root)
+    if not root.is_dir():
+        raise DataError(f"data.root not found: {root}")
+    train_dir = root / "train"
+    test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
+    if not train_dir.is_dir() or test_dir is None:
+        raise DataError(f"data.root {root} needs train/ and val/ (or test/) class folders")
+    sets = []
+    for split, train in ((train_dir, True), (test_dir, False)):
+        try:
+            sets.append(CheckedImageFolder(split, _image_transforms(cfg, train), cfg.bad_images == "skip"))
+        except FileNotFoundError as e:  # torchvision: no class folders, or a class folder with no image
+            raise DataError(f"{split}: {str(e).splitlines()[0]}") from None
+    train_set, test_set = sets
+    if train_set.classes != test_set.classes:
+        raise DataError(f"{test_dir}: classes differ from {train_dir}")
+    return train_set, test_set, len(train_set.classes)
+
+
+def _cifar10(cfg: DataCfg):
+    root = Path(cfg.root)
+    try:
+        train = datasets.CIFAR10(root, train=True, transform=_image_transforms(cfg, True), download=cfg.download)
+        test = datasets.CIFAR10(root, train=False, transform=_image_transforms(cfg, False), download=cfg.download)
+    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
+        raise DataError(f"data.root {root}: {e} (set data.download: true to fetch it)") from None
+    return train, test, 10
+
+
+def _subset(dataset: Dataset, n: int | None, seed: int) -> Dataset:
+    if n is None or n >= len(dataset):
+        return dataset
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    return Subset(dataset, order[:n].tolist())
+
+
+@dataclass
+class Data:
+    train_set: Dataset
+    test_set: Dataset
+    num_classes: int
+    cfg: DataCfg
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+
+    def __post_init__(self):
+        self.sampler = DistributedSampler(
+            self.train_set, num_replicas=self.world_size, rank=self.rank, shuffle=True, seed=self.seed, drop_last=True
+        )
+
+    def _loader(self, dataset, **kw) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.cfg.batch_size,
+            num_workers=self.cfg.workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=False,
+            **kw,
+        )
+
+    def train_loader(self, epoch: int) -> DataLoader:
+        """The training batches of `epoch`: the same shuffle and augmentation whenever it is run."""
+        self.sampler.set_epoch(epoch)
+        torch.manual_seed(self.seed * 1000 + epoch)
+        return self._loader(self.train_set, sampler=self.sampler, drop_last=True)
+
+    def test_loader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
+
+    def calibration_loader(self, size: int) -> DataLoader:
+        """`size` training images in a fixed order, with test-time transforms (no augmentation)."""
+        return self._loader(_subset(_without_augmentation(self.train_set, self.cfg), size, self.seed), shuffle=False)
+
+    def example_input(self, batch: int = 1) -> torch.Tensor:
+        return torch.stack([self.test_set[i][0] for i in range(batch)])
+
+
+def _without_augmentation(dataset: Dataset, cfg: DataCfg) -> Dataset:
+    if isinstance(dataset, Subset):
+        return Subset(_without_augmentation(dataset.dataset, cfg), dataset.indices)
+    if isinstance(dataset, TransformedTensors):
+        return TensorDataset(dataset.images, dataset.labels)
+    plain = copy.copy(dataset)  # ImageFolder / CIFAR10: same files, test-time transform
+    plain.transform = _image_transforms(cfg, train=False)
+    return plain
+
+
+def build_data(cfg: DataCfg, seed: int = 0, rank: int = 0, world_size: int = 1) -> Data:
+    if cfg.kind == "digits":
+        train, test, classes = _digits(cfg, seed)
+    elif cfg.kind == "imagefolder":
+        train, test, classes = _imagefolder(cfg)
+    else:
+        train, test, classes = _cifar10(cfg)
+    train, test = _subset(train, cfg.train_subset, seed), _subset(test, cfg.test_subset, seed)
+    if len(train) < cfg.batch_size * world_size:
+        raise DataError(f"data: {len(train)} training images, fewer than one batch of {cfg.batch_size * world_size}")
+    return Data(train, test, classes, cfg, seed, rank, world_size)

@@ -1,0 +1,178 @@
+"""The seven stages as the pipeline calls them: each reads its input artifact, calls its stage module, saves its
+output and returns the metrics that go into `summary.json`."""
+
+from __future__ import annotations
+
+import copy
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from repvgg import PlainRepVGG, RepVGG
+
+from .io import model_record
+from .pipeline import Pipeline, PipelineError, initial_model
+from .recipe import OptimCfg
+from .reparam import reparam_stage
+from .train import evaluate, fit
+
+# Stages every DDP process runs (they train); the others run on rank 0 and the rest read their files.
+EVERY_RANK = {"train", "finetune"}
+
+
+def train(p: Pipeline) -> dict:
+    model = initial_model(p.recipe, p.data.num_classes)
+    result = fit(model, p.recipe.train, p.data, p.env, tag="train", ckpt_path=p.out_dir / "train.ckpt",
+                 key=p.key("train"))
+    p.save("train", model)
+    return result
+
+
+def reparam(p: Pipeline) -> dict:
+    plain, metrics = reparam_stage(p.load("train"), p.data, p.env)
+    p.save("reparam", plain)
+    return metrics
+
+
+def _expect(model, cls, stage: str, mode: str):
+    if not isinstance(model, cls):
+        raise PipelineError(f"prune.mode={mode} needs a {cls.__name__} from stage '{stage}', got {type(model).__name__}")
+    return model
+
+
+def prune(p: Pipeline) -> dict:
+    from .prune import prune_model
+
+    cfg = p.recipe.prune
+    if cfg.mode == "plain":
+        model = _expect(p.load("reparam"), PlainRepVGG, "reparam", cfg.mode)
+    else:
+        model = _expect(p.load("train"), RepVGG, "train", cfg.mode)
+    model.to(p.env.device)
+
+    def finetune_between_steps(m, step: int) -> None:
+        step_cfg = p.recipe.finetune.model_copy(update={"epochs": cfg.steps_finetune_epochs})
+        fit(m, step_cfg, p.data, p.env, tag=f"prune_step{step}", ckpt_path=p.out_dir / f"prune_step{step}.ckpt",
+            key=f"{p.key('prune')}:{step}")
+
+    report = prune_model(model, cfg, p.data.example_input().to(p.env.device), batches=p.data.train_loader(0),
+                         between_steps=finetune_between_steps)
+    metrics = evaluate(model, p.data.test_loader(), p.env.device)
+    if p.env.writer is not None:
+        p.env.writer.add_figure("prune/widths", _widths_figure(report["widths_before"], report["widths_after"]), 0)
+        p.env.writer.add_scalar("prune/top1", metrics["top1"], 0)  # step 0: before fine-tuning
+    p.save("prune", model)
+    return {**report, "top1": metrics["top1"], "top5": metrics["top5"]}
+
+
+def _widths_figure(before: list[int], after: list[int]):
+    fig, ax = plt.subplots(figsize=(max(6, len(before) * 0.35), 3.5))
+    idx = range(len(before))
+    ax.bar(idx, before, color="#bbbbbb", label="before")
+    ax.bar(idx, after, color="#1f77b4", label="after")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("output channels")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def finetune(p: Pipeline) -> dict:
+    from .prune import fold_bn, insert_bn
+
+    cfg = p.recipe.finetune
+    model = p.load("prune").to(p.env.device)
+    teacher = p.load("reparam") if cfg.distill is not None else None
+    temporary_bn = isinstance(model, PlainRepVGG) and cfg.insert_bn
+    if temporary_bn:  # fixed, unaugmented batches: every DDP rank inserts the same BN
+        insert_bn(model, p.data.calibration_loader(min(512, len(p.data.train_set))))
+    result = fit(model, cfg, p.data, p.env, tag="finetune", ckpt_path=p.out_dir / "finetune.ckpt",
+                 key=p.key("finetune"), teacher=teacher, distill=cfg.distill)
+    if temporary_bn:
+        fold_bn(model)
+    if isinstance(model, RepVGG):  # multibranch baseline: re-parameterize only now, and check it stays exact
+        model, check = reparam_stage(model, p.data, p.env)
+        result["max_abs_diff"] = check["max_abs_diff"]
+    final = evaluate(model, p.data.test_loader(), p.env.device)
+    if p.env.writer is not None:
+        p.env.writer.add_scalar("prune/top1", final["top1"], 1)  # step 1: after fine-tuning
+    p.save("finetune", model)
+    return {**result, "top1": final["top1"], "top5": final["top5"]}
+
+
+def quantize(p: Pipeline) -> dict:
+    from .quant import quantize_model, save_quantized
+
+    cfg = p.recipe.quantize
+    model = p.load("finetune")
+    if isinstance(model, RepVGG):
+        raise PipelineError("quantize needs the plain model: run reparam first")
+    model = model.to(p.env.device).eval()
+    teacher = copy.deepcopy(model) if cfg.distill is not None else None
+    qat_cfg = OptimCfg(epochs=cfg.epochs, optimizer="sgd", lr=cfg.lr, weight_decay=cfg.weight_decay, amp=False,
+                       channels_last=False)
+
+    def qat(qmodel) -> None:
+        fit(qmodel, qat_cfg, p.data, p.env, tag="qat", ckpt_path=p.out_dir / "qat.ckpt", key=p.key("quantize"),
+            teacher=teacher, distill=cfg.distill)
+
+    qmodel = quantize_model(model, cfg, p.data.calibration_loader(cfg.calibration_size),
+                            p.data.example_input().to(p.env.device), train_fn=qat if cfg.mode == "qat" else None)
+    metrics = evaluate(qmodel, p.data.test_loader(), p.env.device)
+    save_quantized(qmodel, p.path("quantize"), model_record(model))
+    return {"mode": cfg.mode, "top1": metrics["top1"], "top5": metrics["top5"]}
+
+
+def _onnx_sources(p: Pipeline) -> dict[str, str]:
+    """artifact name -> the stage whose model it exports (only those the run produced)."""
+    sources = {"train_fp32": "train", "plain_fp32": "reparam", "pruned_fp32": "finetune", "pruned_int8": "quantize"}
+    if "finetune" not in p.summary["stages"] and "prune" in p.summary["stages"]:
+        sources["pruned_fp32"] = "prune"
+    return {name: s for name, s in sources.items() if s in p.summary["stages"] and p.path(s).exists()}
+
+
+def export(p: Pipeline) -> dict:
+    from .export import evaluate_onnx, export_onnx, max_abs_logit_diff
+
+    example = p.data.example_input()
+    artifacts = {}
+    for name, stage in _onnx_sources(p).items():
+        model = p.load(stage).cpu().eval()
+        path = export_onnx(model, p.out_dir / "onnx" / f"{name}.onnx", example, opset=p.recipe.export.opset,
+                           int8=name.endswith("int8"))
+        entry = {"path": str(path), "size_bytes": path.stat().st_size}
+        entry.update({k: v for k, v in evaluate_onnx(path, p.data.test_loader()).items() if k in ("top1", "top5")})
+        if not name.endswith("int8"):
+            entry["max_abs_diff"] = max_abs_logit_diff(path, model, p.data.test_loader())
+            if entry["max_abs_diff"] > 1e-4:
+                raise PipelineError(f"ONNX {path} differs from PyTorch by {entry['max_abs_diff']:.3g} (> 1e-4)")
+        artifacts[name] = entry
+    if not artifacts:
+        raise PipelineError("export found no model to export: run train or reparam first")
+    return {"artifacts": artifacts}
+
+
+def bench(p: Pipeline) -> dict:
+    from pathlib import Path
+
+    from .bench import accuracy_latency_figure, benchmark
+
+    cfg = p.recipe.bench
+    artifacts = p.summary["stages"].get("export", {}).get("artifacts")
+    if not artifacts:
+        raise PipelineError("bench needs the export stage's ONNX files: run export first")
+    paths = {name: Path(a["path"]) for name, a in artifacts.items()}
+    result = benchmark(paths, cfg, cfg.image_size or p.data.cfg.image_size)
+    main_batch = cfg.main_batch or cfg.batch_sizes[0]
+    points = []
+    for r in result["results"]:
+        if r["batch"] == main_batch and r["provider"] == "cpu" and r["artifact"] in artifacts:
+            points.append({"name": r["artifact"], "latency_ms": r["median_ms"], "top1": artifacts[r["artifact"]]["top1"]})
+    if p.env.writer is not None and points:
+        p.env.writer.add_figure("bench/accuracy_latency", accuracy_latency_figure(points), 0)
+        for pt in points:
+            p.env.writer.add_scalar(f"bench/latency_ms/{pt['name']}", pt["latency_ms"], 0)
+            p.env.writer.add_scalar(f"bench/top1/{pt['name']}", pt["top1"], 0)
+    return {**result, "curve": points}

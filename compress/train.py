@@ -1,0 +1,203 @@
+"""The training loop shared by multi-branch training, fine-tuning and QAT.
+
+One epoch at a time, evaluated after each, checkpointed atomically after each: a killed run resumes from the
+last completed epoch and ends with the same weights as an uninterrupted one (data order and augmentation are
+reseeded per epoch, see `Data.train_loader`).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from .data import Data
+from .io import load_checkpoint, torch_save
+from .recipe import Distill, OptimCfg
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, out of memory): said in one line."""
+
+
+@dataclass
+class Env:
+    """Where a stage runs: device, process rank, and the rank-0-only writers."""
+
+    device: torch.device
+    out_dir: Path
+    rank: int = 0
+    world_size: int = 1
+    writer: object | None = None  # torch.utils.tensorboard.SummaryWriter on rank 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device) -> dict:
+    """Top-1 and top-5 (percent) and mean cross-entropy over the whole loader."""
+    was_training = model.training
+    model.eval()
+    correct1 = correct5 = total = 0
+    loss = 0.0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        logits = model(x).float()
+        loss += F.cross_entropy(logits, y, reduction="sum").item()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        correct1 += (top[:, 0] == y).sum().item()
+        correct5 += (top == y[:, None]).any(dim=1).sum().item()
+        total += len(y)
+    model.train(was_training)
+    return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "loss": loss / total}
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """The official recipe: weight decay on conv and linear weights, none on BN parameters and biases."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() > 1 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, cfg: OptimCfg) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=False)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def lr_at(cfg: OptimCfg, step: int, total_steps: int, steps_per_epoch: int) -> float:
+    """Linear warm-up, then cosine decay to zero (or constant), per iteration."""
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return 0.5 * cfg.lr * (1 + math.cos(math.pi * progress))
+
+
+def distill_loss(logits, teacher_logits, targets, distill: Distill, label_smoothing: float) -> torch.Tensor:
+    """(1 - alpha) CE + alpha T^2 KL(teacher_T || student_T)."""
+    t = distill.temperature
+    kl = F.kl_div(F.log_softmax(logits / t, 1), F.log_softmax(teacher_logits / t, 1), reduction="batchmean", log_target=True)
+    ce = F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+    return (1 - distill.alpha) * ce + distill.alpha * t * t * kl
+
+
+def fit(
+    model: nn.Module,
+    cfg: OptimCfg,
+    data: Data,
+    env: Env,
+    *,
+    tag: str,
+    ckpt_path: Path,
+    key: str,
+    teacher: nn.Module | None = None,
+    distill: Distill | None = None,
+) -> dict:
+    """Train `model` in place for `cfg.epochs`, resuming from `ckpt_path` when it holds the same `key`.
+
+    Returns the last evaluation and the per-epoch history. TensorBoard gets `<tag>/loss`, `<tag>/lr`,
+    `<tag>/top1` and `<tag>/top5` per epoch."""
+    model.to(env.device)
+    if env.cuda and cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, cfg)
+    history, start = [], 0
+    if ckpt_path.exists():
+        state = load_checkpoint(ckpt_path)
+        if state.get("key") == key:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            history, start = state["history"], state["epoch"] + 1
+            if env.main and start < cfg.epochs:
+                print(f"[{tag}] resuming after epoch {start} of {cfg.epochs} from {ckpt_path}", file=sys.stderr)
+    if teacher is not None:
+        teacher.to(env.device).eval()
+    net = model
+    if env.world_size > 1:
+        net = DistributedDataParallel(model, device_ids=[env.device.index] if env.cuda else None)
+    use_amp = env.cuda and cfg.amp
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    steps_per_epoch = max(1, len(data.train_loader(0)))
+    total_steps = steps_per_epoch * cfg.epochs
+    for epoch in range(start, cfg.epochs):
+        net.train()
+        running, seen = 0.0, 0
+        loader = data.train_loader(epoch)
+        bar = tqdm(loader, desc=f"{tag} {epoch + 1}/{cfg.epochs}", leave=False, disable=not env.main or None, mininterval=2)
+        for i, (x, y) in enumerate(bar):
+            step = epoch * steps_per_epoch + i
+            lr = lr_at(cfg, step, total_steps, steps_per_epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+            if env.cuda and cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            try:
+                with torch.autocast(env.device.type, enabled=use_amp):
+                    logits = net(x)
+                    if teacher is not None and distill is not None:
+                        with torch.no_grad():
+                            teacher_logits = teacher(x)
+                        loss = distill_loss(logits.float(), teacher_logits.float(), y, distill, cfg.label_smoothing)
+                    else:
+                        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"[{tag}] loss is {loss.item()} at epoch {epoch + 1} step {i + 1}; "
+                        f"stopped, last good checkpoint kept: {ckpt_path if ckpt_path.exists() else 'none yet'}"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            except torch.cuda.OutOfMemoryError:
+                raise TrainingError(
+                    f"[{tag}] CUDA out of memory at data.batch_size={data.cfg.batch_size}; lower it"
+                ) from None
+            running += loss.item() * len(y)
+            seen += len(y)
+            if env.main and i % 20 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
+        metrics = evaluate(model, data.test_loader(), env.device)
+        metrics.update(epoch=epoch + 1, train_loss=running / max(1, seen), lr=lr)
+        history.append(metrics)
+        if env.main:
+            if env.writer is not None:
+                for name in ("train_loss", "lr", "top1", "top5", "loss"):
+                    env.writer.add_scalar(f"{tag}/{name}", metrics[name], epoch + 1)
+            print(
+                f"[{tag}] epoch {epoch + 1}/{cfg.epochs} train_loss {metrics['train_loss']:.4f} "
+                f"top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f}",
+                file=sys.stderr,
+            )
+            torch_save(
+                {"key": key, "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "history": history},
+                ckpt_path,
+            )
+    model.to(memory_format=torch.contiguous_format)
+    final = history[-1] if history else evaluate(model, data.test_loader(), env.device)
+    return {**{k: final[k] for k in ("top1", "top5", "loss")}, "epochs": cfg.epochs, "history": history}

@@ -1,0 +1,122 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, run_cli
+
+from compress.cli import main
+from compress.io import load_checkpoint, load_model
+
+
+def test_train_and_reparam_end_to_end(tiny_recipe, tmp_path):
+    out = tmp_path / "run"
+    assert main(["--recipe", str(tiny_recipe(stages=["train", "reparam"])), "--out", str(out)]) == 0
+    stages = json.loads((out / "summary.json").read_text())["stages"]
+    assert stages["train"]["top1"] > 30  # 2 epochs of a tiny model on digits: far above 10% chance
+    assert stages["reparam"]["top1"] == stages["train"]["top1"]  # plain twin: identical predictions
+    assert stages["reparam"]["max_abs_diff"] <= 1e-5 * stages["reparam"]["max_abs_logit"]
+    assert load_model(out / "plain.pt").__class__.__name__ == "PlainRepVGG"
+    assert any(p.name.startswith("events.out.tfevents") for p in (out / "tb").iterdir())
+    # a rerun reuses both finished stages
+    before = (out / "plain.pt").stat().st_mtime_ns
+    assert main(["--recipe", str(tiny_recipe(stages=["train", "reparam"])), "--out", str(out)]) == 0
+    assert (out / "plain.pt").stat().st_mtime_ns == before
+
+
+def test_dry_run_prints_plan(tiny_recipe, capsys):
+    assert main(["--recipe", str(tiny_recipe()), "--dry-run", "--stages", "reparam,train"]) == 0
+    assert "plan: train -> reparam" in capsys.readouterr().out
+
+
+def _wait_for_epoch(path, epoch, proc, limit=120):
+    deadline = time.time() + limit
+    while time.time() < deadline:
+        if path.exists():
+            try:
+                if load_checkpoint(path)["epoch"] >= epoch:
+                    return
+            except Exception:
+                pass  # being replaced right now
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint appeared")
+
+
+def test_sigkill_then_rerun_resumes_with_identical_weights(tiny_recipe, tmp_path):
+    recipe = str(tiny_recipe(stages=["train"], train={"epochs": 4, "lr": 0.05}))
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert run_cli("--recipe", recipe, "--out", str(full)).returncode == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "compress.py"), "--recipe", recipe, "--out", str(killed)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_epoch(killed / "train.ckpt", 1, proc)  # epoch index 1: two epochs completed
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "train.pt").exists()
+    rerun = run_cli("--recipe", recipe, "--out", str(killed))
+    assert rerun.returncode == 0, rerun.stderr
+    assert "resuming after epoch" in rerun.stderr
+    a, b = load_checkpoint(full / "train.pt")["state_dict"], load_checkpoint(killed / "train.pt")["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_torchrun_two_processes_gloo(tiny_recipe, tmp_path):
+    out = tmp_path / "ddp"
+    recipe = str(tiny_recipe(stages=["train", "reparam"], data={"batch_size": 32}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+         str(ROOT / "compress.py"), "--recipe", recipe, "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stages = json.loads((out / "summary.json").read_text())["stages"]
+    assert stages["train"]["top1"] > 20 and stages["reparam"]["top1"] == stages["train"]["top1"]
+    assert len(list((out / "tb").glob("events.out.tfevents*"))) == 1  # only rank 0 writes
+
+
+def _one_line_error(capsys, argv) -> str:
+    assert main(argv) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        (["train.epochz=3"], "train.epochz"),
+        (["train.lr=fast"], "train.lr"),
+        (["data.kind=imagefolder", "data.root=/no/such/dir"], "/no/such/dir"),
+        (["model.name=RepVGG-Z1", "model.num_blocks=null", "model.width_multiplier=null"], "RepVGG-Z1"),
+        (["stages=[train,distill]"], "distill"),
+    ],
+)
+def test_bad_recipe_is_one_line(tiny_recipe, capsys, tmp_path, overrides, needle):
+    argv = ["--recipe", str(tiny_recipe()), "--out", str(tmp_path / "x")]
+    for o in overrides:
+        argv += ["--set", o]
+    assert needle in _one_line_error(capsys, argv)
+
+
+def test_empty_class_folder_is_one_line(tiny_recipe, capsys, tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            (root / split / cls).mkdir(parents=True)
+            if not (split == "train" and cls == "dog"):
+                Image.new("RGB", (8, 8)).save(root / split / cls / "0.png")
+    argv = ["--recipe", str(tiny_recipe()), "--out", str(tmp_path / "x"),
+            "--set", "data.kind=imagefolder", "--set", f"data.root={root}"]
+    assert "dog" in _one_line_error(capsys, argv)
+
+
+def test_missing_recipe_file_is_one_line(capsys, tmp_path):
+    assert "nope.yaml" in _one_line_error(capsys, ["--recipe", str(tmp_path / "nope.yaml")])
