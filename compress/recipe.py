@@ -25,7 +25,7 @@ class Section(BaseModel):
 
 
 class ModelCfg(Section):
-    name: str | None = "RepVGG-A0"
+    name: str | None = None
     num_blocks: list[int] | None = None
     width_multiplier: list[float] | None = None
     override_groups_map: dict[int, int] | None = None
@@ -41,7 +41,8 @@ class ModelCfg(Section):
         if explicit:
             self.name = None
         elif self.name is None:
-            raise ValueError("model: give a name or num_blocks + width_multiplier")
+            if self.checkpoint is None:
+                raise ValueError("model: give a name, num_blocks + width_multiplier, or a checkpoint")
         elif self.name not in CONFIGS and f"RepVGG-{self.name}" not in CONFIGS:
             raise ValueError(f"model.name: unknown model '{self.name}'; valid names: {', '.join(CONFIGS)}")
         return self

@@ -1,0 +1,92 @@
+"""`python compress.py inspect PATH`: what a checkpoint or ONNX file holds, without running a recipe."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch_pruning as tp
+
+from repvgg import PlainRepVGG
+
+from .io import FORMAT, CheckpointError, build_model, load_checkpoint, load_model
+
+
+def describe_torch(path: Path, image_size: int) -> list[str]:
+    record = load_checkpoint(path)
+    int8 = isinstance(record, dict) and "nncf_config" in record
+    if int8:  # quantized: describe the FP32 architecture it was built on
+        record = record["base"]
+    if isinstance(record, dict) and "model" in record and "key" in record:
+        return [f"{path}: training checkpoint of stage-internal state (epoch {record['epoch'] + 1}), not a model"]
+    model = build_model(record) if isinstance(record, dict) and record.get("format") == FORMAT else load_model(path)
+    model.eval()
+    macs, params = tp.utils.count_ops_and_params(model, torch.zeros(1, 3, image_size, image_size))
+    kind = "plain (inference-time)" if isinstance(model, PlainRepVGG) else "multi-branch (training-time)"
+    if isinstance(model, PlainRepVGG):
+        widths = model.widths()
+        groups = [s.groups for s in model.layer_specs()]
+    else:
+        widths = [b.spec.out_channels for b in model.blocks()]
+        groups = [b.spec.groups for b in model.blocks()]
+    lines = [
+        f"file: {path}",
+        f"model: RepVGG, {kind}, {len(widths)} layers, {model.linear.out_features} classes",
+        f"widths: {widths}",
+        f"MACs: {macs / 1e6:.2f} M at {image_size}x{image_size}   params: {params / 1e6:.3f} M",
+        f"precision: {'INT8 (NNCF fake-quant, QAT/PTQ)' if int8 else 'FP32'}",
+    ]
+    if any(g > 1 for g in groups):
+        lines.insert(3, f"groups: {groups}")
+    return lines
+
+
+def describe_onnx(path: Path) -> list[str]:
+    import onnx
+    from onnx import numpy_helper
+
+    try:
+        model = onnx.load(str(path))
+    except Exception as e:  # protobuf raises its own types for damaged files
+        raise CheckpointError(f"ONNX file {path} cannot be read: {e}") from None
+    ops = Counter(node.op_type for node in model.graph.node)
+    inits = {i.name: i for i in model.graph.initializer}
+    widths = []
+    for node in model.graph.node:
+        if node.op_type == "Conv" and len(node.input) > 1:
+            w = inits.get(node.input[1])
+            if w is None:  # QDQ graphs: the weight comes through DequantizeLinear
+                src = next((n for n in model.graph.node if node.input[1] in n.output), None)
+                w = inits.get(src.input[0]) if src is not None else None
+            if w is not None:
+                widths.append(int(w.dims[0]))
+    params = sum(numpy_helper.to_array(i).size for i in model.graph.initializer)
+    io = [f"{v.name}{[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]}" for v in model.graph.input]
+    int8 = ops.get("QuantizeLinear", 0) > 0
+    return [
+        f"file: {path}",
+        f"onnx: opset {max(o.version for o in model.opset_import)}, inputs {io}, outputs {[o.name for o in model.graph.output]}",
+        f"conv layers: {len(widths)}   widths: {widths}",
+        f"params: {params / 1e6:.3f} M",
+        f"precision: {'INT8 (QuantizeLinear/DequantizeLinear)' if int8 else 'FP32'}",
+        f"ops: {dict(sorted(ops.items()))}",
+    ]
+
+
+def inspect_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="compress.py inspect", description=__doc__)
+    ap.add_argument("path", type=Path)
+    ap.add_argument("--image-size", type=int, default=224, help="input size for the MACs count")
+    args = ap.parse_args(argv)
+    try:
+        if not args.path.is_file():
+            raise CheckpointError(f"no such file: {args.path}")
+        lines = describe_onnx(args.path) if args.path.suffix == ".onnx" else describe_torch(args.path, args.image_size)
+    except (CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    return 0
