@@ -7,6 +7,7 @@ augmentation, so an epoch is the same whether the run was interrupted before it 
 from __future__ import annotations
 
 import copy
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,12 +86,14 @@ def _decode_checked(path: str) -> Image.Image:
 
 
 class CheckedImageFolder(datasets.ImageFolder):
-    """ImageFolder whose undecodable images fail with their path, or are skipped (the next image stands in)."""
+    """ImageFolder whose undecodable images fail with their path, or are skipped (the next image stands in).
+
+    Skipped images are flagged in shared memory, so loader worker processes count into the same place."""
 
     def __init__(self, root, transform, skip_bad: bool):
         super().__init__(root, transform=transform, loader=_decode_checked)
         self.skip_bad = skip_bad
-        self.skipped: set[str] = set()
+        self.bad = torch.zeros(len(self.samples), dtype=torch.uint8).share_memory_()
 
     def __getitem__(self, index):
         for offset in range(len(self.samples)):
@@ -100,7 +103,9 @@ class CheckedImageFolder(datasets.ImageFolder):
             except DataError:
                 if not self.skip_bad:
                     raise
-                self.skipped.add(self.samples[i][0])
+                if not self.bad[i]:
+                    self.bad[i] = 1
+                    print(f"warning: skipped undecodable image {self.samples[i][0]}", file=sys.stderr)
         raise DataError(f"no decodable image in {self.root}")
 
 
@@ -178,6 +183,11 @@ class Data:
     def calibration_loader(self, size: int) -> DataLoader:
         """`size` training images in a fixed order, with test-time transforms (no augmentation)."""
         return self._loader(_subset(_without_augmentation(self.train_set, self.cfg), size, self.seed), shuffle=False)
+
+    def skipped_images(self) -> int:
+        """Undecodable images skipped so far (ImageFolder data with data.bad_images=skip)."""
+        sets = [d.dataset if isinstance(d, Subset) else d for d in (self.train_set, self.test_set)]
+        return sum(int(d.bad.sum()) for d in sets if isinstance(d, CheckedImageFolder))
 
     def example_input(self, batch: int = 1) -> torch.Tensor:
         return torch.stack([self.test_set[i][0] for i in range(batch)])

@@ -27,6 +27,8 @@ def train(p: Pipeline) -> dict:
     result = fit(model, p.recipe.train, p.data, p.env, tag="train", ckpt_path=p.out_dir / "train.ckpt",
                  key=p.key("train"))
     p.save("train", model)
+    if p.data.cfg.kind == "imagefolder":
+        result["skipped_images"] = p.data.skipped_images()
     return result
 
 

@@ -30,6 +30,17 @@ def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout)
 
 
+def one_line_error(capsys, argv) -> str:
+    """Run the CLI in-process; it must fail with exactly one `error:` line and no traceback."""
+    from compress.cli import main
+
+    assert main(argv) != 0
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
+
+
 @pytest.fixture
 def tiny_recipe(tmp_path):
     def make(**sections) -> Path:

@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, run_cli
+from conftest import ROOT, one_line_error, run_cli
 
 from compress.cli import main
 from compress.io import load_checkpoint, load_model
@@ -80,13 +80,6 @@ def test_torchrun_two_processes_gloo(tiny_recipe, tmp_path):
     assert len(list((out / "tb").glob("events.out.tfevents*"))) == 1  # only rank 0 writes
 
 
-def _one_line_error(capsys, argv) -> str:
-    assert main(argv) != 0
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    return err[0]
-
-
 @pytest.mark.parametrize(
     "overrides,needle",
     [
@@ -101,7 +94,7 @@ def test_bad_recipe_is_one_line(tiny_recipe, capsys, tmp_path, overrides, needle
     argv = ["--recipe", str(tiny_recipe()), "--out", str(tmp_path / "x")]
     for o in overrides:
         argv += ["--set", o]
-    assert needle in _one_line_error(capsys, argv)
+    assert needle in one_line_error(capsys, argv)
 
 
 def test_empty_class_folder_is_one_line(tiny_recipe, capsys, tmp_path):
@@ -115,8 +108,8 @@ def test_empty_class_folder_is_one_line(tiny_recipe, capsys, tmp_path):
                 Image.new("RGB", (8, 8)).save(root / split / cls / "0.png")
     argv = ["--recipe", str(tiny_recipe()), "--out", str(tmp_path / "x"),
             "--set", "data.kind=imagefolder", "--set", f"data.root={root}"]
-    assert "dog" in _one_line_error(capsys, argv)
+    assert "dog" in one_line_error(capsys, argv)
 
 
 def test_missing_recipe_file_is_one_line(capsys, tmp_path):
-    assert "nope.yaml" in _one_line_error(capsys, ["--recipe", str(tmp_path / "nope.yaml")])
+    assert "nope.yaml" in one_line_error(capsys, ["--recipe", str(tmp_path / "nope.yaml")])

@@ -1,0 +1,150 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import one_line_error
+from torch import nn
+
+from compress.cli import main
+from compress.data import build_data
+from compress.io import CheckpointError, atomic_path, load_model, save_model
+from compress.pipeline import RunLock
+from compress.recipe import DataCfg, TrainCfg
+from compress.train import Env, TrainingError, fit
+from repvgg import RepVGG, reparameterize
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "a.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed")
+    assert target.read_text() == "old"
+    assert list(tmp_path.iterdir()) == [target]
+
+
+def test_changed_recipe_recomputes_only_changed_stages(tiny_recipe, tmp_path):
+    out = tmp_path / "run"
+    recipe = str(tiny_recipe(stages=["train", "reparam"]))
+    assert main(["--recipe", recipe, "--out", str(out)]) == 0
+    first = json.loads((out / "summary.json").read_text())["stages"]
+    train_mtime = (out / "train.pt").stat().st_mtime_ns
+    # a change to the data section changes what both stages saw: both recomputed
+    assert main(["--recipe", recipe, "--out", str(out), "--set", "data.test_subset=100"]) == 0
+    second = json.loads((out / "summary.json").read_text())["stages"]
+    assert second["train"]["key"] != first["train"]["key"] and second["reparam"]["key"] != first["reparam"]["key"]
+    assert (out / "train.pt").stat().st_mtime_ns != train_mtime
+    # a change to a section no stage here reads changes nothing
+    train_mtime = (out / "train.pt").stat().st_mtime_ns
+    assert main(["--recipe", recipe, "--out", str(out), "--set", "data.test_subset=100",
+                 "--set", "bench.rounds=7"]) == 0
+    third = json.loads((out / "summary.json").read_text())["stages"]
+    assert third["train"]["key"] == second["train"]["key"]
+    assert (out / "train.pt").stat().st_mtime_ns == train_mtime
+
+
+def test_run_dir_lock_names_the_holder(tiny_recipe, tmp_path, capsys):
+    out = tmp_path / "run"
+    with RunLock(out):
+        line = one_line_error(capsys, ["--recipe", str(tiny_recipe()), "--out", str(out)])
+    import os
+
+    assert f"pid {os.getpid()}" in line
+
+
+def _tiny_fit(tmp_path, model, cfg):
+    data = build_data(DataCfg(image_size=16, augment="none", batch_size=64))
+    env = Env(device=torch.device("cpu"), out_dir=tmp_path)
+    return fit(model, cfg, data, env, tag="t", ckpt_path=tmp_path / "t.ckpt", key="k")
+
+
+def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path):
+    model = RepVGG([1, 1, 1, 1], widths=[8, 8, 8, 8, 8], num_classes=10)
+    _tiny_fit(tmp_path, model, TrainCfg(epochs=1, lr=0.01))
+    good = (tmp_path / "t.ckpt").read_bytes()
+    # resumes after epoch 1, then an absurd learning rate blows the weights up within a few steps
+    with pytest.raises(TrainingError, match=r"loss is (nan|inf) at epoch 2 step \d+; stopped, last good checkpoint kept: .*t\.ckpt"):
+        _tiny_fit(tmp_path, model, TrainCfg(epochs=2, lr=1e30, schedule="constant"))
+    assert (tmp_path / "t.ckpt").read_bytes() == good
+
+
+class _OutOfMemory(nn.Module):
+    """Raises what CUDA raises when a batch does not fit (this machine has no GPU to fill)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(1, 1)
+
+    def forward(self, x):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_out_of_memory_names_the_batch_size(tmp_path):
+    with pytest.raises(TrainingError, match="out of memory at data.batch_size=64"):
+        _tiny_fit(tmp_path, _OutOfMemory(), TrainCfg(epochs=1))
+
+
+def test_misspelled_key_suggests_the_closest(tiny_recipe, capsys, tmp_path):
+    line = one_line_error(capsys, ["--recipe", str(tiny_recipe()), "--set", "train.warmup_epoch=1"])
+    assert "train.warmup_epoch" in line and "did you mean 'warmup_epochs'" in line
+
+
+def test_wrong_range_is_one_line(tiny_recipe, capsys):
+    assert "data.batch_size" in one_line_error(capsys, ["--recipe", str(tiny_recipe()), "--set", "data.batch_size=0"])
+
+
+def _image_tree(root: Path, bad: bool) -> Path:
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for c, cls in enumerate(("a", "b")):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(40):
+                Image.new("RGB", (8, 8), (c * 200, i, 0)).save(root / split / cls / f"{i}.png")
+    if bad:
+        (root / "train" / "a" / "broken.png").write_bytes(b"not a png")
+    return root
+
+
+def test_undecodable_image_fails_with_its_path_or_is_skipped(tiny_recipe, capsys, tmp_path):
+    root = _image_tree(tmp_path / "imgs", bad=True)
+    argv = ["--recipe", str(tiny_recipe(stages=["train"], train={"epochs": 1}, data={"batch_size": 16})),
+            "--out", str(tmp_path / "run"), "--set", "data.kind=imagefolder", "--set", f"data.root={root}"]
+    assert "broken.png" in one_line_error(capsys, argv)
+    assert main([*argv, "--set", "data.bad_images=skip"]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["stages"]["train"]["skipped_images"] == 1
+
+
+def test_truncated_and_foreign_checkpoints(tiny_recipe, capsys, tmp_path):
+    model = RepVGG([1, 1, 1, 1], widths=[8, 8, 8, 8, 8], num_classes=10)
+    path = tmp_path / "m.pt"
+    save_model(model, path)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        load_model(path)
+    foreign = tmp_path / "f.pt"
+    torch.save({"features.0.weight": torch.zeros(3)}, foreign)
+    line = one_line_error(capsys, ["--recipe", str(tiny_recipe()), "--set", f"model.checkpoint={foreign}"])
+    assert "features.0.weight" in line
+
+
+def test_checkpoint_of_another_architecture_names_first_mismatch(tiny_recipe, capsys, tmp_path):
+    other = RepVGG([1, 1, 1, 1], widths=[16, 16, 16, 16, 16], num_classes=10)  # the recipe's stage0 is 16, stage1 16
+    path = tmp_path / "other.pt"
+    save_model(other, path)
+    line = one_line_error(capsys, ["--recipe", str(tiny_recipe()), "--out", str(tmp_path / "r"),
+                                   "--set", f"model.checkpoint={path}"])
+    assert "does not match the recipe's model" in line and "stage2.0.rbr_dense.conv.weight" in line
+
+
+def test_inspect_describes_checkpoints(tmp_path, capsys):
+    model = RepVGG([1, 1, 1, 1], widths=[8, 8, 16, 16, 32], num_classes=10).eval()
+    save_model(reparameterize(model), tmp_path / "plain.pt")
+    assert main(["inspect", str(tmp_path / "plain.pt"), "--image-size", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "plain (inference-time)" in out and "widths: [8, 8, 16, 16, 32]" in out and "FP32" in out
+    assert "MACs:" in out and "params:" in out
+    assert main(["inspect", str(tmp_path / "missing.pt")]) == 2
