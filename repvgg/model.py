@@ -111,7 +111,6 @@ class RepVGGBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, groups: int = 1):
         super().__init__()
         LayerSpec(in_channels, out_channels, stride, groups).check("RepVGGBlock")
-        self.in_channels, self.groups = in_channels, groups
         has_identity = in_channels == out_channels and stride == 1
         self.rbr_identity = nn.BatchNorm2d(in_channels) if has_identity else None
         self.rbr_dense = conv_bn(in_channels, out_channels, 3, stride, 1, groups)
@@ -131,9 +130,10 @@ class RepVGGBlock(nn.Module):
 
     def identity_kernel(self) -> torch.Tensor:
         """The identity as a 3x3 grouped kernel: output channel i reads input i mod (C/g) of its group."""
-        per_group = self.in_channels // self.groups
-        kernel = torch.zeros(self.in_channels, per_group, 3, 3, device=self.rbr_dense.conv.weight.device)
-        idx = torch.arange(self.in_channels)
+        channels = self.rbr_identity.num_features  # read from the module: pruning narrows it
+        per_group = channels // self.rbr_dense.conv.groups
+        kernel = torch.zeros(channels, per_group, 3, 3, device=self.rbr_dense.conv.weight.device)
+        idx = torch.arange(channels)
         kernel[idx, idx % per_group, 1, 1] = 1.0
         return kernel
 
