@@ -98,6 +98,8 @@ def load_checkpoint(path: str | Path) -> dict:
 def load_model(path: str | Path) -> nn.Module:
     """Our checkpoints, or an official RepVGG state dict (training- or inference-time, `module.` or not)."""
     record = load_checkpoint(path)
+    if isinstance(record, dict) and "quant_format" in record:
+        raise CheckpointError(f"checkpoint {path} is an INT8 (NNCF) model: load it with compress.quant.load_quantized")
     try:
         if isinstance(record, dict) and record.get("format") == FORMAT:
             return build_model(record)

@@ -1,0 +1,276 @@
+"""Latency benchmark of exported ONNX artifacts (ONNX Runtime) and PyTorch eager models, and the accuracy-latency
+figure.
+
+Measurement rules, so that two artifacts are compared fairly on a shared machine:
+- one ORT session (or torch model) is alive at a time: created, warmed up, timed, then deleted;
+- artifacts are alternated round-robin over `cfg.rounds` rounds (the starting artifact rotates each round),
+  so slow drifts of the machine (thermal, other jobs) hit every artifact alike;
+- each round gives one median per (artifact, provider, batch); the reported median is the median over rounds,
+  p90 is over every timed batch of every round;
+- `ratios` are latency ratios artifact / reference (below 1: faster than the reference), computed within each
+  round and then reduced to their median over rounds.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from compress.export import INPUT_NAME, OUTPUT_NAME, available_providers, onnx_session
+from compress.io import atomic_path
+from compress.recipe import BenchCfg
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(threads: int | None, providers: list[str]) -> dict:
+    import onnxruntime as ort
+
+    info = {
+        "cpu": _cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "threads": threads,
+        "providers": providers,
+        "ort_available_providers": ort.get_available_providers(),
+        "onnxruntime": ort.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def _time_runs(run: Callable[[np.ndarray], object], batch: np.ndarray, warmup: int, iters: int) -> list[float]:
+    for _ in range(warmup):
+        run(batch)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        run(batch)
+        times.append((time.perf_counter() - start) * 1000.0)
+    return times
+
+
+class _Job:
+    """One thing to time: an ONNX artifact on an ORT provider, or a torch model run eagerly."""
+
+    def __init__(self, name: str, provider: str, path: Path | None = None, model: nn.Module | None = None):
+        self.name, self.provider, self.path, self.model = name, provider, path, model
+
+    def open(self, threads: int | None) -> Callable[[np.ndarray], object]:
+        if self.model is None:
+            session = onnx_session(self.path, self.provider, threads)
+
+            def run(x: np.ndarray):
+                return session.run([OUTPUT_NAME], {INPUT_NAME: x})
+
+            run.session = session  # keeps the session alive exactly as long as `run`
+            return run
+        model = self.model
+
+        def run_torch(x: np.ndarray):
+            with torch.inference_mode():
+                return model(torch.from_numpy(x))
+
+        return run_torch
+
+
+def _resolve_providers(
+    cfg: BenchCfg, artifacts: dict[str, Path], torch_models: dict, threads: int | None
+) -> tuple[list[str], dict[str, str]]:
+    """The providers to time, and {provider: why skipped} for those asked for that cannot run here. A GPU
+    provider is tried once on the first artifact: ORT lists CUDA/TensorRT whenever it was built with them."""
+    here = available_providers()
+    if cfg.providers is None:
+        wanted = list(here) + (["torch"] if torch_models else [])
+    else:
+        wanted = list(dict.fromkeys(cfg.providers))
+    providers, skipped = [], {}
+    for p in wanted:
+        if p == "torch":
+            providers.append(p)
+        elif p not in here:
+            skipped[p] = "not available here"
+        elif p != "cpu" and artifacts:
+            try:
+                probe = onnx_session(next(iter(artifacts.values())), p, threads)
+                del probe
+                providers.append(p)
+            except (ValueError, RuntimeError) as e:
+                skipped[p] = str(e).splitlines()[0] if str(e) else type(e).__name__
+        else:
+            providers.append(p)
+    return providers, skipped
+
+
+def benchmark(
+    artifacts: dict[str, Path],
+    cfg: BenchCfg,
+    image_size: int,
+    torch_models: dict[str, nn.Module] | None = None,
+    reference: str | None = None,
+) -> dict:
+    """Latency of each ONNX artifact on each ORT provider asked for in `cfg.providers` and available here (CPU
+    always), and of each torch model (provider 'torch', CPU eager), for every batch size of `cfg.batch_sizes`.
+
+    `reference` names the artifact the ratios divide by (default: the first artifact, else the first torch model).
+    Returns {"results": [{artifact, provider, batch, median_ms, p90_ms, images_per_s, round_medians_ms}],
+    "ratios": {"<name>/<reference>": median ratio at the main batch on CPU (else the first provider); others get
+    an "@provider" suffix}, "ratio_details": [...], "machine": {..., "skipped_providers": {provider: why}}}.
+    A provider asked for but unable to run here is skipped (and said so in machine.skipped_providers), not an
+    error; without GPU providers an ONNX session is always on CPU.
+    """
+    torch_models = dict(torch_models or {})
+    artifacts = {name: Path(p) for name, p in artifacts.items()}
+    for name, p in artifacts.items():
+        if not p.is_file():
+            raise FileNotFoundError(f"benchmark: artifact '{name}' not found: {p}")
+    providers, skipped = _resolve_providers(cfg, artifacts, torch_models, cfg.threads)
+    jobs: list[_Job] = []
+    for provider in providers:
+        if provider == "torch":
+            jobs += [_Job(name, "torch", model=copy.deepcopy(m).to("cpu").eval()) for name, m in torch_models.items()]
+        else:
+            jobs += [_Job(name, provider, path=p) for name, p in artifacts.items()]
+    if not jobs:
+        raise ValueError("benchmark: nothing to measure (no artifacts or torch models for the asked providers)")
+    batch_sizes = list(dict.fromkeys(cfg.batch_sizes))
+    main_batch = cfg.main_batch if cfg.main_batch is not None else batch_sizes[0]
+    if main_batch not in batch_sizes:
+        raise ValueError(f"bench.main_batch={main_batch} is not one of bench.batch_sizes={batch_sizes}")
+    rng = np.random.default_rng(0)
+    inputs = {b: rng.standard_normal((b, 3, image_size, image_size), dtype=np.float32) for b in batch_sizes}
+
+    torch_threads = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    times: dict[tuple[str, str, int], list[list[float]]] = {}
+    try:
+        for rnd in range(cfg.rounds):
+            shift = rnd % len(jobs)
+            for job in jobs[shift:] + jobs[:shift]:
+                run = job.open(cfg.threads)
+                for b in batch_sizes:
+                    t = _time_runs(run, inputs[b], cfg.warmup, cfg.iters)
+                    times.setdefault((job.name, job.provider, b), []).append(t)
+                del run  # the only reference to the session: it is freed before the next one starts
+                gc.collect()
+    finally:
+        torch.set_num_threads(torch_threads)
+
+    results = []
+    for (name, provider, b), rounds in times.items():
+        med = statistics.median(statistics.median(r) for r in rounds)
+        results.append(
+            {
+                "artifact": name,
+                "provider": provider,
+                "batch": b,
+                "median_ms": med,
+                "p90_ms": _percentile([t for r in rounds for t in r], 90),
+                "images_per_s": b / (med / 1000.0),
+                "round_medians_ms": [statistics.median(r) for r in rounds],
+            }
+        )
+    ratios, details = _ratios(times, providers, batch_sizes, main_batch, artifacts, torch_models, reference)
+    return {
+        "results": results,
+        "ratios": ratios,
+        "ratio_details": details,
+        "main_batch": main_batch,
+        "machine": {**machine_info(cfg.threads, providers), "skipped_providers": skipped},
+        "settings": {"warmup": cfg.warmup, "iters": cfg.iters, "rounds": cfg.rounds, "image_size": image_size},
+    }
+
+
+def _ratios(times, providers, batch_sizes, main_batch, artifacts, torch_models, reference):
+    ratios, details = {}, []
+    primary = "cpu" if "cpu" in providers else providers[0]
+    for provider in providers:
+        names = list(torch_models) if provider == "torch" else list(artifacts)
+        ref = reference if reference in names else (names[0] if names else None)
+        if ref is None:
+            continue
+        for b in batch_sizes:
+            ref_rounds = [statistics.median(r) for r in times[(ref, provider, b)]]
+            for name in names:
+                if name == ref:
+                    continue
+                per_round = [
+                    statistics.median(r) / rt for r, rt in zip(times[(name, provider, b)], ref_rounds, strict=True)
+                ]
+                value = statistics.median(per_round)
+                details.append(
+                    {
+                        "ratio": f"{name}/{ref}",
+                        "provider": provider,
+                        "batch": b,
+                        "per_round": per_round,
+                        "median": value,
+                    }
+                )
+                if b == main_batch:
+                    ratios[f"{name}/{ref}" + ("" if provider == primary else f"@{provider}")] = value
+    return ratios, details
+
+
+def accuracy_latency_figure(points: list[dict], title: str = "Accuracy vs latency"):
+    """Top-1 against median latency, one labelled point per artifact (dicts with name, latency_ms, top1); the
+    dashed line joins the Pareto front (no other point is both faster and more accurate)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4.5), dpi=100)
+    FigureCanvasAgg(fig)  # Agg canvas: no display or pyplot state needed
+    ax = fig.add_subplot(1, 1, 1)
+    if points:
+        xs = [float(p["latency_ms"]) for p in points]
+        ys = [float(p["top1"]) for p in points]
+        ax.scatter(xs, ys, zorder=3)
+        for p, x, y in zip(points, xs, ys):
+            ax.annotate(str(p["name"]), (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        front, best = [], -float("inf")
+        for x, y in sorted(zip(xs, ys), key=lambda xy: (xy[0], -xy[1])):
+            if y > best:
+                front.append((x, y))
+                best = y
+        if len(front) > 1:
+            ax.plot(*zip(*front), linestyle="--", linewidth=1, alpha=0.6, zorder=2)
+    ax.set_xlabel("median latency (ms)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Write a figure atomically; the format comes from the suffix (.png, .svg, .pdf)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
+    return path

@@ -1,0 +1,202 @@
+"""ONNX export and ONNX Runtime evaluation.
+
+FP32 models are exported as they are. An NNCF-quantized model is first stripped to PyTorch-native fake-quantize
+modules (`nncf.strip(..., strip_format=StripFormat.NATIVE)`), which the TorchScript exporter writes as
+QuantizeLinear/DequantizeLinear pairs that ONNX Runtime fuses into INT8 kernels (NNCF's own export would emit
+OpenVINO FakeQuantize ops ORT rejects).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from compress.io import atomic_path
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+MIN_OPSET = 17
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+def _check_widths(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.conv._ConvNd) and (module.in_channels == 0 or module.out_channels == 0):
+            raise ValueError(
+                f"cannot export: layer '{name}' has zero width ({module.in_channels}->{module.out_channels} channels)"
+            )
+        if isinstance(module, nn.Linear) and (module.in_features == 0 or module.out_features == 0):
+            raise ValueError(
+                f"cannot export: layer '{name}' has zero width ({module.in_features}->{module.out_features} features)"
+            )
+
+
+def _is_quantized(model: nn.Module) -> bool:
+    from compress.quant import is_quantized
+
+    return is_quantized(model)
+
+
+def export_onnx(
+    model: nn.Module, path: str | Path, example_input: torch.Tensor, opset: int = MIN_OPSET, int8: bool = False
+) -> Path:
+    """Write `model` (a copy, in eval mode on CPU) as ONNX with input 'input', output 'logits' and a dynamic batch
+    axis; check it with `onnx.checker` and return the path. `int8=True` (or an NNCF-quantized model) strips the
+    NNCF quantizers to QuantizeLinear/DequantizeLinear first."""
+    import onnx
+
+    if opset < MIN_OPSET:
+        raise ValueError(f"export: opset must be >= {MIN_OPSET}, got {opset}")
+    _check_widths(model)
+    path = Path(path)
+    example_input = example_input.detach().to("cpu", torch.float32)
+    quantized = _is_quantized(model)
+    if int8 and not quantized:
+        raise ValueError("export: int8=True needs a model quantized by compress.quant.quantize_model")
+    model = copy.deepcopy(model).to("cpu").eval()
+    if quantized:
+        import nncf
+
+        model = nncf.strip(model, do_copy=False, strip_format=nncf.StripFormat.NATIVE, example_input=example_input)
+        model.eval()
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript-exporter deprecation and tracer warnings
+        torch.onnx.export(
+            model,
+            (example_input,),
+            str(tmp),
+            dynamo=False,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            do_constant_folding=True,
+        )
+        onnx.checker.check_model(onnx.load(str(tmp)), full_check=True)
+    return path
+
+
+def op_counts(path: str | Path) -> dict[str, int]:
+    """How many nodes of each op type the ONNX graph holds (e.g. to see QuantizeLinear/DequantizeLinear)."""
+    import onnx
+
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(path)).graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def available_providers() -> list[str]:
+    """Our provider names ('cpu', 'cuda', 'tensorrt') that can actually run here.
+
+    ORT lists CUDA/TensorRT whenever it was built with them; a GPU is needed too, and TensorRT's libraries
+    (checked when a session starts: see `onnx_session`)."""
+    import onnxruntime as ort
+
+    built = set(ort.get_available_providers())
+    names = ["cpu"]
+    if torch.cuda.is_available():
+        names += [n for n in ("cuda", "tensorrt") if PROVIDERS[n] in built]
+    return names
+
+
+def onnx_session(path: str | Path, provider: str = "cpu", threads: int | None = None):
+    """An ONNX Runtime InferenceSession on `provider` ('cpu', 'cuda' or 'tensorrt'), `threads` intra-op threads
+    (None: ORT's default, all physical cores). A provider that cannot run here is a ValueError, never a silent
+    fallback to CPU."""
+    import onnxruntime as ort
+
+    if provider not in PROVIDERS:
+        raise ValueError(f"unknown provider '{provider}'; valid: {', '.join(PROVIDERS)}")
+    if provider not in available_providers():
+        raise ValueError(f"provider '{provider}' is not available here (have: {', '.join(available_providers())})")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.log_severity_level = 3
+    if threads is not None:
+        opts.intra_op_num_threads = int(threads)
+        opts.inter_op_num_threads = 1
+    chain = [PROVIDERS[provider]] + (["CUDAExecutionProvider"] if provider == "tensorrt" else [])
+    if provider != "cpu":
+        chain.append("CPUExecutionProvider")
+    session = ort.InferenceSession(str(path), sess_options=opts, providers=chain)
+    if session.get_providers()[0] != PROVIDERS[provider]:
+        raise ValueError(f"provider '{provider}' failed to start (ORT fell back to {session.get_providers()[0]})")
+    return session
+
+
+def _batches(loader_or_batch) -> Iterable[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(images, labels-or-None) pairs from an image tensor, one (images, labels) tuple, or an iterable of either."""
+    if isinstance(loader_or_batch, torch.Tensor):
+        yield loader_or_batch, None
+        return
+    if _is_labelled_batch(loader_or_batch):
+        yield loader_or_batch[0], loader_or_batch[1]
+        return
+    for batch in loader_or_batch:
+        if isinstance(batch, torch.Tensor):
+            yield batch, None
+        else:
+            yield batch[0], (batch[1] if len(batch) > 1 else None)
+
+
+def _is_labelled_batch(obj) -> bool:
+    return (
+        isinstance(obj, (list, tuple))
+        and len(obj) == 2
+        and all(isinstance(t, torch.Tensor) for t in obj)
+        and obj[0].dim() == 4
+        and obj[1].dim() == 1
+    )
+
+
+def onnx_logits(session, images: torch.Tensor) -> np.ndarray:
+    return session.run([OUTPUT_NAME], {INPUT_NAME: images.detach().cpu().float().numpy()})[0]
+
+
+def evaluate_onnx(path: str | Path, loader, provider: str = "cpu", threads: int | None = None) -> dict:
+    """Top-1/top-5 accuracy (percent) of an ONNX classifier over `loader`'s (images, labels) batches, with the
+    per-image predicted classes and the logits."""
+    session = onnx_session(path, provider, threads)
+    logits, labels = [], []
+    for images, target in _batches(loader):
+        if target is None:
+            raise ValueError("evaluate_onnx: the loader must yield (images, labels)")
+        logits.append(onnx_logits(session, images))
+        labels.append(target.detach().cpu().numpy())
+    del session
+    out = np.concatenate(logits)
+    y = np.concatenate(labels)
+    k = min(5, out.shape[1])
+    topk = np.argsort(-out, axis=1)[:, :k]
+    return {
+        "top1": float((topk[:, 0] == y).mean() * 100),
+        "top5": float((topk == y[:, None]).any(axis=1).mean() * 100),
+        "n": int(y.shape[0]),
+        "predictions": topk[:, 0],
+        "logits": out,
+    }
+
+
+@torch.no_grad()
+def max_abs_logit_diff(path: str | Path, model: nn.Module, loader_or_batch, provider: str = "cpu") -> float:
+    """Largest |ONNX logit - PyTorch logit| over a batch or a loader, `model` run in eval mode on CPU (a copy)."""
+    session = onnx_session(path, provider)
+    model = copy.deepcopy(model).to("cpu").eval()
+    worst = 0.0
+    for images, _ in _batches(loader_or_batch):
+        ref = model(images.cpu().float()).numpy()
+        worst = max(worst, float(np.abs(onnx_logits(session, images) - ref).max()))
+    del session
+    return worst

@@ -1,0 +1,224 @@
+"""INT8 quantization with NNCF: post-training calibration (PTQ), optionally followed by quantization-aware training.
+
+Weights are quantized per output channel and symmetrically, by default on half the int8 range (NNCF's
+overflow fix: see `quantize_model`); activations follow NNCF's default preset (`performance`: symmetric, unsigned
+after ReLU). The quantized model is the same `PlainRepVGG` object with NNCF's fake-quantize
+hooks attached; it trains like any module, and `compress.export.export_onnx(..., int8=True)` turns it into an
+ONNX graph of QuantizeLinear/DequantizeLinear pairs that ONNX Runtime runs with INT8 kernels.
+
+A quantized model is saved the NNCF way, never as a pickled module: the float model's architecture record,
+`nncf.torch.get_config(qmodel)` (where the quantizers sit, as plain data) and the full state_dict (weights and
+quantizer scales). Loading rebuilds the float model, re-inserts the quantizers with
+`nncf.torch.load_from_config` and loads the state_dict.
+
+NNCF computes fake quantization with a C++/CUDA extension it compiles on first use (about 2.5 minutes on 2 CPU
+cores, and nvcc on GPU machines). We use NNCF's pure-PyTorch reference functions instead by default (same
+numbers, no compilation); REPVGG_QUANT_KERNELS=native opts into the compiled extension.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compress.io import CheckpointError, build_model, load_checkpoint, torch_save
+from compress.recipe import QuantCfg
+
+FORMAT = "repvgg-compress-int8/1"
+OVERFLOW_FIX = ("enable", "first_layer_only", "disable")
+KERNELS_ENV = "REPVGG_QUANT_KERNELS"  # "reference" (default) or "native" (NNCF's compiled extension)
+# NNCF gives up after 60 s waiting for its extension to compile, too short on a small machine.
+_EXTENSION_TIMEOUT_ENV = "NNCF_EXTENSION_LOAD_TIMEOUT"
+_EXTENSION_TIMEOUT_S = "900"
+
+
+def use_reference_kernels() -> None:
+    """Make NNCF fake-quantize with its pure-PyTorch reference functions (no C++ extension build), process-wide.
+
+    NNCF's own fallback wraps them in `torch.compile`, which needs a C++ toolchain too; these are the plain ones.
+    """
+    from nncf.torch.quantization import extensions as ext
+    from nncf.torch.quantization.reference import torch_executor
+
+    class _Reference:
+        Quantize_forward = staticmethod(torch_executor.forward)
+        Quantize_backward = staticmethod(torch_executor.backward)
+
+    for namespace in (ext.QuantizedFunctionsCPU, ext.QuantizedFunctionsCUDA):
+        if isinstance(namespace, ext.ExtensionNamespace):
+            namespace._loaded_namespace = _Reference
+
+
+def _prepare_kernels() -> None:
+    # reference by default: no 2.5-minute compile on a fresh machine, no nvcc needed on a GPU one
+    kind = os.environ.get(KERNELS_ENV, "reference").strip().lower()
+    if kind not in ("native", "reference"):
+        raise ValueError(f"{KERNELS_ENV}={kind!r}: expected 'native' or 'reference'")
+    if kind == "reference":
+        use_reference_kernels()
+    else:
+        os.environ.setdefault(_EXTENSION_TIMEOUT_ENV, _EXTENSION_TIMEOUT_S)
+
+
+def _images(batch) -> torch.Tensor:
+    """The image tensor of a loader batch: a tensor, or the first item of an (images, labels, ...) batch."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    if isinstance(batch, dict) and isinstance(batch.get("image"), torch.Tensor):
+        return batch["image"]
+    raise TypeError(f"calibration loader yields {type(batch).__name__}; expected images or (images, labels)")
+
+
+class _CalibrationImages:
+    """Re-iterable view of the first `limit` images of a loader, as (possibly truncated) batches.
+
+    NNCF counts its subset size in dataset items; items here are batches, so `len()` is the batch count.
+    """
+
+    def __init__(self, loader: Iterable, limit: int, device: torch.device):
+        self.loader, self.limit, self.device = loader, limit, device
+        self._batches = sum(1 for _ in self)
+        if self._batches == 0:
+            raise ValueError("quantize: the calibration loader yielded no images")
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        seen = 0
+        for batch in self.loader:
+            if seen >= self.limit:
+                break
+            images = _images(batch)[: self.limit - seen]
+            seen += images.shape[0]
+            yield images.to(self.device)
+
+    def __len__(self) -> int:
+        return self._batches
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def fp32_node_names(model: nn.Module, example_input: torch.Tensor) -> list[str]:
+    """NNCF graph names of the first convolution and every Linear (e.g. 'conv/conv2d/0', 'linear/linear/0')."""
+    from nncf.torch.function_hook.nncf_graph.nncf_graph_builder import build_nncf_graph
+    from nncf.torch.function_hook.wrapper import wrap_model
+
+    graph = build_nncf_graph(wrap_model(copy.deepcopy(model)), example_input)
+    nodes = list(graph.topological_sort())
+    convs = [n.node_name for n in nodes if n.node_type in ("conv2d", "conv1d", "conv3d")]
+    linears = [n.node_name for n in nodes if n.node_type in ("linear", "addmm", "matmul")]
+    return convs[:1] + linears
+
+
+def quantize_model(
+    model: nn.Module,
+    cfg: QuantCfg,
+    calibration_loader: Iterable,
+    example_input: torch.Tensor,
+    train_fn: Callable[[nn.Module], nn.Module | None] | None = None,
+    overflow_fix: str = "enable",
+) -> nn.Module:
+    """INT8 fake-quantized copy of `model` (left untouched), calibrated on the first `cfg.calibration_size`
+    images of `calibration_loader`; for `cfg.mode == "qat"` then trained by `train_fn(qmodel)` (which may return
+    the model or train it in place).
+
+    `overflow_fix` is NNCF's OverflowFix: "enable" (default) quantizes every conv/linear weight to half the
+    8-bit range ([-64, 64]) so that x86 CPUs without VNNI (AVX2, plain AVX-512) cannot saturate the int16 intermediate sums
+    of ONNX Runtime's u8s8 kernels; with "first_layer_only" (NNCF's default) or "disable", ORT on such a CPU
+    gives logits up to ~0.6 off the fake-quant model's (measured on an AVX2 EPYC), flipping predictions.
+    """
+    import nncf
+    from nncf.common.quantization.structs import QuantizationScheme
+    from nncf.quantization.advanced_parameters import (
+        AdvancedQuantizationParameters,
+        OverflowFix,
+        QuantizationParameters,
+    )
+
+    if overflow_fix not in OVERFLOW_FIX:
+        raise ValueError(f"quantize: overflow_fix must be one of {', '.join(OVERFLOW_FIX)}, got {overflow_fix!r}")
+    _prepare_kernels()
+    device = _model_device(model)
+    model = copy.deepcopy(model).eval()
+    example_input = example_input.to(device)
+    data = _CalibrationImages(calibration_loader, cfg.calibration_size, device)
+    ignored = None
+    if cfg.fp32_first_last:
+        ignored = nncf.IgnoredScope(names=fp32_node_names(model, example_input))
+    advanced = AdvancedQuantizationParameters(
+        weights_quantization_params=QuantizationParameters(mode=QuantizationScheme.SYMMETRIC, per_channel=True),
+        batchwise_statistics=True,
+        overflow_fix=OverflowFix(overflow_fix),
+    )
+    qmodel = nncf.quantize(
+        model,
+        nncf.Dataset(data),
+        subset_size=len(data),
+        ignored_scope=ignored,
+        advanced_parameters=advanced,
+    )
+    if cfg.mode == "qat" and train_fn is not None:
+        trained = train_fn(qmodel)
+        qmodel = trained if isinstance(trained, nn.Module) else qmodel
+    return qmodel.eval()
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """True for a model carrying NNCF compression hooks."""
+    from nncf.torch.function_hook.wrapper import get_hook_storage, is_wrapped
+
+    return is_wrapped(model) and any(True for _ in get_hook_storage(model).named_hooks())
+
+
+def save_quantized(qmodel: nn.Module, path: str | Path, base_record: dict, **extra) -> None:
+    """Save a quantized model: `base_record` (`compress.io.model_record` of the float model) for the architecture,
+    NNCF's quantizer placement config and the quantized model's full state_dict. Written atomically."""
+    import nncf.torch
+
+    # The config holds StrEnum members and tuples: a JSON round trip makes it plain data (weights_only loads).
+    nncf_config = json.loads(json.dumps(nncf.torch.get_config(qmodel)))
+    state = {k: v.detach().cpu() for k, v in qmodel.state_dict().items()}
+    float_keys = set(base_record["state_dict"])
+    missing = float_keys - set(state)
+    if missing:
+        raise ValueError(f"save_quantized: base_record does not describe this model (missing {sorted(missing)[:3]})")
+    record = {
+        **{k: v for k, v in base_record.items() if k != "state_dict"},
+        "state_dict": {k: state[k] for k in base_record["state_dict"]},  # trained (QAT) float weights
+        "quant_format": FORMAT,
+        "nncf_config": nncf_config,
+        "quant_state": {k: v for k, v in state.items() if k not in float_keys},
+        **extra,
+    }
+    torch_save(record, path)
+
+
+def load_quantized(path: str | Path, example_input: torch.Tensor | None = None) -> nn.Module:
+    """Rebuild a model written by `save_quantized` (eval mode, CPU); `example_input`, when given, is run once
+    to check the result."""
+    import nncf.torch
+
+    _prepare_kernels()
+    record = load_checkpoint(path)
+    if not isinstance(record, dict) or record.get("quant_format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path}: not a quantized model (no '{FORMAT}' record)")
+    try:
+        model = build_model(record)
+        qmodel = nncf.torch.load_from_config(model, record["nncf_config"])
+        qmodel.load_state_dict({**record["state_dict"], **record["quant_state"]}, strict=True)
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {path}: cannot rebuild the quantized model: {e}") from None
+    qmodel.eval()
+    if example_input is not None:
+        with torch.no_grad():
+            qmodel(example_input.to(_model_device(qmodel)))
+    return qmodel

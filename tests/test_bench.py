@@ -1,0 +1,114 @@
+"""Latency benchmark (ONNX Runtime CPU + torch eager) and the accuracy-latency figure, on tiny plain models."""
+
+import weakref
+
+import pytest
+import torch
+
+import compress.bench as bench
+from compress.bench import accuracy_latency_figure, benchmark, save_figure
+from compress.export import export_onnx
+from compress.recipe import BenchCfg
+from repvgg import LayerSpec, PlainRepVGG
+
+SIZE = 32
+
+
+def plain(widths):
+    specs, cin = [], 3
+    for i, w in enumerate(widths):
+        specs.append(LayerSpec(cin, w, 2 if i < 3 else 1))
+        cin = w
+    torch.manual_seed(0)
+    return PlainRepVGG(specs, num_classes=10).eval()
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {"plain_fp32": plain([8, 16, 32, 32]), "pruned_fp32": plain([8, 8, 16, 16])}
+
+
+@pytest.fixture(scope="module")
+def artifacts(models, tmp_path_factory):
+    d = tmp_path_factory.mktemp("onnx")
+    x = torch.zeros(1, 3, SIZE, SIZE)
+    return {name: export_onnx(m, d / f"{name}.onnx", x) for name, m in models.items()}
+
+
+def fast_cfg(**kw):
+    return BenchCfg(**{"batch_sizes": [1, 4], "threads": 1, "warmup": 1, "iters": 3, "rounds": 2, **kw})
+
+
+def test_benchmark_reports_every_artifact_batch_and_ratio(artifacts, models):
+    out = benchmark(artifacts, fast_cfg(providers=["torch", "cpu"]), SIZE, torch_models=models)
+    rows = {(r["artifact"], r["provider"], r["batch"]): r for r in out["results"]}
+    expected = {(a, p, b) for a in artifacts for p in ("cpu", "torch") for b in (1, 4)}
+    assert set(rows) == expected
+    for r in rows.values():
+        assert r["median_ms"] > 0 and r["p90_ms"] > 0 and r["images_per_s"] > 0
+        assert r["images_per_s"] == pytest.approx(r["batch"] * 1000 / r["median_ms"])
+        assert len(r["round_medians_ms"]) == 2
+    # main batch = the first batch size; the CPU provider's ratio is unsuffixed
+    assert set(out["ratios"]) == {"pruned_fp32/plain_fp32", "pruned_fp32/plain_fp32@torch"}
+    assert all(v > 0 for v in out["ratios"].values())
+    detail = [d for d in out["ratio_details"] if d["batch"] == 4]
+    assert len(detail) == 2 and all(len(d["per_round"]) == 2 for d in detail)
+    m = out["machine"]
+    assert m["cpu"] and m["threads"] == 1 and m["onnxruntime"] and m["torch"] == torch.__version__
+    assert "cpu" in m["providers"] and "torch" in m["providers"]
+
+
+def test_one_session_at_a_time_round_robin(artifacts, monkeypatch):
+    real = bench.onnx_session
+    live, opened, peak = weakref.WeakSet(), [], [0]
+
+    class Tracked:
+        def __init__(self, session, name):
+            self.session, self.name = session, name
+
+        def run(self, *a, **k):
+            return self.session.run(*a, **k)
+
+    def tracked(path, provider="cpu", threads=None):
+        s = Tracked(real(path, provider, threads), path.stem)
+        live.add(s)
+        peak[0] = max(peak[0], len(live))
+        opened.append(s.name)
+        return s
+
+    monkeypatch.setattr(bench, "onnx_session", tracked)
+    out = benchmark(artifacts, fast_cfg(rounds=3, providers=["cpu"]), SIZE, reference="plain_fp32")
+    assert peak[0] == 1
+    assert opened == ["plain_fp32", "pruned_fp32", "pruned_fp32", "plain_fp32", "plain_fp32", "pruned_fp32"]
+    assert set(out["ratios"]) == {"pruned_fp32/plain_fp32"}
+
+
+def test_unavailable_provider_is_skipped_and_said(artifacts, monkeypatch):
+    monkeypatch.setattr(bench, "available_providers", lambda: ["cpu"])
+    out = benchmark(artifacts, fast_cfg(batch_sizes=[1], rounds=1, providers=["cuda", "cpu"]), SIZE)
+    assert {r["provider"] for r in out["results"]} == {"cpu"}
+    assert out["machine"]["skipped_providers"] == {"cuda": "not available here"}
+    assert out["machine"]["providers"] == ["cpu"]
+
+
+def test_benchmark_errors(artifacts, tmp_path):
+    with pytest.raises(FileNotFoundError, match="artifact 'gone' not found"):
+        benchmark({"gone": tmp_path / "gone.onnx"}, fast_cfg(providers=["cpu"]), SIZE)
+    with pytest.raises(ValueError, match="main_batch=2 is not one of"):
+        benchmark(artifacts, fast_cfg(main_batch=2, providers=["cpu"]), SIZE)
+
+
+def test_accuracy_latency_figure(tmp_path):
+    points = [
+        {"name": "plain_fp32", "latency_ms": 4.0, "top1": 75.0},
+        {"name": "pruned_fp32", "latency_ms": 2.5, "top1": 73.5},
+        {"name": "pruned_int8", "latency_ms": 1.2, "top1": 73.0},
+    ]
+    fig = accuracy_latency_figure(points)
+    ax = fig.axes[0]
+    offsets = ax.collections[0].get_offsets().tolist()
+    assert offsets == [[p["latency_ms"], p["top1"]] for p in points]
+    assert {t.get_text() for t in ax.texts} == {p["name"] for p in points}
+    assert "latency" in ax.get_xlabel() and "top-1" in ax.get_ylabel()
+    path = save_figure(fig, tmp_path / "curve.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
