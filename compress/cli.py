@@ -56,6 +56,8 @@ def run(args) -> int:
     out_dir = args.out or Path("runs") / recipe.name
     if args.dry_run:
         print(json.dumps(recipe.model_dump(mode="json"), indent=2))
+        if recipe.study is not None:
+            plan = [f"study over {recipe.study.strategies} x keep_macs {recipe.study.keep_macs}"]
         print(f"plan: {' -> '.join(plan)}  (run dir {out_dir})")
         return 0
     if args.resume and not (out_dir / "summary.json").exists() and not any(out_dir.glob("*.ckpt")):
@@ -77,6 +79,14 @@ def run(args) -> int:
             lock = RunLock(out_dir).__enter__()
             writer = SummaryWriter(str(out_dir / "tb"))
         env = Env(device=device, out_dir=out_dir, rank=rank, world_size=world_size, writer=writer)
+        if recipe.study is not None:
+            from .study import Study
+
+            Study(recipe, out_dir, env, data).run()
+            if rank == 0:
+                print((out_dir / "study.md").read_text())
+                print(f"study: {out_dir / 'study.md'}  {out_dir / 'pareto.png'}  tensorboard --logdir {out_dir / 'tb'}")
+            return 0
         summary = Pipeline(recipe, out_dir, env, data).run(plan)
         if rank == 0:
             print(json.dumps({k: _brief(v) for k, v in summary["stages"].items()}, indent=1))

@@ -17,9 +17,7 @@ from .io import FORMAT, CheckpointError, build_model, load_checkpoint, load_mode
 
 def describe_torch(path: Path, image_size: int) -> list[str]:
     record = load_checkpoint(path)
-    int8 = isinstance(record, dict) and "nncf_config" in record
-    if int8:  # quantized: describe the FP32 architecture it was built on
-        record = record["base"]
+    int8 = isinstance(record, dict) and "quant_format" in record  # NNCF model: its FP32 architecture + quantizers
     if isinstance(record, dict) and "model" in record and "key" in record:
         return [f"{path}: training checkpoint of stage-internal state (epoch {record['epoch'] + 1}), not a model"]
     model = build_model(record) if isinstance(record, dict) and record.get("format") == FORMAT else load_model(path)

@@ -28,6 +28,7 @@ class ModelCfg(Section):
     name: str | None = None
     num_blocks: list[int] | None = None
     width_multiplier: list[float] | None = None
+    widths: list[int] | None = None  # 5 stage widths instead of width_multiplier (narrowed models)
     override_groups_map: dict[int, int] | None = None
     num_classes: int | None = Field(None, gt=0)  # None: taken from the data
     stem_stride: Literal[1, 2] = 2
@@ -35,9 +36,11 @@ class ModelCfg(Section):
 
     @model_validator(mode="after")
     def _one_architecture(self):
-        explicit = self.num_blocks is not None or self.width_multiplier is not None
-        if explicit and (self.num_blocks is None or self.width_multiplier is None):
-            raise ValueError("model: explicit architecture needs both num_blocks and width_multiplier")
+        if self.width_multiplier is not None and self.widths is not None:
+            raise ValueError("model: give width_multiplier or widths, not both")
+        explicit = self.num_blocks is not None or self.width_multiplier is not None or self.widths is not None
+        if explicit and (self.num_blocks is None or (self.width_multiplier is None and self.widths is None)):
+            raise ValueError("model: explicit architecture needs num_blocks and width_multiplier (or widths)")
         if explicit:
             self.name = None
         elif self.name is None:
@@ -125,10 +128,16 @@ class QuantCfg(Section):
     weight_decay: float = Field(0.0, ge=0)
     distill: Distill | None = None
     fp32_first_last: bool = False  # keep the first conv and the head in FP32
+    # NNCF's overflow fix: weights on 7 bits, so INT8 kernels without VNNI (AVX2 pmaddubsw) cannot saturate
+    overflow_fix: Literal["enable", "first_layer_only", "disable"] = "enable"
+
+
+ARTIFACT_NAMES = ("train_fp32", "plain_fp32", "plain_int8", "pruned_fp32", "pruned_int8")
 
 
 class ExportCfg(Section):
     opset: int = Field(17, ge=17)
+    artifacts: list[Literal[ARTIFACT_NAMES]] | None = None  # None: every model the run produced
 
 
 class BenchCfg(Section):
@@ -140,6 +149,22 @@ class BenchCfg(Section):
     rounds: int = Field(3, gt=0)
     providers: list[Literal["cpu", "cuda", "tensorrt", "torch"]] | None = None  # None: all available
     image_size: int | None = Field(None, gt=0)  # None: data.image_size
+
+
+class StudyCfg(Section):
+    """Sweep keep_macs over pruning strategies; each point fine-tuned, QAT-quantized, exported and benchmarked."""
+
+    keep_macs: list[float] = Field(default_factory=lambda: [0.7, 0.5, 0.3])
+    strategies: list[Literal["plain", "plain-uniform", "multibranch", "scratch"]] = Field(
+        default_factory=lambda: ["plain", "plain-uniform", "multibranch", "scratch"]
+    )
+
+    @model_validator(mode="after")
+    def _fractions(self):
+        for k in self.keep_macs:
+            if not 0 < k < 1:
+                raise ValueError(f"study.keep_macs: {k} is not in (0, 1)")
+        return self
 
 
 class Recipe(Section):
@@ -155,6 +180,7 @@ class Recipe(Section):
     quantize: QuantCfg = Field(default_factory=QuantCfg)
     export: ExportCfg = Field(default_factory=ExportCfg)
     bench: BenchCfg = Field(default_factory=BenchCfg)
+    study: StudyCfg | None = None  # present: the recipe runs the study instead of one pipeline
 
     @model_validator(mode="after")
     def _known_stages(self):

@@ -59,7 +59,9 @@ def prune(p: Pipeline) -> dict:
         fit(m, step_cfg, p.data, p.env, tag=f"prune_step{step}", ckpt_path=p.out_dir / f"prune_step{step}.ckpt",
             key=f"{p.key('prune')}:{step}")
 
-    report = prune_model(model, cfg, p.data.example_input().to(p.env.device), batches=p.data.train_loader(0),
+    # fixed, unaugmented batches for taylor/hessian: the same importance whenever (and wherever) it is run
+    batches = p.data.calibration_loader(cfg.gradient_batches * p.data.cfg.batch_size)
+    report = prune_model(model, cfg, p.data.example_input().to(p.env.device), batches=batches,
                          between_steps=finetune_between_steps)
     metrics = evaluate(model, p.data.test_loader(), p.env.device)
     if p.env.writer is not None:
@@ -108,6 +110,7 @@ def quantize(p: Pipeline) -> dict:
     from .quant import quantize_model, save_quantized
 
     cfg = p.recipe.quantize
+    source = p.latest("finetune")
     model = p.load("finetune")
     if isinstance(model, RepVGG):
         raise PipelineError("quantize needs the plain model: run reparam first")
@@ -121,18 +124,26 @@ def quantize(p: Pipeline) -> dict:
             teacher=teacher, distill=cfg.distill)
 
     qmodel = quantize_model(model, cfg, p.data.calibration_loader(cfg.calibration_size),
-                            p.data.example_input().to(p.env.device), train_fn=qat if cfg.mode == "qat" else None)
+                            p.data.example_input().to(p.env.device), train_fn=qat if cfg.mode == "qat" else None,
+                            overflow_fix=cfg.overflow_fix)
     metrics = evaluate(qmodel, p.data.test_loader(), p.env.device)
     save_quantized(qmodel, p.path("quantize"), model_record(model))
-    return {"mode": cfg.mode, "top1": metrics["top1"], "top5": metrics["top5"]}
+    return {"mode": cfg.mode, "source": source, "top1": metrics["top1"], "top5": metrics["top5"]}
 
 
 def _onnx_sources(p: Pipeline) -> dict[str, str]:
-    """artifact name -> the stage whose model it exports (only those the run produced)."""
-    sources = {"train_fp32": "train", "plain_fp32": "reparam", "pruned_fp32": "finetune", "pruned_int8": "quantize"}
-    if "finetune" not in p.summary["stages"] and "prune" in p.summary["stages"]:
-        sources["pruned_fp32"] = "prune"
-    return {name: s for name, s in sources.items() if s in p.summary["stages"] and p.path(s).exists()}
+    """artifact name -> the stage whose model it exports: those the run produced that `export.artifacts` asks for."""
+    done = p.summary["stages"]
+    quantized_from = done.get("quantize", {}).get("source")
+    sources = {
+        "train_fp32": "train",
+        "plain_fp32": "reparam",
+        "pruned_fp32": "finetune" if "finetune" in done else "prune",
+        "pruned_int8" if quantized_from in ("prune", "finetune") else "plain_int8": "quantize",
+    }
+    wanted = p.recipe.export.artifacts
+    return {name: s for name, s in sources.items()
+            if s in done and p.path(s).exists() and (wanted is None or name in wanted)}
 
 
 def export(p: Pipeline) -> dict:
@@ -166,7 +177,8 @@ def bench(p: Pipeline) -> dict:
     if not artifacts:
         raise PipelineError("bench needs the export stage's ONNX files: run export first")
     paths = {name: Path(a["path"]) for name, a in artifacts.items()}
-    result = benchmark(paths, cfg, cfg.image_size or p.data.cfg.image_size)
+    reference = "plain_fp32" if "plain_fp32" in paths else None  # ratios: speed-up over the unpruned plain model
+    result = benchmark(paths, cfg, cfg.image_size or p.data.cfg.image_size, reference=reference)
     main_batch = cfg.main_batch or cfg.batch_sizes[0]
     points = []
     for r in result["results"]:
