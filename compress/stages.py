@@ -167,6 +167,19 @@ def export(p: Pipeline) -> dict:
     return {"artifacts": artifacts}
 
 
+def _int8_speedups(results: list[dict], batch: int) -> dict:
+    """FP32/INT8 latency of each quantized artifact against its own FP32 twin: the median of per-round ratios
+    (both were timed in the same rounds, so machine drift cancels)."""
+    rounds = {(r["artifact"], r["provider"]): r["round_medians_ms"] for r in results if r["batch"] == batch}
+    speedups = {}
+    for (name, provider), int8 in rounds.items():
+        fp32 = rounds.get((name.replace("_int8", "_fp32"), provider))
+        if name.endswith("_int8") and fp32:
+            ratios = sorted(f / i for f, i in zip(fp32, int8))
+            speedups[f"{name}@{provider}"] = ratios[len(ratios) // 2]
+    return speedups
+
+
 def bench(p: Pipeline) -> dict:
     from pathlib import Path
 
@@ -180,6 +193,7 @@ def bench(p: Pipeline) -> dict:
     reference = "plain_fp32" if "plain_fp32" in paths else None  # ratios: speed-up over the unpruned plain model
     result = benchmark(paths, cfg, cfg.image_size or p.data.cfg.image_size, reference=reference)
     main_batch = cfg.main_batch or cfg.batch_sizes[0]
+    result["int8_speedup"] = _int8_speedups(result["results"], main_batch)
     points = []
     for r in result["results"]:
         if r["batch"] == main_batch and r["provider"] == "cpu" and r["artifact"] in artifacts:
