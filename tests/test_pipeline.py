@@ -113,3 +113,41 @@ def test_empty_class_folder_is_one_line(tiny_recipe, capsys, tmp_path):
 
 def test_missing_recipe_file_is_one_line(capsys, tmp_path):
     assert "nope.yaml" in one_line_error(capsys, ["--recipe", str(tmp_path / "nope.yaml")])
+
+
+def test_every_stage_fills_summary_and_tensorboard(tiny_recipe, tmp_path):
+    out = tmp_path / "full"
+    recipe = tiny_recipe(
+        model={"num_blocks": [1, 2, 2, 1]},
+        prune={"keep_macs": 0.5, "round_to": 4},
+        finetune={"epochs": 1, "lr": 0.01, "distill": {"alpha": 0.5, "temperature": 4.0}},
+        quantize={"mode": "ptq", "calibration_size": 64},
+        bench={"batch_sizes": [1, 4], "warmup": 1, "iters": 3, "rounds": 2},
+    )
+    assert main(["--recipe", str(recipe), "--out", str(out)]) == 0
+    stages = json.loads((out / "summary.json").read_text())["stages"]
+    prune = stages["prune"]
+    assert prune["macs_after"] < prune["macs_before"] and prune["params_after"] < prune["params_before"]
+    assert abs(prune["macs_after"] / prune["macs_before"] - 0.5) <= 0.02
+    assert len(prune["widths_before"]) == len(prune["widths_after"]) == 7 and prune["groups"] == 7
+    artifacts = stages["export"]["artifacts"]
+    assert set(artifacts) == {"train_fp32", "plain_fp32", "pruned_fp32", "pruned_int8"}
+    for name, a in artifacts.items():
+        assert a["size_bytes"] > 1000 and 0 <= a["top1"] <= 100
+        assert name.endswith("int8") or a["max_abs_diff"] <= 1e-4
+    results = stages["bench"]["results"]
+    assert {(r["artifact"], r["batch"]) for r in results if r["provider"] == "cpu"} == {
+        (a, b) for a in artifacts for b in (1, 4)}
+    assert all(r["median_ms"] > 0 and r["p90_ms"] >= r["median_ms"] * 0.5 and r["images_per_s"] > 0 for r in results)
+    assert stages["bench"]["int8_speedup"]["pruned_int8@cpu"] > 0
+    assert [p["name"] for p in stages["bench"]["curve"]] == list(artifacts)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    scalars, images = events.Tags()["scalars"], events.Tags()["images"]
+    assert {"train/top1", "train/loss", "train/lr", "finetune/top1", "prune/top1"} <= set(scalars)
+    assert [e.step for e in events.Scalars("prune/top1")] == [0, 1]  # pruned, then fine-tuned
+    assert "bench/latency_ms/pruned_int8" in scalars and "bench/top1/pruned_int8" in scalars
+    assert {"prune/widths", "bench/accuracy_latency"} <= set(images)
