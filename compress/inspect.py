@@ -52,15 +52,21 @@ def describe_onnx(path: Path) -> list[str]:
         raise CheckpointError(f"ONNX file {path} cannot be read: {e}") from None
     ops = Counter(node.op_type for node in model.graph.node)
     inits = {i.name: i for i in model.graph.initializer}
-    widths = []
-    for node in model.graph.node:
-        if node.op_type == "Conv" and len(node.input) > 1:
-            w = inits.get(node.input[1])
-            if w is None:  # QDQ graphs: the weight comes through DequantizeLinear
-                src = next((n for n in model.graph.node if node.input[1] in n.output), None)
-                w = inits.get(src.input[0]) if src is not None else None
-            if w is not None:
-                widths.append(int(w.dims[0]))
+    producers = {out: node for node in model.graph.node for out in node.output}
+
+    def weight(name: str):
+        """The initializer behind a conv's weight input: QDQ graphs route it through (De)QuantizeLinear."""
+        for _ in range(4):
+            if name in inits:
+                return inits[name]
+            node = producers.get(name)
+            if node is None or node.op_type not in ("DequantizeLinear", "QuantizeLinear", "Identity"):
+                return None
+            name = node.input[0]
+        return None
+
+    widths = [int(w.dims[0]) for node in model.graph.node if node.op_type == "Conv" and len(node.input) > 1
+              for w in [weight(node.input[1])] if w is not None]
     params = sum(numpy_helper.to_array(i).size for i in model.graph.initializer)
     io = [f"{v.name}{[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]}" for v in model.graph.input]
     int8 = ops.get("QuantizeLinear", 0) > 0

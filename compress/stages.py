@@ -191,7 +191,9 @@ def bench(p: Pipeline) -> dict:
         raise PipelineError("bench needs the export stage's ONNX files: run export first")
     paths = {name: Path(a["path"]) for name, a in artifacts.items()}
     reference = "plain_fp32" if "plain_fp32" in paths else None  # ratios: speed-up over the unpruned plain model
-    result = benchmark(paths, cfg, cfg.image_size or p.data.cfg.image_size, reference=reference)
+    # PyTorch eager beside ONNX Runtime: the FP32 models (the INT8 one only exists as fake-quant in PyTorch)
+    eager = {name: p.load(stage) for name, stage in _onnx_sources(p).items() if name.endswith("fp32") and name in paths}
+    result = benchmark(paths, cfg, cfg.image_size or p.data.cfg.image_size, torch_models=eager, reference=reference)
     main_batch = cfg.main_batch or cfg.batch_sizes[0]
     result["int8_speedup"] = _int8_speedups(result["results"], main_batch)
     points = []

@@ -8,7 +8,7 @@ from torch import nn
 
 from compress.cli import main
 from compress.data import build_data
-from compress.io import CheckpointError, atomic_path, load_model, save_model
+from compress.io import CheckpointError, atomic_path, load_model, model_record, save_model
 from compress.pipeline import RunLock
 from compress.recipe import DataCfg, TrainCfg
 from compress.train import Env, TrainingError, fit
@@ -148,3 +148,32 @@ def test_inspect_describes_checkpoints(tmp_path, capsys):
     assert "plain (inference-time)" in out and "widths: [8, 8, 16, 16, 32]" in out and "FP32" in out
     assert "MACs:" in out and "params:" in out
     assert main(["inspect", str(tmp_path / "missing.pt")]) == 2
+
+
+def test_inspect_describes_onnx_and_int8(tmp_path, capsys):
+    from compress.export import export_onnx
+    from compress.quant import quantize_model, save_quantized
+    from compress.recipe import QuantCfg
+
+    plain = reparameterize(RepVGG([1, 1, 1, 1], widths=[8, 8, 16, 16, 32], num_classes=10).eval())
+    x = torch.randn(16, 3, 32, 32)
+    export_onnx(plain, tmp_path / "plain.onnx", x[:1])
+    assert main(["inspect", str(tmp_path / "plain.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert "conv layers: 5   widths: [8, 8, 16, 16, 32]" in out and "precision: FP32" in out
+    qmodel = quantize_model(plain, QuantCfg(mode="ptq", calibration_size=16), [(x, None)], x[:1])
+    export_onnx(qmodel, tmp_path / "int8.onnx", x[:1], int8=True)
+    save_quantized(qmodel, tmp_path / "int8.pt", model_record(plain))
+    assert main(["inspect", str(tmp_path / "int8.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert "INT8 (QuantizeLinear/DequantizeLinear)" in out and "widths: [8, 8, 16, 16, 32]" in out
+    assert main(["inspect", str(tmp_path / "int8.pt"), "--image-size", "32"]) == 0
+    assert "INT8 (NNCF" in capsys.readouterr().out
+    (tmp_path / "bad.onnx").write_bytes(b"\x00garbage")
+    assert main(["inspect", str(tmp_path / "bad.onnx")]) == 2
+
+
+def test_cifar10_batches_missing_is_one_line(tiny_recipe, capsys, tmp_path):
+    line = one_line_error(capsys, ["--recipe", str(tiny_recipe()), "--set", "data.kind=cifar10",
+                                   "--set", f"data.root={tmp_path / 'nothing'}"])
+    assert "data.download: true" in line and "nothing" in line

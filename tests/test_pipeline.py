@@ -138,6 +138,7 @@ def test_every_stage_fills_summary_and_tensorboard(tiny_recipe, tmp_path):
     results = stages["bench"]["results"]
     assert {(r["artifact"], r["batch"]) for r in results if r["provider"] == "cpu"} == {
         (a, b) for a in artifacts for b in (1, 4)}
+    assert {r["artifact"] for r in results if r["provider"] == "torch"} == {"train_fp32", "plain_fp32", "pruned_fp32"}
     assert all(r["median_ms"] > 0 and r["p90_ms"] >= r["median_ms"] * 0.5 and r["images_per_s"] > 0 for r in results)
     assert stages["bench"]["int8_speedup"]["pruned_int8@cpu"] > 0
     assert [p["name"] for p in stages["bench"]["curve"]] == list(artifacts)
