@@ -55,9 +55,8 @@ def prune(p: Pipeline) -> dict:
     model.to(p.env.device)
 
     def finetune_between_steps(m, step: int) -> None:
-        step_cfg = p.recipe.finetune.model_copy(update={"epochs": cfg.steps_finetune_epochs})
-        fit(m, step_cfg, p.data, p.env, tag=f"prune_step{step}", ckpt_path=p.out_dir / f"prune_step{step}.ckpt",
-            key=f"{p.key('prune')}:{step}")
+        step_cfg = p.recipe.finetune.model_copy(update={"epochs": cfg.steps_finetune_epochs, "distill": None})
+        _finetune(p, m, step_cfg, tag=f"prune_step{step}", key=f"{p.key('prune')}:{step}")
 
     # fixed, unaugmented batches for taylor/hessian: the same importance whenever (and wherever) it is run
     batches = p.data.calibration_loader(cfg.gradient_batches * p.data.cfg.batch_size)
@@ -83,19 +82,25 @@ def _widths_figure(before: list[int], after: list[int]):
     return fig
 
 
-def finetune(p: Pipeline) -> dict:
+def _finetune(p: Pipeline, model, cfg, *, tag: str, key: str, teacher=None) -> dict:
+    """Train a pruned model in place; a plain one with a temporary BN after each conv, folded back after."""
     from .prune import fold_bn, insert_bn
 
-    cfg = p.recipe.finetune
-    model = p.load("prune").to(p.env.device)
-    teacher = p.load("reparam") if cfg.distill is not None else None
     temporary_bn = isinstance(model, PlainRepVGG) and cfg.insert_bn
     if temporary_bn:  # fixed, unaugmented batches: every DDP rank inserts the same BN
         insert_bn(model, p.data.calibration_loader(min(512, len(p.data.train_set))))
-    result = fit(model, cfg, p.data, p.env, tag="finetune", ckpt_path=p.out_dir / "finetune.ckpt",
-                 key=p.key("finetune"), teacher=teacher, distill=cfg.distill)
+    result = fit(model, cfg, p.data, p.env, tag=tag, ckpt_path=p.out_dir / f"{tag}.ckpt", key=key, teacher=teacher,
+                 distill=cfg.distill)
     if temporary_bn:
         fold_bn(model)
+    return result
+
+
+def finetune(p: Pipeline) -> dict:
+    cfg = p.recipe.finetune
+    model = p.load("prune").to(p.env.device)
+    teacher = p.load("reparam") if cfg.distill is not None else None
+    result = _finetune(p, model, cfg, tag="finetune", key=p.key("finetune"), teacher=teacher)
     if isinstance(model, RepVGG):  # multibranch baseline: re-parameterize only now, and check it stays exact
         model, check = reparam_stage(model, p.data, p.env)
         result["max_abs_diff"] = check["max_abs_diff"]

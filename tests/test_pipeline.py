@@ -152,3 +152,17 @@ def test_every_stage_fills_summary_and_tensorboard(tiny_recipe, tmp_path):
     assert [e.step for e in events.Scalars("prune/top1")] == [0, 1]  # pruned, then fine-tuned
     assert "bench/latency_ms/pruned_int8" in scalars and "bench/top1/pruned_int8" in scalars
     assert {"prune/widths", "bench/accuracy_latency"} <= set(images)
+
+
+def test_iterative_pruning_fine_tunes_between_steps(tiny_recipe, tmp_path):
+    out = tmp_path / "steps"
+    recipe = tiny_recipe(model={"num_blocks": [1, 2, 2, 1]}, stages=["train", "reparam", "prune"],
+                         train={"epochs": 1, "lr": 0.05},
+                         prune={"keep_macs": 0.5, "round_to": 4, "steps": 2, "steps_finetune_epochs": 1})
+    assert main(["--recipe", str(recipe), "--out", str(out)]) == 0
+    prune = json.loads((out / "summary.json").read_text())["stages"]["prune"]
+    assert abs(prune["macs_after"] / prune["macs_before"] - 0.5) <= 0.02
+    step = load_checkpoint(out / "prune_step0.ckpt")  # the fine-tune between step 1 and step 2 ran and saved
+    assert step["epoch"] == 0 and any(".bn.running_var" in k for k in step["model"])  # trained with temporary BN
+    pruned = load_model(out / "pruned.pt")  # strict rebuild: the BN was folded away before saving
+    assert pruned.widths() == prune["widths_after"]
