@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import shutil
 import sys
@@ -98,6 +99,7 @@ class Study:
         self.recipe, self.out_dir, self.env, self.data = recipe, Path(out_dir), env, data
         self.example = data.example_input().to(env.device)
         self.unit = recipe.prune.round_to or (8 if env.cuda else 16)
+        self.num_blocks = recipe_architecture(recipe, data.num_classes).num_blocks
 
     def _run(self, recipe: Recipe, out_dir: Path, stages: list[str]) -> Pipeline:
         """One point as an ordinary pipeline run, with TensorBoard logs of its own (DIR/points/<p>/tb)."""
@@ -190,8 +192,9 @@ class Study:
                 "int8_top1": arts[int8]["top1"],
                 "widths": fp32_model.widths(),
             }
-            if pt["strategy"] == "multibranch":
-                row["stage_widths"] = sorted(set(stages["prune"]["widths_after"]), key=stages["prune"]["widths_after"].index)
+            if pt["strategy"] == "multibranch":  # the coupling forces one width per stage: its first block's
+                first = [0, *itertools.accumulate([1, *self.num_blocks[:-1]])]
+                row["stage_widths"] = [stages["prune"]["widths_after"][i] for i in first]
             rows.append(row)
         return rows
 

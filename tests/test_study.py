@@ -32,7 +32,8 @@ def test_digits_smoke_study_fills_every_cell_and_reuses_points(tiny_recipe, tmp_
     coupling = result["coupling"]
     assert coupling["groups_plain"] > coupling["groups_training_time"]
     by = {r["strategy"]: r for r in result["rows"]}
-    assert len(by["multibranch"]["stage_widths"]) <= 5  # one width per stage: the coupling at work
+    stage_widths = by["multibranch"]["stage_widths"]  # one width per stage: the coupling at work
+    assert len(stage_widths) == 5 and set(by["multibranch"]["widths"]) == set(stage_widths)
     assert len(set(by["plain"]["widths"])) >= 1 and by["plain"]["macs_M"] < by["unpruned"]["macs_M"]
     for strategy in ("plain", "plain-uniform", "multibranch", "scratch"):
         assert abs(by[strategy]["macs_M"] / by["unpruned"]["macs_M"] - 0.5) < 0.1
