@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -71,30 +72,29 @@ def run(args) -> int:
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     torch.manual_seed(recipe.seed)
     data = build_data(recipe.data, recipe.seed, rank, world_size)
-    writer = None
     try:
-        if rank == 0:
-            from torch.utils.tensorboard import SummaryWriter
+        with contextlib.ExitStack() as stack:
+            writer = None
+            if rank == 0:  # only rank 0 writes: it holds the run dir's lock and the TensorBoard writer
+                from torch.utils.tensorboard import SummaryWriter
 
-            lock = RunLock(out_dir).__enter__()
-            writer = SummaryWriter(str(out_dir / "tb"))
-        env = Env(device=device, out_dir=out_dir, rank=rank, world_size=world_size, writer=writer)
-        if recipe.study is not None:
-            from .study import Study
+                stack.enter_context(RunLock(out_dir))
+                writer = SummaryWriter(str(out_dir / "tb"))
+                stack.callback(writer.close)
+            env = Env(device=device, out_dir=out_dir, rank=rank, world_size=world_size, writer=writer)
+            if recipe.study is not None:
+                from .study import Study
 
-            Study(recipe, out_dir, env, data).run()
+                Study(recipe, out_dir, env, data).run()
+                if rank == 0:
+                    print((out_dir / "study.md").read_text())
+                    print(f"study: {out_dir / 'study.md'}  {out_dir / 'pareto.png'}  tensorboard --logdir {out_dir / 'tb'}")
+                return 0
+            summary = Pipeline(recipe, out_dir, env, data).run(plan)
             if rank == 0:
-                print((out_dir / "study.md").read_text())
-                print(f"study: {out_dir / 'study.md'}  {out_dir / 'pareto.png'}  tensorboard --logdir {out_dir / 'tb'}")
-            return 0
-        summary = Pipeline(recipe, out_dir, env, data).run(plan)
-        if rank == 0:
-            print(json.dumps({k: _brief(v) for k, v in summary["stages"].items()}, indent=1))
-            print(f"summary: {out_dir / 'summary.json'}   tensorboard --logdir {out_dir / 'tb'}")
+                print(json.dumps({k: _brief(v) for k, v in summary["stages"].items()}, indent=1))
+                print(f"summary: {out_dir / 'summary.json'}   tensorboard --logdir {out_dir / 'tb'}")
     finally:
-        if writer is not None:
-            writer.close()
-            lock.__exit__(None, None, None)
         if world_size > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return 0
