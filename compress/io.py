@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from repvgg import PlainRepVGG, RepVGG, load_official_state_dict
+from repvgg.checkpoint import load_strict
 
 FORMAT = "repvgg-compress/1"
 
@@ -68,15 +69,13 @@ def model_record(model: nn.Module) -> dict:
 
 def build_model(record: dict) -> nn.Module:
     """Rebuild a model from `model_record` output, strict about every key and shape."""
-    from repvgg.checkpoint import _load_strict
-
     config = dict(record["config"])
     if record["arch"] == "plain":
         model = PlainRepVGG.from_config(config)
     else:
         config["override_groups_map"] = {int(k): int(v) for k, v in (config.get("override_groups_map") or {}).items()}
         model = RepVGG(**config)
-    _load_strict(model, record["state_dict"])
+    load_strict(model, record["state_dict"])
     return model
 
 

@@ -84,11 +84,11 @@ def load_official_state_dict(state_dict: dict, stem_stride: int = 2) -> RepVGG |
             stem_stride=stem_stride,
             in_channels=specs[0].in_channels,
         )
-    _load_strict(model, state_dict)
+    load_strict(model, state_dict)
     return model
 
 
-def _load_strict(model: torch.nn.Module, state_dict: dict) -> None:
+def load_strict(model: torch.nn.Module, state_dict: dict) -> None:
     """`load_state_dict(strict=True)`, but the error names the first offending key in one line."""
     expected = model.state_dict()
     for key in state_dict:

@@ -172,10 +172,10 @@ class RepVGG(nn.Module):
         if stem_stride not in (1, 2):
             raise ValueError(f"stem_stride must be 1 or 2, got {stem_stride}")
         self.num_blocks = [int(n) for n in num_blocks]
-        self.widths = [int(w) for w in widths]
+        widths = [int(w) for w in widths]  # not kept: pruning narrows the modules, `config()` reads them
         self.override_groups_map = dict(override_groups_map or {})
         self.num_classes, self.stem_stride, self.in_channels = num_classes, stem_stride, in_channels
-        specs = block_specs(self.num_blocks, self.widths, self.override_groups_map, stem_stride, in_channels)
+        specs = block_specs(self.num_blocks, widths, self.override_groups_map, stem_stride, in_channels)
         blocks = [RepVGGBlock(s.in_channels, s.out_channels, s.stride, s.groups) for s in specs]
         self.stage0 = blocks[0]
         start = 1
@@ -183,7 +183,7 @@ class RepVGG(nn.Module):
             setattr(self, f"stage{stage}", nn.Sequential(*blocks[start : start + n]))
             start += n
         self.gap = nn.AdaptiveAvgPool2d(1)
-        self.linear = nn.Linear(self.widths[-1], num_classes)
+        self.linear = nn.Linear(widths[-1], num_classes)
 
     def blocks(self) -> list[RepVGGBlock]:
         return [self.stage0, *self.stage1, *self.stage2, *self.stage3, *self.stage4]
