@@ -165,38 +165,50 @@ def onnx_logits(session, images: torch.Tensor) -> np.ndarray:
     return session.run([OUTPUT_NAME], {INPUT_NAME: images.detach().cpu().float().numpy()})[0]
 
 
-def evaluate_onnx(path: str | Path, loader, provider: str = "cpu", threads: int | None = None) -> dict:
+def _torch_logits(model: nn.Module, images: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        return model(images.cpu().float()).numpy()
+
+
+def evaluate_onnx(
+    path: str | Path, loader, provider: str = "cpu", threads: int | None = None, reference: nn.Module | None = None
+) -> dict:
     """Top-1/top-5 accuracy (percent) of an ONNX classifier over `loader`'s (images, labels) batches, with the
-    per-image predicted classes and the logits."""
+    per-image predicted classes and the logits. With a `reference` PyTorch model, the same pass also measures
+    `max_abs_diff`, the largest |ONNX logit - PyTorch logit| (reference run in eval mode on CPU, a copy)."""
     session = onnx_session(path, provider, threads)
-    logits, labels = [], []
+    reference = copy.deepcopy(reference).to("cpu").eval() if reference is not None else None
+    logits, labels, worst = [], [], 0.0
     for images, target in _batches(loader):
         if target is None:
             raise ValueError("evaluate_onnx: the loader must yield (images, labels)")
         logits.append(onnx_logits(session, images))
         labels.append(target.detach().cpu().numpy())
+        if reference is not None:
+            worst = max(worst, float(np.abs(logits[-1] - _torch_logits(reference, images)).max()))
     del session
     out = np.concatenate(logits)
     y = np.concatenate(labels)
     k = min(5, out.shape[1])
     topk = np.argsort(-out, axis=1)[:, :k]
-    return {
+    result = {
         "top1": float((topk[:, 0] == y).mean() * 100),
         "top5": float((topk == y[:, None]).any(axis=1).mean() * 100),
         "n": int(y.shape[0]),
         "predictions": topk[:, 0],
         "logits": out,
     }
+    if reference is not None:
+        result["max_abs_diff"] = worst
+    return result
 
 
-@torch.no_grad()
 def max_abs_logit_diff(path: str | Path, model: nn.Module, loader_or_batch, provider: str = "cpu") -> float:
     """Largest |ONNX logit - PyTorch logit| over a batch or a loader, `model` run in eval mode on CPU (a copy)."""
     session = onnx_session(path, provider)
     model = copy.deepcopy(model).to("cpu").eval()
     worst = 0.0
     for images, _ in _batches(loader_or_batch):
-        ref = model(images.cpu().float()).numpy()
-        worst = max(worst, float(np.abs(onnx_logits(session, images) - ref).max()))
+        worst = max(worst, float(np.abs(onnx_logits(session, images) - _torch_logits(model, images)).max()))
     del session
     return worst
