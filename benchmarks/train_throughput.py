@@ -46,7 +46,7 @@ def ours_epoch(model, data, cfg, device) -> float:
 
     evaluate(model, data.test_loader(), device)
     elapsed -= time.perf_counter() - start
-    return len(data.sampler) // data.cfg.batch_size * data.cfg.batch_size / elapsed
+    return data.steps_per_epoch() * data.cfg.batch_size / elapsed
 
 
 def main():

@@ -177,6 +177,10 @@ class Data:
         torch.manual_seed(self.seed * 1000 + epoch)
         return self._loader(self.train_set, sampler=self.sampler, drop_last=True)
 
+    def steps_per_epoch(self) -> int:
+        """Batches per training epoch on this process (the last, incomplete batch is dropped)."""
+        return len(self.sampler) // self.cfg.batch_size
+
     def test_loader(self) -> DataLoader:
         return self._loader(self.test_set, shuffle=False)
 

@@ -33,7 +33,7 @@ from repvgg import PlainRepVGG, RepVGG, channel_groups  # noqa: E402
 
 from .bench import benchmark  # noqa: E402
 from .data import Data  # noqa: E402
-from .io import load_model, write_json, write_text  # noqa: E402
+from .io import write_json, write_text  # noqa: E402
 from .pipeline import Pipeline, recipe_architecture  # noqa: E402
 from .recipe import Recipe  # noqa: E402
 from .train import Env  # noqa: E402
@@ -178,7 +178,7 @@ class Study:
             arts = stages["export"]["artifacts"]
             fp32 = next(n for n in arts if n.endswith("fp32"))
             int8 = next(n for n in arts if n.endswith("int8"))
-            fp32_model = pt["run"].load("finetune") if "finetune" in stages else pt["run"].load("reparam")
+            fp32_model = pt["run"].load("finetune")  # falls back to the plain model where nothing was pruned
             macs, params = tp.utils.count_ops_and_params(fp32_model.cpu().eval(), self.example.cpu())
             tag = f"{pt['strategy']}_{pt['keep_macs']:g}"
             row = {
@@ -203,7 +203,7 @@ class Study:
         bench = self.bench(points)
         rows = self.table(points, bench)
         base = points[0]["run"]
-        train_model = load_model(self.out_dir / "base" / "train.pt").eval()
+        train_model = base.load("train").eval()
         plain_model = base.load("reparam").eval()
         coupling = {
             "groups_training_time": len(channel_groups(train_model, self.example.cpu())),

@@ -140,7 +140,7 @@ def fit(
         net = DistributedDataParallel(model, device_ids=[env.device.index] if env.cuda else None)
     use_amp = env.cuda and cfg.amp
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    steps_per_epoch = max(1, len(data.train_loader(0)))
+    steps_per_epoch = max(1, data.steps_per_epoch())
     total_steps = steps_per_epoch * cfg.epochs
     for epoch in range(start, cfg.epochs):
         net.train()
