@@ -150,6 +150,24 @@ def test_ptq_int8_onnx_matches_fake_quant(ptq, fp32, loaders, example, tmp_path)
     assert metrics["top1"] >= accuracy(fp32, test) - 3
 
 
+def test_int8_file_stores_int8_weights(ptq, example, tmp_path):
+    raw = export_onnx(ptq, tmp_path / "raw.onnx", example, int8=True, fold_weights=False)
+    folded = export_onnx(ptq, tmp_path / "folded.onnx", example, int8=True)
+    graph = int8_graph_ok(folded).graph
+    weights = {init.name: init for init in graph.initializer}
+    # every conv and the head read their weight from an INT8 tensor in the file, through DequantizeLinear
+    producer = {out: node for node in graph.node for out in node.output}
+    layers = [n for n in graph.node if n.op_type in ("Conv", "Gemm")]
+    for node in layers:
+        dq = producer[node.input[1]]
+        assert dq.op_type == "DequantizeLinear" and weights[dq.input[0]].data_type == onnx.TensorProto.INT8
+    assert op_counts(raw)["QuantizeLinear"] - op_counts(folded)["QuantizeLinear"] == len(layers)
+    assert not any(init.data_type == onnx.TensorProto.FLOAT and init.name.endswith(".weight") for init in graph.initializer)
+    assert folded.stat().st_size < 0.5 * raw.stat().st_size
+    x = torch.randn(16, 3, 32, 32)  # the same numbers, bit for bit
+    np.testing.assert_array_equal(onnx_logits(onnx_session(raw), x), onnx_logits(onnx_session(folded), x))
+
+
 def test_qat_trains_and_exports(qat, loaders, example, tmp_path):
     qmodel, log = qat
     _, test = loaders
