@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from compress.data import split_batch
 from compress.io import atomic_path
 
 INPUT_NAME = "input"
@@ -213,11 +214,7 @@ def _batches(loader_or_batch) -> Iterable[tuple[torch.Tensor, torch.Tensor | Non
     if _is_labelled_batch(loader_or_batch):
         yield loader_or_batch[0], loader_or_batch[1]
         return
-    for batch in loader_or_batch:
-        if isinstance(batch, torch.Tensor):
-            yield batch, None
-        else:
-            yield batch[0], (batch[1] if len(batch) > 1 else None)
+    yield from map(split_batch, loader_or_batch)
 
 
 def _is_labelled_batch(obj) -> bool:

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
+from compress.data import split_batch
 from compress.recipe import PruneCfg
 from repvgg import LayerSpec, PlainRepVGG, RepVGG, channel_groups, fuse_bn
 
@@ -464,8 +465,7 @@ def insert_bn(model: PlainRepVGG, batches: Iterable, max_batches: int | None = N
     hooks = [c.register_forward_hook(record) for c in convs]
     try:
         for batch in itertools.islice(iter(batches), max_batches):
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            model(x.to(convs[0].weight.device))
+            model(split_batch(batch)[0].to(convs[0].weight.device))
     finally:
         for h in hooks:
             h.remove()

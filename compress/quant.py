@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from compress.data import split_batch
 from compress.io import CheckpointError, build_model, load_checkpoint, torch_save
 from compress.recipe import QuantCfg
 
@@ -66,17 +67,6 @@ def _prepare_kernels() -> None:
         os.environ.setdefault(_EXTENSION_TIMEOUT_ENV, _EXTENSION_TIMEOUT_S)
 
 
-def _images(batch) -> torch.Tensor:
-    """The image tensor of a loader batch: a tensor, or the first item of an (images, labels, ...) batch."""
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
-        return batch[0]
-    if isinstance(batch, dict) and isinstance(batch.get("image"), torch.Tensor):
-        return batch["image"]
-    raise TypeError(f"calibration loader yields {type(batch).__name__}; expected images or (images, labels)")
-
-
 class _CalibrationImages:
     """Re-iterable view of the first `limit` images of a loader, as (possibly truncated) batches.
 
@@ -94,7 +84,7 @@ class _CalibrationImages:
         for batch in self.loader:
             if seen >= self.limit:
                 break
-            images = _images(batch)[: self.limit - seen]
+            images = split_batch(batch)[0][: self.limit - seen]
             seen += images.shape[0]
             yield images.to(self.device)
 
