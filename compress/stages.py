@@ -18,8 +18,9 @@ from .recipe import OptimCfg
 from .reparam import reparam_stage
 from .train import evaluate, fit
 
-# Stages every DDP process runs (they train); the others run on rank 0 and the rest read their files.
-EVERY_RANK = {"train", "finetune"}
+# Stages every DDP process runs (they train: QAT too, each rank calibrating on the same unsharded images); the
+# others run on rank 0 and the rest read their files.
+EVERY_RANK = {"train", "finetune", "quantize"}
 
 
 def train(p: Pipeline) -> dict:
@@ -132,7 +133,8 @@ def quantize(p: Pipeline) -> dict:
                             p.data.example_input().to(p.env.device), train_fn=qat if cfg.mode == "qat" else None,
                             overflow_fix=cfg.overflow_fix)
     metrics = evaluate(qmodel, p.data.test_loader(), p.env.device)
-    save_quantized(qmodel, p.path("quantize"), model_record(model))
+    if p.env.main:
+        save_quantized(qmodel, p.path("quantize"), model_record(model))
     return {"mode": cfg.mode, "source": source, "top1": metrics["top1"], "top5": metrics["top5"]}
 
 

@@ -67,7 +67,9 @@ def test_sigkill_then_rerun_resumes_with_identical_weights(tiny_recipe, tmp_path
 
 def test_torchrun_two_processes_gloo(tiny_recipe, tmp_path):
     out = tmp_path / "ddp"
-    recipe = str(tiny_recipe(stages=["train", "reparam"], data={"batch_size": 32}))
+    # QAT trains under DDP too: every rank calibrates NNCF's quantizers on the same images, then trains
+    recipe = str(tiny_recipe(stages=["train", "reparam", "quantize"], data={"batch_size": 32},
+                             quantize={"mode": "qat", "epochs": 1, "calibration_size": 64}))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
@@ -77,6 +79,9 @@ def test_torchrun_two_processes_gloo(tiny_recipe, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     stages = json.loads((out / "summary.json").read_text())["stages"]
     assert stages["train"]["top1"] > 20 and stages["reparam"]["top1"] == stages["train"]["top1"]
+    assert stages["quantize"]["mode"] == "qat" and stages["quantize"]["top1"] > 20
+    assert proc.stderr.count("[qat] epoch 1/1") == 1  # both ranks train (DDP), rank 0 reports
+    assert (out / "quantized.pt").exists()
     assert len(list((out / "tb").glob("events.out.tfevents*"))) == 1  # only rank 0 writes
 
 
