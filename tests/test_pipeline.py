@@ -11,6 +11,20 @@ from conftest import ROOT, one_line_error, run_cli
 
 from compress.cli import main
 from compress.io import load_checkpoint, load_model
+from compress.recipe import RecipeError, load_recipe
+
+# The shipped recipes that need a user's data path, and the override that gives it.
+NEEDS_ROOT = {"b1_prune50": ["data.root=/data/imagenet"]}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_recipes_validate(path):
+    overrides = NEEDS_ROOT.get(path.stem, [])
+    if overrides:
+        with pytest.raises(RecipeError, match="data.root"):
+            load_recipe(path)
+    recipe = load_recipe(path, overrides)
+    assert recipe.name == path.stem
 
 
 def test_train_and_reparam_end_to_end(tiny_recipe, tmp_path):
