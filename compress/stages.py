@@ -19,7 +19,7 @@ from .reparam import reparam_stage
 from .train import evaluate, fit
 
 # Stages every DDP process runs (they train: QAT too, each rank calibrating on the same unsharded images); the
-# others run on rank 0 and the rest read their files.
+# others run on rank 0 and the rest read their files, as does a rank whose stage function returns None.
 EVERY_RANK = {"train", "finetune", "quantize"}
 
 
@@ -112,10 +112,14 @@ def finetune(p: Pipeline) -> dict:
     return {**result, "top1": final["top1"], "top5": final["top5"]}
 
 
-def quantize(p: Pipeline) -> dict:
+def quantize(p: Pipeline) -> dict | None:
+    """Every DDP rank runs QAT together; only rank 0 evaluates and saves (the others return None and read its
+    summary entry), and PTQ, with nothing to train, runs on rank 0 alone."""
     from .quant import quantize_model, save_quantized
 
     cfg = p.recipe.quantize
+    if cfg.mode == "ptq" and not p.env.main:
+        return None
     source = p.latest("finetune")
     model = p.load("finetune")
     if isinstance(model, RepVGG):
@@ -132,9 +136,10 @@ def quantize(p: Pipeline) -> dict:
     qmodel = quantize_model(model, cfg, p.data.calibration_loader(cfg.calibration_size),
                             p.data.example_input().to(p.env.device), train_fn=qat if cfg.mode == "qat" else None,
                             overflow_fix=cfg.overflow_fix)
+    if not p.env.main:
+        return None
     metrics = evaluate(qmodel, p.data.test_loader(), p.env.device)
-    if p.env.main:
-        save_quantized(qmodel, p.path("quantize"), model_record(model))
+    save_quantized(qmodel, p.path("quantize"), model_record(model))
     return {"mode": cfg.mode, "source": source, "top1": metrics["top1"], "top5": metrics["top5"]}
 
 
