@@ -9,6 +9,11 @@ Measurement rules, so that two artifacts are compared fairly on a shared machine
   p90 is over every timed batch of every round;
 - `ratios` are latency ratios artifact / reference (below 1: faster than the reference), computed within each
   round and then reduced to their median over rounds.
+
+What one timed call covers (each result's `timing` says which): on the CPU provider, `session.run` on a host
+array; on CUDA and TensorRT, `run_with_iobinding` with the input copied to the GPU once, before timing, and the
+output bound on the GPU, so host<->device copies are not timed; a torch model runs eagerly on `torch_device`,
+its input moved there once, and on CUDA each call ends with a device synchronize (kernels are asynchronous).
 """
 
 from __future__ import annotations
@@ -64,43 +69,96 @@ def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
-def _time_runs(run: Callable[[np.ndarray], object], batch: np.ndarray, warmup: int, iters: int) -> list[float]:
+def _time_runs(step: Callable[[], object], warmup: int, iters: int) -> list[float]:
     for _ in range(warmup):
-        run(batch)
+        step()
     times = []
     for _ in range(iters):
         start = time.perf_counter()
-        run(batch)
+        step()
         times.append((time.perf_counter() - start) * 1000.0)
     return times
 
 
+# ORT providers timed through IOBinding, and the ORT device their inputs and outputs live on
+IOBINDING_DEVICE = {"cuda": "cuda", "tensorrt": "cuda"}
+TIMING_HOST = "session.run, host input/output"
+TIMING_IOBINDING = "iobinding, device-resident input/output"
+
+
+def iobinding_step(session, batch: np.ndarray, device: str) -> Callable[[], object]:
+    """One synchronized run of `session` on `batch`, with input and output resident on the ORT `device` ('cuda',
+    or 'cpu'): the input is copied there once, now; each call returns the output OrtValue, left on the device."""
+    import onnxruntime as ort
+
+    binding = session.io_binding()
+    value = ort.OrtValue.ortvalue_from_numpy(batch, device, 0)
+    binding.bind_ortvalue_input(INPUT_NAME, value)
+    binding.bind_output(OUTPUT_NAME, device, 0)  # ORT allocates it on the device, no copy back to the host
+    binding.synchronize_inputs()
+
+    def step():
+        session.run_with_iobinding(binding)  # ORT synchronizes the device at the end of a run, by default
+        binding.synchronize_outputs()
+        return binding.get_outputs()[0]
+
+    step.input = value  # the device copy lives as long as `step`
+    return step
+
+
+def torch_step(model: nn.Module, batch: np.ndarray, device: torch.device) -> Callable[[], object]:
+    """One eager forward of `model` (already on `device`) on `batch`, moved to `device` once, now; on CUDA each
+    call waits for its kernels to finish."""
+    x = torch.from_numpy(batch).to(device)
+
+    def step():
+        with torch.inference_mode():
+            out = model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return out
+
+    return step
+
+
 class _Job:
-    """One thing to time: an ONNX artifact on an ORT provider, or a torch model run eagerly."""
+    """One thing to time: an ONNX artifact on an ORT provider, or a torch model run eagerly on `device`."""
 
-    def __init__(self, name: str, provider: str, path: Path | None = None, model: nn.Module | None = None):
-        self.name, self.provider, self.path, self.model = name, provider, path, model
+    def __init__(
+        self,
+        name: str,
+        provider: str,
+        path: Path | None = None,
+        model: nn.Module | None = None,
+        device: torch.device | None = None,
+    ):
+        self.name, self.provider, self.path, self.model, self.device = name, provider, path, model, device
 
-    def open(self, threads: int | None) -> Callable[[np.ndarray], object]:
+    @property
+    def timing(self) -> str:
+        if self.model is not None:
+            sync = ", synchronized" if self.device.type == "cuda" else ""
+            return f"torch eager, input on {self.device}{sync}"
+        return TIMING_IOBINDING if self.provider in IOBINDING_DEVICE else TIMING_HOST
+
+    def open(self, threads: int | None) -> Callable[[np.ndarray], Callable[[], object]]:
+        """Start the ORT session, if any: returns `prepare(batch) -> step`, `step()` being one timed call."""
         if self.model is None:
             session = onnx_session(self.path, self.provider, threads)
+            device = IOBINDING_DEVICE.get(self.provider)
 
-            def run(x: np.ndarray):
-                return session.run([OUTPUT_NAME], {INPUT_NAME: x})
+            def prepare(x: np.ndarray):
+                if device is not None:
+                    return iobinding_step(session, x, device)
+                return lambda: session.run([OUTPUT_NAME], {INPUT_NAME: x})
 
-            run.session = session  # keeps the session alive exactly as long as `run`
-            return run
-        model = self.model
-
-        def run_torch(x: np.ndarray):
-            with torch.inference_mode():
-                return model(torch.from_numpy(x))
-
-        return run_torch
+            prepare.session = session  # keeps the session alive exactly as long as `prepare`
+            return prepare
+        return lambda x: torch_step(self.model, x, self.device)
 
 
 def _resolve_providers(
-    cfg: BenchCfg, artifacts: dict[str, Path], torch_models: dict, threads: int | None
+    cfg: BenchCfg, artifacts: dict[str, Path], torch_models: dict, threads: int | None, torch_device: torch.device
 ) -> tuple[list[str], dict[str, str]]:
     """The providers to time, and {provider: why skipped} for those asked for that cannot run here. A GPU
     provider is tried once on the first artifact: ORT lists CUDA/TensorRT whenever it was built with them."""
@@ -111,7 +169,9 @@ def _resolve_providers(
         wanted = list(dict.fromkeys(cfg.providers))
     providers, skipped = [], {}
     for p in wanted:
-        if p == "torch":
+        if p == "torch" and torch_device.type == "cuda" and not torch.cuda.is_available():
+            skipped[p] = "torch_device is cuda, and CUDA is not available here"
+        elif p == "torch":
             providers.append(p)
         elif p not in here:
             skipped[p] = "not available here"
@@ -133,27 +193,33 @@ def benchmark(
     image_size: int,
     torch_models: dict[str, nn.Module] | None = None,
     reference: str | None = None,
+    torch_device: str | torch.device = "cpu",
 ) -> dict:
     """Latency of each ONNX artifact on each ORT provider asked for in `cfg.providers` and available here (CPU
-    always), and of each torch model (provider 'torch', CPU eager), for every batch size of `cfg.batch_sizes`.
+    always), and of each torch model (provider 'torch', eager on `torch_device`), for every batch size of
+    `cfg.batch_sizes`. What a timed call covers is in each result's `timing` (see the module's docstring).
 
     `reference` names the artifact the ratios divide by (default: the first artifact, else the first torch model).
-    Returns {"results": [{artifact, provider, batch, median_ms, p90_ms, images_per_s, round_medians_ms}],
+    Returns {"results": [{artifact, provider, batch, median_ms, p90_ms, images_per_s, round_medians_ms, timing}],
     "ratios": {"<name>/<reference>": median ratio at the main batch on CPU (else the first provider); others get
     an "@provider" suffix}, "ratio_details": [...], "machine": {..., "skipped_providers": {provider: why}}}.
     A provider asked for but unable to run here is skipped (and said so in machine.skipped_providers), not an
     error; without GPU providers an ONNX session is always on CPU.
     """
     torch_models = dict(torch_models or {})
+    torch_device = torch.device(torch_device)
     artifacts = {name: Path(p) for name, p in artifacts.items()}
     for name, p in artifacts.items():
         if not p.is_file():
             raise FileNotFoundError(f"benchmark: artifact '{name}' not found: {p}")
-    providers, skipped = _resolve_providers(cfg, artifacts, torch_models, cfg.threads)
+    providers, skipped = _resolve_providers(cfg, artifacts, torch_models, cfg.threads, torch_device)
     jobs: list[_Job] = []
     for provider in providers:
         if provider == "torch":
-            jobs += [_Job(name, "torch", model=copy.deepcopy(m).to("cpu").eval()) for name, m in torch_models.items()]
+            jobs += [
+                _Job(name, "torch", model=copy.deepcopy(m).to(torch_device).eval(), device=torch_device)
+                for name, m in torch_models.items()
+            ]
         else:
             jobs += [_Job(name, provider, path=p) for name, p in artifacts.items()]
     if not jobs:
@@ -169,15 +235,16 @@ def benchmark(
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     times: dict[tuple[str, str, int], list[list[float]]] = {}
+    timing = {(job.name, job.provider): job.timing for job in jobs}
     try:
         for rnd in range(cfg.rounds):
             shift = rnd % len(jobs)
             for job in jobs[shift:] + jobs[:shift]:
-                run = job.open(cfg.threads)
+                prepare = job.open(cfg.threads)
                 for b in batch_sizes:
-                    t = _time_runs(run, inputs[b], cfg.warmup, cfg.iters)
+                    t = _time_runs(prepare(inputs[b]), cfg.warmup, cfg.iters)
                     times.setdefault((job.name, job.provider, b), []).append(t)
-                del run  # the only reference to the session: it is freed before the next one starts
+                del prepare  # the only reference to the session: it is freed before the next one starts
                 gc.collect()
     finally:
         torch.set_num_threads(torch_threads)
@@ -194,6 +261,7 @@ def benchmark(
                 "p90_ms": _percentile([t for r in rounds for t in r], 90),
                 "images_per_s": b / (med / 1000.0),
                 "round_medians_ms": [statistics.median(r) for r in rounds],
+                "timing": timing[(name, provider)],
             }
         )
     ratios, details = _ratios(times, providers, batch_sizes, main_batch, artifacts, torch_models, reference)

@@ -1,13 +1,24 @@
-"""Latency benchmark (ONNX Runtime CPU + torch eager) and the accuracy-latency figure, on tiny plain models."""
+"""Latency benchmark (ONNX Runtime CPU + torch eager) and the accuracy-latency figure, on tiny plain models.
+
+The GPU providers' IOBinding path runs here on ORT's CPU device: same code, 'cpu' OrtValues."""
 
 import weakref
 
+import numpy as np
 import pytest
 import torch
 
 import compress.bench as bench
-from compress.bench import accuracy_latency_figure, benchmark, save_figure
-from compress.export import export_onnx
+from compress.bench import (
+    TIMING_HOST,
+    TIMING_IOBINDING,
+    accuracy_latency_figure,
+    benchmark,
+    iobinding_step,
+    save_figure,
+    torch_step,
+)
+from compress.export import INPUT_NAME, OUTPUT_NAME, export_onnx, onnx_session
 from compress.recipe import BenchCfg
 from repvgg import LayerSpec, PlainRepVGG
 
@@ -53,6 +64,8 @@ def test_benchmark_reports_every_artifact_batch_and_ratio(artifacts, models):
     assert all(v > 0 for v in out["ratios"].values())
     detail = [d for d in out["ratio_details"] if d["batch"] == 4]
     assert len(detail) == 2 and all(len(d["per_round"]) == 2 for d in detail)
+    assert {r["timing"] for r in rows.values() if r["provider"] == "cpu"} == {TIMING_HOST}
+    assert {r["timing"] for r in rows.values() if r["provider"] == "torch"} == {"torch eager, input on cpu"}
     m = out["machine"]
     assert m["cpu"] and m["threads"] == 1 and m["onnxruntime"] and m["torch"] == torch.__version__
     assert "cpu" in m["providers"] and "torch" in m["providers"]
@@ -89,6 +102,51 @@ def test_unavailable_provider_is_skipped_and_said(artifacts, monkeypatch):
     assert {r["provider"] for r in out["results"]} == {"cpu"}
     assert out["machine"]["skipped_providers"] == {"cuda": "not available here"}
     assert out["machine"]["providers"] == ["cpu"]
+
+
+def test_iobinding_step_equals_session_run(artifacts):
+    session = onnx_session(artifacts["plain_fp32"], "cpu", threads=1)
+    batch = np.random.default_rng(1).standard_normal((4, 3, SIZE, SIZE), dtype=np.float32)
+    step = iobinding_step(session, batch, "cpu")
+    expected = session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+    for _ in range(2):  # the bound input and output are reused from one call to the next
+        out = step()
+        assert out.device_name() == "cpu" and out.shape() == [4, 10]
+        np.testing.assert_array_equal(out.numpy(), expected)
+
+
+def test_torch_step_equals_eager_forward(models):
+    batch = np.random.default_rng(2).standard_normal((2, 3, SIZE, SIZE), dtype=np.float32)
+    model = models["pruned_fp32"]
+    out = torch_step(model, batch, torch.device("cpu"))()
+    with torch.no_grad():
+        assert torch.equal(out, model(torch.from_numpy(batch)))
+
+
+def test_iobinding_providers_are_timed_through_iobinding_and_say_so(artifacts, monkeypatch):
+    """A provider listed in IOBINDING_DEVICE (CUDA and TensorRT; here CPU, which ORT also binds) is timed with
+    `iobinding_step`, once per (artifact, batch, round), and its results say so."""
+    bound = []
+    real = bench.iobinding_step
+
+    def spy(session, batch, device):
+        bound.append((batch.shape[0], device))
+        return real(session, batch, device)
+
+    monkeypatch.setattr(bench, "IOBINDING_DEVICE", {"cpu": "cpu"})
+    monkeypatch.setattr(bench, "iobinding_step", spy)
+    out = benchmark(artifacts, fast_cfg(providers=["cpu"]), SIZE)
+    assert sorted(bound) == sorted([(b, "cpu") for b in (1, 4) for _ in artifacts for _ in range(2)])
+    assert {r["timing"] for r in out["results"]} == {TIMING_IOBINDING}
+    assert all(r["median_ms"] > 0 for r in out["results"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the skip where CUDA is absent")
+def test_torch_on_cuda_without_cuda_is_skipped_and_said(artifacts, models):
+    out = benchmark(artifacts, fast_cfg(batch_sizes=[1], rounds=1, providers=["torch", "cpu"]), SIZE,
+                    torch_models=models, torch_device="cuda")
+    assert {r["provider"] for r in out["results"]} == {"cpu"}
+    assert "CUDA is not available" in out["machine"]["skipped_providers"]["torch"]
 
 
 def test_benchmark_errors(artifacts, tmp_path):
