@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from compress.data import build_data
-from compress.pipeline import initial_model
+from compress.models import initial_model
 from compress.recipe import load_recipe
 from compress.train import Env, fit, make_optimizer
 

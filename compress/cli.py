@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .recipe import STAGES, Recipe, RecipeError, load_recipe
+from .recipe import Recipe, RecipeError, load_recipe
+from .registry import STAGE_NAMES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -21,7 +22,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", type=Path, help="run directory (default runs/<recipe name>)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override a recipe value (repeatable)")
-    ap.add_argument("--stages", help=f"comma-separated subset of: {','.join(STAGES)}")
+    ap.add_argument("--stages", help=f"comma-separated subset of the recipe's stages: {','.join(STAGE_NAMES)}")
     ap.add_argument("--dry-run", action="store_true", help="print the validated recipe and the stage plan")
     ap.add_argument("--resume", action="store_true",
                     help="require an existing run dir to resume (resuming is automatic when one exists)")
@@ -34,9 +35,11 @@ def _stage_plan(recipe: Recipe, stages_arg: str | None) -> list[str]:
         return recipe.stages
     asked = [s.strip() for s in stages_arg.split(",") if s.strip()]
     for s in asked:
-        if s not in STAGES:
-            raise RecipeError(f"--stages: unknown stage '{s}' (stages: {', '.join(STAGES)})")
-    return [s for s in STAGES if s in asked]
+        if s not in STAGE_NAMES:
+            raise RecipeError(f"--stages: unknown stage '{s}' (stages: {', '.join(STAGE_NAMES)})")
+        if s not in recipe.stages:  # a stage the recipe skips passes its input through: it has no output of its own
+            raise RecipeError(f"--stages: '{s}' is not among the recipe's stages ({', '.join(recipe.stages)})")
+    return [s for s in recipe.stages if s in asked]
 
 
 def _device(recipe: Recipe, local_rank: int) -> torch.device:
@@ -49,7 +52,8 @@ def _device(recipe: Recipe, local_rank: int) -> torch.device:
 
 def run(args) -> int:
     from .data import build_data
-    from .pipeline import Pipeline, RunLock
+    from .pipeline import Pipeline
+    from .rundir import RunLock
     from .train import Env
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -66,6 +70,7 @@ def run(args) -> int:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = _device(recipe, local_rank)
+    recipe = recipe.resolved(device.type)
     if world_size > 1:
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -90,7 +95,7 @@ def run(args) -> int:
                     print((out_dir / "study.md").read_text())
                     print(f"study: {out_dir / 'study.md'}  {out_dir / 'pareto.png'}  tensorboard --logdir {out_dir / 'tb'}")
                 return 0
-            summary = Pipeline(recipe, out_dir, env, data).run(plan)
+            summary = Pipeline(recipe, out_dir, env, data).run(plan, explicit=args.stages is not None)
             if rank == 0:
                 print(json.dumps({k: _brief(v) for k, v in summary["stages"].items()}, indent=1))
                 print(f"summary: {out_dir / 'summary.json'}   tensorboard --logdir {out_dir / 'tb'}")
@@ -102,7 +107,7 @@ def run(args) -> int:
 
 def _brief(stage: dict) -> dict:
     return {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in stage.items()
-            if isinstance(v, (int, float, str)) and k != "key"}
+            if isinstance(v, (int, float, str)) and k not in ("key", "artifact_key")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
 def _is_user_error(e: Exception) -> bool:
     from .data import DataError
     from .io import CheckpointError
-    from .pipeline import PipelineError
     from .reparam import ReparamError
+    from .rundir import PipelineError
     from .train import TrainingError
 
     return isinstance(e, (RecipeError, DataError, CheckpointError, PipelineError, TrainingError, ReparamError))

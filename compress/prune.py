@@ -39,7 +39,7 @@ import torch_pruning as tp
 from torch import nn
 
 from compress.data import split_batch
-from compress.recipe import PruneCfg
+from compress.recipe import PruneCfg, default_round_to
 from repvgg import LayerSpec, PlainRepVGG, RepVGG, channel_groups, fuse_bn
 
 TOLERANCE = 0.02  # |macs_after / macs_before - keep_macs| allowed
@@ -366,7 +366,7 @@ def prune_model(
     architecture as it found it (fold any BN it inserted). Returns the report (MACs, params, widths, ...)."""
     _check_mode(model, cfg)
     data = _gradient_source(cfg, batches)
-    round_to = cfg.round_to or (8 if example_input.is_cuda else 16)
+    round_to = cfg.round_to or default_round_to(example_input.device.type)
     was_training = model.training
     model.eval()
     try:

@@ -195,10 +195,14 @@ def save_quantized(qmodel: nn.Module, path: str | Path, base_record: dict, **ext
 def load_quantized(path: str | Path, example_input: torch.Tensor | None = None) -> nn.Module:
     """Rebuild a model written by `save_quantized` (eval mode, CPU); `example_input`, when given, is run once
     to check the result."""
+    return rebuild_quantized(load_checkpoint(path), path, example_input)
+
+
+def rebuild_quantized(record: dict, path: str | Path, example_input: torch.Tensor | None = None) -> nn.Module:
+    """`load_quantized` of a record already read from `path` (named in errors)."""
     import nncf.torch
 
     _prepare_kernels()
-    record = load_checkpoint(path)
     if not isinstance(record, dict) or record.get("quant_format") != FORMAT:
         raise CheckpointError(f"checkpoint {path}: not a quantized model (no '{FORMAT}' record)")
     try:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import hashlib
-import json
 from pathlib import Path
 from typing import Literal
 
@@ -13,7 +11,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from repvgg import CONFIGS
 
-STAGES = ("train", "reparam", "prune", "finetune", "quantize", "export", "bench")
+from .registry import STAGE_NAMES
+
+# What a field changes, for the run directory's keys (default: the weights, hence everything downstream):
+NO_EFFECT = {"key": "none"}  # neither weights nor results: never recomputes anything
+EVALUATION = {"key": "evaluation"}  # what is measured, not the weights: re-evaluates, reuses training checkpoints
 
 
 class RecipeError(ValueError):
@@ -22,6 +24,12 @@ class RecipeError(ValueError):
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    def key_values(self, role: str = "weights") -> dict:
+        """This section's values that change `role` ("weights" or "evaluation"), for the run directory's keys."""
+        values = self.model_dump(mode="json")
+        return {name: values[name] for name, field in type(self).model_fields.items()
+                if (field.json_schema_extra or {}).get("key", "weights") == role}
 
 
 class ModelCfg(Section):
@@ -56,12 +64,13 @@ class DataCfg(Section):
     root: Path | None = None
     image_size: int = Field(32, gt=0)
     batch_size: int = Field(64, gt=0)  # per process
-    workers: int = Field(0, ge=0)
+    workers: int = Field(0, ge=0, json_schema_extra=NO_EFFECT)
     augment: Literal["none", "cifar", "imagenet"] = "cifar"
-    download: bool = False  # cifar10 python batches only
+    download: bool = Field(False, json_schema_extra=NO_EFFECT)  # cifar10 python batches only
     train_subset: int | None = Field(None, gt=0)  # first N of a fixed shuffled order: CPU-affordable runs
-    test_subset: int | None = Field(None, gt=0)
-    bad_images: Literal["fail", "skip"] = "fail"
+    test_subset: int | None = Field(None, gt=0, json_schema_extra=EVALUATION)
+    # a run under "fail" only finishes without bad images, where "skip" trains on the same data
+    bad_images: Literal["fail", "skip"] = Field("fail", json_schema_extra=NO_EFFECT)
 
     @model_validator(mode="after")
     def _root_needed(self):
@@ -107,7 +116,7 @@ class PruneCfg(Section):
     channel_ratio: float | None = Field(None, gt=0, lt=1)  # fraction of channels removed per layer
     max_layer_ratio: float = Field(0.8, gt=0, lt=1)
     isomorphic: bool = False
-    round_to: int | None = Field(None, gt=0)  # None: 16 on CPU, 8 on CUDA
+    round_to: int | None = Field(None, gt=0)  # None: 16 on CPU, 8 on CUDA (`Recipe.resolved`)
     steps: int = Field(1, gt=0)  # iterative pruning, fine-tuning between steps
     steps_finetune_epochs: int = Field(1, ge=0)
     prune_first_layer: bool = False
@@ -171,7 +180,7 @@ class Recipe(Section):
     name: str
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    stages: list[str] = Field(default_factory=lambda: list(STAGES))
+    stages: list[str] = Field(default_factory=lambda: list(STAGE_NAMES))
     model: ModelCfg = Field(default_factory=ModelCfg)
     data: DataCfg = Field(default_factory=DataCfg)
     train: TrainCfg = Field(default_factory=TrainCfg)
@@ -185,15 +194,25 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _known_stages(self):
         for stage in self.stages:
-            if stage not in STAGES:
-                raise ValueError(f"stages: unknown stage '{stage}'{_suggest(stage, STAGES)}")
-        self.stages = [s for s in STAGES if s in self.stages]  # always run in pipeline order
+            if stage not in STAGE_NAMES:
+                raise ValueError(f"stages: unknown stage '{stage}'{_suggest(stage, STAGE_NAMES)}")
+        self.stages = [s for s in STAGE_NAMES if s in self.stages]  # always run in pipeline order
         return self
 
-    def section_hash(self, *sections: str) -> str:
-        """Hash of the recipe parts a stage depends on: a changed input means a recomputed stage."""
-        blob = json.dumps([self.seed, *(getattr(self, s).model_dump(mode="json") for s in sections)], sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    def resolved(self, device_type: str) -> Recipe:
+        """The recipe with every default that depends on where it runs made explicit, so that keys hash what
+        actually runs: `prune.round_to` for the device, `data.root` and `model.checkpoint` as absolute paths."""
+        update = {"prune": self.prune.model_copy(update={"round_to": self.prune.round_to or default_round_to(device_type)})}
+        if self.data.root is not None:
+            update["data"] = self.data.model_copy(update={"root": self.data.root.resolve()})
+        if self.model.checkpoint is not None:
+            update["model"] = self.model.model_copy(update={"checkpoint": self.model.checkpoint.resolve()})
+        return self.model_copy(update=update)
+
+
+def default_round_to(device_type: str) -> int:
+    """Channel multiple the kernels block by: 16 on CPUs (oneDNN / MLAS), 8 on CUDA (tensor cores)."""
+    return 8 if device_type == "cuda" else 16
 
 
 def _suggest(word: str, choices) -> str:

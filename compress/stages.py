@@ -1,32 +1,34 @@
-"""The seven stages as the pipeline calls them: each reads its input artifact, calls its stage module, saves its
-output and returns the metrics that go into `summary.json`."""
+"""The stage functions `compress.registry` names: each reads its input artifact, calls its stage module, saves its
+output and returns the metrics that go into `summary.json` (None on a DDP rank whose results rank 0 records)."""
 
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import torch
 
 from repvgg import PlainRepVGG, RepVGG
 
 from .io import model_record
-from .pipeline import Pipeline, PipelineError, initial_model
+from .models import initial_model
 from .recipe import OptimCfg
 from .reparam import reparam_stage
+from .rundir import PipelineError
 from .train import evaluate, fit
 
-# Stages every DDP process runs (they train: QAT too, each rank calibrating on the same unsharded images); the
-# others run on rank 0 and the rest read their files, as does a rank whose stage function returns None.
-EVERY_RANK = {"train", "finetune", "quantize"}
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
 
 
 def train(p: Pipeline) -> dict:
     model = initial_model(p.recipe, p.data.num_classes)
     result = fit(model, p.recipe.train, p.data, p.env, tag="train", ckpt_path=p.out_dir / "train.ckpt",
-                 key=p.key("train"))
+                 key=p.dir.artifact_key("train"))
     p.save("train", model)
     if p.data.cfg.kind == "imagefolder":
         result["skipped_images"] = p.data.skipped_images()
@@ -45,7 +47,9 @@ def _expect(model, cls, stage: str, mode: str):
     return model
 
 
-def prune(p: Pipeline) -> dict:
+def prune(p: Pipeline) -> dict | None:
+    """Rank 0 alone, or with `prune.steps` > 1 every DDP rank: the fine-tunes between steps train under DDP, so
+    every rank prunes the same model the same way (fixed batches, same seed) and checks it did."""
     from .prune import prune_model
 
     cfg = p.recipe.prune
@@ -57,18 +61,30 @@ def prune(p: Pipeline) -> dict:
 
     def finetune_between_steps(m, step: int) -> None:
         step_cfg = p.recipe.finetune.model_copy(update={"epochs": cfg.steps_finetune_epochs, "distill": None})
-        _finetune(p, m, step_cfg, tag=f"prune_step{step}", key=f"{p.key('prune')}:{step}")
+        _finetune(p, m, step_cfg, tag=f"prune_step{step}", key=f"{p.dir.artifact_key('prune')}:{step}")
 
     # fixed, unaugmented batches for taylor/hessian: the same importance whenever (and wherever) it is run
     batches = p.data.calibration_loader(cfg.gradient_batches * p.data.cfg.batch_size)
     report = prune_model(model, cfg, p.data.example_input().to(p.env.device), batches=batches,
                          between_steps=finetune_between_steps)
+    if p.env.world_size > 1:
+        _same_on_every_rank(report["widths_after"])
+    if not p.env.main:
+        return None
     metrics = evaluate(model, p.data.test_loader(), p.env.device)
     if p.env.writer is not None:
         p.env.writer.add_figure("prune/widths", _widths_figure(report["widths_before"], report["widths_after"]), 0)
         p.env.writer.add_scalar("prune/top1", metrics["top1"], 0)  # step 0: before fine-tuning
     p.save("prune", model)
     return {**report, "top1": metrics["top1"], "top5": metrics["top5"]}
+
+
+def _same_on_every_rank(widths: list[int]) -> None:
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, widths)
+    if any(w != gathered[0] for w in gathered):
+        raise PipelineError(f"DDP ranks pruned to different widths ({gathered[0]} on rank 0): importance must be "
+                            f"deterministic across ranks")
 
 
 def _widths_figure(before: list[int], after: list[int]):
@@ -101,7 +117,7 @@ def finetune(p: Pipeline) -> dict:
     cfg = p.recipe.finetune
     model = p.load("prune").to(p.env.device)
     teacher = p.load("reparam") if cfg.distill is not None else None
-    result = _finetune(p, model, cfg, tag="finetune", key=p.key("finetune"), teacher=teacher)
+    result = _finetune(p, model, cfg, tag="finetune", key=p.dir.artifact_key("finetune"), teacher=teacher)
     if isinstance(model, RepVGG):  # multibranch baseline: re-parameterize only now, and check it stays exact
         model, check = reparam_stage(model, p.data, p.env)
         result["max_abs_diff"] = check["max_abs_diff"]
@@ -114,13 +130,11 @@ def finetune(p: Pipeline) -> dict:
 
 def quantize(p: Pipeline) -> dict | None:
     """Every DDP rank runs QAT together; only rank 0 evaluates and saves (the others return None and read its
-    summary entry), and PTQ, with nothing to train, runs on rank 0 alone."""
+    summary entry). PTQ runs on rank 0 alone (`registry`)."""
     from .quant import quantize_model, save_quantized
 
     cfg = p.recipe.quantize
-    if cfg.mode == "ptq" and not p.env.main:
-        return None
-    source = p.latest("finetune")
+    source = p.dir.source("finetune")
     model = p.load("finetune")
     if isinstance(model, RepVGG):
         raise PipelineError("quantize needs the plain model: run reparam first")
@@ -130,8 +144,8 @@ def quantize(p: Pipeline) -> dict | None:
                        channels_last=False)
 
     def qat(qmodel) -> None:
-        fit(qmodel, qat_cfg, p.data, p.env, tag="qat", ckpt_path=p.out_dir / "qat.ckpt", key=p.key("quantize"),
-            teacher=teacher, distill=cfg.distill)
+        fit(qmodel, qat_cfg, p.data, p.env, tag="qat", ckpt_path=p.out_dir / "qat.ckpt",
+            key=p.dir.artifact_key("quantize"), teacher=teacher, distill=cfg.distill)
 
     qmodel = quantize_model(model, cfg, p.data.calibration_loader(cfg.calibration_size),
                             p.data.example_input().to(p.env.device), train_fn=qat if cfg.mode == "qat" else None,
@@ -139,23 +153,23 @@ def quantize(p: Pipeline) -> dict | None:
     if not p.env.main:
         return None
     metrics = evaluate(qmodel, p.data.test_loader(), p.env.device)
-    save_quantized(qmodel, p.path("quantize"), model_record(model))
+    save_quantized(qmodel, p.dir.path("quantize"), model_record(model), provenance=p.dir.provenance("quantize"))
     return {"mode": cfg.mode, "source": source, "top1": metrics["top1"], "top5": metrics["top5"]}
 
 
 def _onnx_sources(p: Pipeline) -> dict[str, str]:
-    """artifact name -> the stage whose model it exports: those the run produced that `export.artifacts` asks for."""
-    done = p.summary["stages"]
-    quantized_from = done.get("quantize", {}).get("source")
+    """artifact name -> the stage whose model it exports: every model the recipe makes, as `export.artifacts`
+    asks."""
+    pruned = p.dir.source("finetune") in ("prune", "finetune")
     sources = {
         "train_fp32": "train",
         "plain_fp32": "reparam",
-        "pruned_fp32": "finetune" if "finetune" in done else "prune",
-        "pruned_int8" if quantized_from in ("prune", "finetune") else "plain_int8": "quantize",
+        "pruned_fp32": p.dir.source("finetune") if pruned else None,
+        "pruned_int8" if pruned else "plain_int8": "quantize",
     }
     wanted = p.recipe.export.artifacts
     return {name: s for name, s in sources.items()
-            if s in done and p.path(s).exists() and (wanted is None or name in wanted)}
+            if s is not None and p.dir.active(s) and (wanted is None or name in wanted)}
 
 
 def export(p: Pipeline) -> dict:
@@ -166,7 +180,7 @@ def export(p: Pipeline) -> dict:
     for name, stage in _onnx_sources(p).items():
         model = p.load(stage).cpu().eval()
         int8 = name.endswith("int8")
-        path = export_onnx(model, p.out_dir / "onnx" / f"{name}.onnx", example, opset=p.recipe.export.opset, int8=int8)
+        path = export_onnx(model, p.dir.path("export") / f"{name}.onnx", example, opset=p.recipe.export.opset, int8=int8)
         entry = {"path": str(path), "size_bytes": path.stat().st_size}
         # one pass over the test set: ONNX top-1, and for FP32 files the parity with PyTorch
         result = evaluate_onnx(path, p.data.test_loader(), reference=None if int8 else model)
@@ -199,7 +213,7 @@ def bench(p: Pipeline) -> dict:
 
     cfg = p.recipe.bench
     artifacts = p.summary["stages"].get("export", {}).get("artifacts")
-    if not artifacts:
+    if not p.dir.active("export") or not artifacts:
         raise PipelineError("bench needs the export stage's ONNX files: run export first")
     paths = {name: Path(a["path"]) for name, a in artifacts.items()}
     reference = "plain_fp32" if "plain_fp32" in paths else None  # ratios: speed-up over the unpruned plain model

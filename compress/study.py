@@ -34,8 +34,10 @@ from repvgg import PlainRepVGG, RepVGG, channel_groups  # noqa: E402
 from .bench import benchmark  # noqa: E402
 from .data import Data  # noqa: E402
 from .io import write_json, write_text  # noqa: E402
-from .pipeline import Pipeline, recipe_architecture  # noqa: E402
-from .recipe import Recipe  # noqa: E402
+from .models import recipe_architecture  # noqa: E402
+from .pipeline import Pipeline  # noqa: E402
+from .recipe import Recipe, default_round_to  # noqa: E402
+from .registry import STAGE_NAMES  # noqa: E402
 from .train import Env  # noqa: E402
 
 STYLE = {"plain": "#1f77b4", "plain-uniform": "#2ca02c", "multibranch": "#d62728", "scratch": "#9467bd",
@@ -54,20 +56,24 @@ def _updated(recipe: Recipe, **sections) -> Recipe:
     return Recipe.model_validate(raw)
 
 
-def _seed_from_base(base: Pipeline, point_dir: Path) -> None:
-    """Give a point the shared trained model: base artifacts linked in, their summary entries copied."""
-    point_dir.mkdir(parents=True, exist_ok=True)
-    summary_path = point_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"stages": {}}
+def _seed_from_base(base: Pipeline, point: Pipeline) -> None:
+    """Give a point the shared trained model: the base's train and reparam artifacts linked in and their summary
+    entries copied. Their keys are the point's too: the point recipe differs from the base's only in sections
+    those stages do not read."""
     for stage in ("train", "reparam"):
-        target = point_dir / base.path(stage).name
-        if not target.exists():
-            try:
-                target.hardlink_to(base.path(stage))
-            except OSError:
-                shutil.copy2(base.path(stage), target)
-        summary["stages"][stage] = base.summary["stages"][stage]
-    write_json(summary_path, summary)
+        if point.dir.is_done(stage):
+            continue
+        if base.dir.key(stage) != point.dir.key(stage):
+            raise RuntimeError(f"study: the point {point.out_dir.name} would not reuse the base's {stage} stage")
+        target = point.dir.path(stage)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.unlink(missing_ok=True)
+        try:
+            target.hardlink_to(base.dir.path(stage))
+        except OSError:
+            shutil.copy2(base.dir.path(stage), target)
+        point.summary["stages"][stage] = base.summary["stages"][stage]
+    point.dir.write_summary()
 
 
 def scratch_widths(recipe: Recipe, keep: float, num_classes: int, example: torch.Tensor, unit: int) -> list[int]:
@@ -98,15 +104,20 @@ class Study:
     def __init__(self, recipe: Recipe, out_dir: Path, env: Env, data: Data):
         self.recipe, self.out_dir, self.env, self.data = recipe, Path(out_dir), env, data
         self.example = data.example_input().to(env.device)
-        self.unit = recipe.prune.round_to or (8 if env.cuda else 16)
+        self.unit = recipe.prune.round_to or default_round_to(env.device.type)
         self.num_blocks = recipe_architecture(recipe, data.num_classes).num_blocks
 
-    def _run(self, recipe: Recipe, out_dir: Path, stages: list[str]) -> Pipeline:
-        """One point as an ordinary pipeline run, with TensorBoard logs of its own (DIR/points/<p>/tb)."""
+    def _run(self, recipe: Recipe, out_dir: Path, base: Pipeline | None = None) -> Pipeline:
+        """One point as an ordinary pipeline run of its recipe's stages, with TensorBoard logs of its own
+        (DIR/points/<p>/tb); `base` gives it the shared trained model first."""
         writer = SummaryWriter(str(out_dir / "tb")) if self.env.main else None
         try:
             pipeline = Pipeline(recipe, out_dir, dataclasses.replace(self.env, writer=writer), self.data)
-            pipeline.run(stages)
+            if base is not None:
+                if self.env.main:
+                    _seed_from_base(base, pipeline)
+                pipeline.wait_for_main()
+            pipeline.run(recipe.stages)
         finally:
             if writer is not None:
                 writer.close()
@@ -115,13 +126,13 @@ class Study:
     def points(self) -> list[dict]:
         r, cfg = self.recipe, self.recipe.study
         base_recipe = _updated(r, stages=["train", "reparam"])
-        base = self._run(base_recipe, self.out_dir / "base", ["train", "reparam"])
+        base = self._run(base_recipe, self.out_dir / "base")
         points = []
         # the unpruned reference: plain model, FP32 and INT8
-        ref_dir = self.out_dir / "points" / "unpruned"
-        _seed_from_base(base, ref_dir)
-        ref = _updated(r, stages=["quantize", "export"], export={"artifacts": ["plain_fp32", "plain_int8"]})
-        points.append({"strategy": "unpruned", "keep_macs": 1.0, "run": self._run(ref, ref_dir, ref.stages)})
+        ref = _updated(r, stages=["train", "reparam", "quantize", "export"],
+                       export={"artifacts": ["plain_fp32", "plain_int8"]})
+        points.append({"strategy": "unpruned", "keep_macs": 1.0,
+                       "run": self._run(ref, self.out_dir / "points" / "unpruned", base)})
         for strategy in cfg.strategies:
             for keep in cfg.keep_macs:
                 point_dir = self.out_dir / "points" / f"{strategy}_{keep:g}"
@@ -134,17 +145,17 @@ class Study:
                     precipe = _updated(r, model=model, train={"epochs": epochs},
                                        stages=["train", "reparam", "quantize", "export"],
                                        export={"artifacts": ["plain_fp32", "plain_int8"]})
+                    seed = None
                 else:
-                    _seed_from_base(base, point_dir)
                     prune = {"keep_macs": keep, "channel_ratio": None,
                              "mode": "multibranch" if strategy == "multibranch" else "plain",
                              "scope": "local" if strategy == "plain-uniform" else r.prune.scope}
-                    precipe = _updated(r, prune=prune, stages=["prune", "finetune", "quantize", "export"],
+                    precipe = _updated(r, prune=prune, stages=[s for s in STAGE_NAMES if s != "bench"],
                                        export={"artifacts": ["pruned_fp32", "pruned_int8"]})
+                    seed = base
                 if self.env.main:
                     print(f"[study] {strategy} keep_macs={keep:g}", file=sys.stderr)
-                points.append({"strategy": strategy, "keep_macs": keep,
-                               "run": self._run(precipe, point_dir, precipe.stages)})
+                points.append({"strategy": strategy, "keep_macs": keep, "run": self._run(precipe, point_dir, seed)})
         return points
 
     def bench(self, points: list[dict]) -> dict:

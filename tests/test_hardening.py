@@ -9,8 +9,8 @@ from torch import nn
 from compress.cli import main
 from compress.data import build_data
 from compress.io import CheckpointError, atomic_path, load_model, model_record, save_model
-from compress.pipeline import RunLock
 from compress.recipe import DataCfg, TrainCfg
+from compress.rundir import RunLock
 from compress.train import Env, TrainingError, fit
 from repvgg import RepVGG, reparameterize
 
@@ -32,13 +32,14 @@ def test_changed_recipe_recomputes_only_changed_stages(tiny_recipe, tmp_path):
     first = json.loads((out / "summary.json").read_text())["stages"]
     train_mtime = (out / "train.pt").stat().st_mtime_ns
     # a change to the data section changes what both stages saw: both recomputed
-    assert main(["--recipe", recipe, "--out", str(out), "--set", "data.test_subset=100"]) == 0
+    assert main(["--recipe", recipe, "--out", str(out), "--set", "data.train_subset=1000"]) == 0
     second = json.loads((out / "summary.json").read_text())["stages"]
     assert second["train"]["key"] != first["train"]["key"] and second["reparam"]["key"] != first["reparam"]["key"]
+    assert second["train"]["artifact_key"] != first["train"]["artifact_key"]
     assert (out / "train.pt").stat().st_mtime_ns != train_mtime
     # a change to a section no stage here reads changes nothing
     train_mtime = (out / "train.pt").stat().st_mtime_ns
-    assert main(["--recipe", recipe, "--out", str(out), "--set", "data.test_subset=100",
+    assert main(["--recipe", recipe, "--out", str(out), "--set", "data.train_subset=1000",
                  "--set", "bench.rounds=7"]) == 0
     third = json.loads((out / "summary.json").read_text())["stages"]
     assert third["train"]["key"] == second["train"]["key"]

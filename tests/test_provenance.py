@@ -1,0 +1,146 @@
+"""Every artifact belongs to its recipe: keys cover what changes a result (resolved), stale inputs are refused
+under --stages and recomputed without it, and one stage registry drives recipe, pipeline and CLI."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, TINY, one_line_error
+
+from compress.cli import main
+from compress.io import load_checkpoint
+from compress.recipe import validate_recipe
+from compress.registry import STAGE_NAMES, STAGES
+from compress.rundir import RunDir
+
+
+def _rundir(tmp_path, device="cpu", **sections) -> RunDir:
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in TINY.items()}
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
+    return RunDir(tmp_path / "run", validate_recipe(raw).resolved(device))
+
+
+def _summary(out) -> dict:
+    return json.loads((out / "summary.json").read_text())["stages"]
+
+
+def test_stale_input_under_stages_is_one_line_and_the_rerun_prunes_the_new_model(tiny_recipe, tmp_path, capsys):
+    recipe, out = str(tiny_recipe(prune={"round_to": 4})), str(tmp_path / "run")
+    assert main(["--recipe", recipe, "--out", out, "--stages", "train,reparam"]) == 0
+    # the repro: pruning under a changed train section used to prune the old plain.pt and record the new key
+    line = one_line_error(capsys, ["--recipe", recipe, "--out", out, "--stages", "prune", "--set", "train.lr=0.02"])
+    assert line == "error: plain.pt was made before train changed: add train, reparam to --stages, or run without --stages"
+    assert "prune" not in _summary(tmp_path / "run") and not (tmp_path / "run" / "pruned.pt").exists()
+    # train redone alone: now only plain.pt is stale
+    assert main(["--recipe", recipe, "--out", out, "--stages", "train", "--set", "train.lr=0.02"]) == 0
+    line = one_line_error(capsys, ["--recipe", recipe, "--out", out, "--stages", "train,prune", "--set", "train.lr=0.02"])
+    assert line == "error: plain.pt was made before train changed: add reparam to --stages, or run without --stages"
+    capsys.readouterr()
+    assert main(["--recipe", recipe, "--out", out, "--stages", "train,reparam,prune", "--set", "train.lr=0.02"]) == 0
+    err = capsys.readouterr().err
+    assert "[train] done earlier, reused" in err and "[reparam] running" in err and "[prune] running" in err
+    stages = _summary(tmp_path / "run")
+    pruned = load_checkpoint(tmp_path / "run" / "pruned.pt")["provenance"]
+    assert pruned["artifact_key"] == stages["prune"]["artifact_key"]
+    plain = load_checkpoint(tmp_path / "run" / "plain.pt")["provenance"]
+    assert plain["artifact_key"] == stages["reparam"]["artifact_key"] != stages["prune"]["artifact_key"]
+    # without --stages a stale stage is recomputed in order, as before
+    capsys.readouterr()
+    assert main(["--recipe", recipe, "--out", out, "--stages", "train,reparam,prune"]) == 0
+    assert "[prune] running" in capsys.readouterr().err
+
+
+def test_workers_reuse_and_test_subset_reevaluates_without_retraining(tiny_recipe, tmp_path, capsys):
+    recipe, out = str(tiny_recipe(stages=["train", "reparam"])), tmp_path / "run"
+    assert main(["--recipe", recipe, "--out", str(out)]) == 0
+    first = _summary(out)
+    weights = load_checkpoint(out / "train.pt")["state_dict"]
+    capsys.readouterr()
+    assert main(["--recipe", recipe, "--out", str(out), "--set", "data.workers=1"]) == 0
+    assert "running" not in capsys.readouterr().err
+    assert main(["--recipe", recipe, "--out", str(out), "--set", "data.test_subset=50"]) == 0
+    err = capsys.readouterr().err
+    assert "[train] running" in err and "[train] epoch" not in err  # re-evaluated from the finished checkpoint
+    second = _summary(out)
+    assert second["train"]["artifact_key"] == first["train"]["artifact_key"]
+    assert second["train"]["key"] != first["train"]["key"]
+    assert second["reparam"]["top1"] == second["train"]["top1"]  # both measured on the same 50 images
+    again = load_checkpoint(out / "train.pt")["state_dict"]
+    assert all(torch.equal(weights[k], again[k]) for k in weights)
+
+
+def test_round_to_is_resolved_into_the_key(tmp_path):
+    cpu, cuda = _rundir(tmp_path, "cpu"), _rundir(tmp_path, "cuda")
+    assert (cpu.recipe.prune.round_to, cuda.recipe.prune.round_to) == (16, 8)
+    assert cpu.artifact_key("prune") != cuda.artifact_key("prune")
+    assert cpu.artifact_key("reparam") == cuda.artifact_key("reparam")
+    explicit = _rundir(tmp_path, "cuda", prune={"round_to": 16})
+    assert explicit.artifact_key("prune") == cpu.artifact_key("prune")
+
+
+def test_iterative_prune_key_covers_finetune_and_skipped_stages_pass_through(tmp_path):
+    one = [_rundir(tmp_path, finetune={"lr": lr}) for lr in (0.01, 0.02)]
+    assert one[0].artifact_key("prune") == one[1].artifact_key("prune")
+    two = [_rundir(tmp_path, prune={"steps": 2}, finetune={"lr": lr}) for lr in (0.01, 0.02)]
+    assert two[0].artifact_key("prune") != two[1].artifact_key("prune")
+    assert "finetune" in two[0].sections("prune") and "finetune" not in one[0].sections("prune")
+    # a recipe that skips finetune: quantize reads the pruned model, and finetune settings change nothing
+    stages = ["train", "reparam", "prune", "quantize"]
+    skip = [_rundir(tmp_path, stages=stages, finetune={"lr": lr}) for lr in (0.01, 0.02)]
+    assert skip[0].source("finetune") == "prune"
+    assert skip[0].artifact_key("quantize") == skip[1].artifact_key("quantize")
+
+
+def test_non_weight_settings_and_resolved_paths_keep_keys(tmp_path, monkeypatch):
+    base = _rundir(tmp_path)
+    for data in ({"workers": 4}, {"bad_images": "skip"}, {"download": True}):
+        assert _rundir(tmp_path, data=data).artifact_key("train") == base.artifact_key("train"), data
+    assert _rundir(tmp_path, data={"test_subset": 10}).artifact_key("train") == base.artifact_key("train")
+    assert _rundir(tmp_path, data={"test_subset": 10}).key("train") != base.key("train")
+    assert _rundir(tmp_path, data={"image_size": 24}).artifact_key("train") != base.artifact_key("train")
+    # the same folder named from two working directories: one key
+    (tmp_path / "imgs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    a = _rundir(tmp_path, data={"kind": "imagefolder", "root": "imgs"})
+    monkeypatch.chdir(tmp_path / "imgs")
+    b = _rundir(tmp_path, data={"kind": "imagefolder", "root": "."})
+    assert a.recipe.data.root == b.recipe.data.root == tmp_path / "imgs"
+    assert a.artifact_key("train") == b.artifact_key("train")
+
+
+def test_old_key_scheme_run_dir_is_one_line(tiny_recipe, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "summary.json").write_text(json.dumps({"recipe": "tiny", "stages": {"train": {"key": "0123"}}}))
+    line = one_line_error(capsys, ["--recipe", str(tiny_recipe()), "--out", str(out)])
+    assert "older version" in line and "fresh run directory" in line
+
+
+def test_stage_outside_the_recipe_is_refused(tiny_recipe, capsys):
+    line = one_line_error(capsys, ["--recipe", str(tiny_recipe(stages=["train", "reparam"])), "--stages", "prune"])
+    assert "'prune' is not among the recipe's stages" in line
+
+
+def test_one_registry_without_import_cycles():
+    for order in ("compress.pipeline, compress.stages", "compress.stages, compress.pipeline",
+                  "compress.recipe, compress.rundir", "compress.registry"):
+        run = subprocess.run([sys.executable, "-c", f"import {order}"], cwd=ROOT, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+    assert STAGE_NAMES == ("train", "reparam", "prune", "finetune", "quantize", "export", "bench")
+    for spec in STAGES.values():
+        assert callable(spec.function())
+        assert spec.input is None or STAGE_NAMES.index(spec.input) < STAGE_NAMES.index(spec.name)
+    # the stage list is written out once, in the registry
+    sources = [p for p in (ROOT / "compress").rglob("*.py") if '"reparam", "prune", "finetune"' in p.read_text()]
+    assert sources == [], sources
+
+
+@pytest.mark.parametrize("mode,ranks", [("qat", True), ("ptq", False)])
+def test_registry_ranks_follow_the_recipe(tmp_path, mode, ranks):
+    rundir = _rundir(tmp_path, quantize={"mode": mode}, prune={"steps": 2})
+    assert STAGES["quantize"].on_every_rank(rundir.recipe) is ranks
+    assert STAGES["prune"].on_every_rank(rundir.recipe)
+    assert not STAGES["prune"].on_every_rank(_rundir(tmp_path).recipe)
