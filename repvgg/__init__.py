@@ -1,6 +1,7 @@
-"""RepVGG: multi-branch training-time model, its exact plain twin, and loaders for the public checkpoints."""
+"""RepVGG: multi-branch training-time model, its exact plain twin, and loaders for the public checkpoints
+(official and timm)."""
 
-from .checkpoint import load_official_state_dict
+from .checkpoint import from_state_dict, load_official_state_dict
 from .graph import channel_groups
 from .model import CONFIGS, LayerSpec, RepVGG, RepVGGBlock, create_model, fuse_bn
 from .plain import PlainLayer, PlainRepVGG, reparameterize
@@ -14,6 +15,7 @@ __all__ = [
     "RepVGGBlock",
     "channel_groups",
     "create_model",
+    "from_state_dict",
     "fuse_bn",
     "load_official_state_dict",
     "reparameterize",
