@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from repvgg import PlainRepVGG, RepVGG, load_official_state_dict
+from repvgg import PlainRepVGG, RepVGG, from_state_dict
 from repvgg.checkpoint import load_strict
 
 FORMAT = "repvgg-compress/1"
@@ -95,16 +95,15 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 def load_model(path: str | Path) -> nn.Module:
-    """Our checkpoints, or an official RepVGG state dict (training- or inference-time, `module.` or not)."""
-    record = load_checkpoint(path)
+    """Our checkpoints, or a public RepVGG state dict (`repvgg.from_state_dict`: official or timm layout,
+    training- or inference-time, `.pth` or `.safetensors`)."""
+    # A .safetensors file is a bare state dict (timm's hub weights) that torch.load cannot read: repvgg reads it.
+    record = path if Path(path).suffix == ".safetensors" else load_checkpoint(path)
     if isinstance(record, dict) and "quant_format" in record:
         raise CheckpointError(f"checkpoint {path} is an INT8 (NNCF) model: load it with compress.quant.load_quantized")
     try:
         if isinstance(record, dict) and record.get("format") == FORMAT:
             return build_model(record)
-        state = record.get("state_dict", record) if isinstance(record, dict) else None
-        if not isinstance(state, dict):
-            raise ValueError("it holds no state dict")
-        return load_official_state_dict(state)
-    except (ValueError, KeyError, TypeError) as e:
+        return from_state_dict(record)
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint {path}: {e}") from None
