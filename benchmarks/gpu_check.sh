@@ -36,7 +36,7 @@ if "$python" -c "import pydantic, torch_pruning" 2>/dev/null; then
     echo "wheels: not needed (pydantic and torch_pruning import here)"
 elif [ ! -e "${wheels[0]}" ]; then
     echo "wheels: none in .gpu_wheels/ (the checks that need pydantic or torch_pruning are skipped)"
-elif "$python" -m pip install --quiet --no-index --no-deps --target "$site" "${wheels[@]}" >"$site/pip.log" 2>&1; then
+elif "$python" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --target "$site" "${wheels[@]}" >"$site/pip.log" 2>&1; then
     echo "wheels: ${#wheels[@]} from .gpu_wheels/ installed into a temporary folder"
 else
     echo "wheels: pip could not install .gpu_wheels/ ($(tail -n 1 "$site/pip.log")); checks that need them are skipped"
