@@ -21,6 +21,7 @@ from torch import nn
 
 from compress.data import split_batch
 from compress.io import atomic_path
+from compress.precision import full_fp32_precision, within_tolerance
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -30,6 +31,10 @@ PROVIDERS = {
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
 }
+
+
+class ParityError(RuntimeError):
+    """An FP32 ONNX file whose logits differ from its PyTorch model's: said in one line."""
 
 
 def _check_widths(model: nn.Module) -> None:
@@ -232,7 +237,8 @@ def onnx_logits(session, images: torch.Tensor) -> np.ndarray:
 
 
 def _torch_logits(model: nn.Module, images: torch.Tensor) -> np.ndarray:
-    with torch.no_grad():
+    """The reference logits for a parity check: full FP32 precision, never oneDNN's BF16."""
+    with torch.no_grad(), full_fp32_precision():
         return model(images.cpu().float()).numpy()
 
 
@@ -241,17 +247,21 @@ def evaluate_onnx(
 ) -> dict:
     """Top-1/top-5 accuracy (percent) of an ONNX classifier over `loader`'s (images, labels) batches, with the
     per-image predicted classes and the logits. With a `reference` PyTorch model, the same pass also measures
-    `max_abs_diff`, the largest |ONNX logit - PyTorch logit| (reference run in eval mode on CPU, a copy)."""
+    `max_abs_diff`, the largest |ONNX logit - PyTorch logit|, and `max_abs_logit`, the largest |PyTorch logit|
+    (reference run in eval mode on CPU, a copy): what `check_parity` judges."""
     session = onnx_session(path, provider, threads)
     reference = copy.deepcopy(reference).to("cpu").eval() if reference is not None else None
-    logits, labels, worst = [], [], 0.0
+    logits, labels = [], []
+    worst = scale = np.float32(0)  # np.maximum, not max(): a NaN logit must surface, not be skipped
     for images, target in _batches(loader):
         if target is None:
             raise ValueError("evaluate_onnx: the loader must yield (images, labels)")
         logits.append(onnx_logits(session, images))
         labels.append(target.detach().cpu().numpy())
         if reference is not None:
-            worst = max(worst, float(np.abs(logits[-1] - _torch_logits(reference, images)).max()))
+            expected = _torch_logits(reference, images)
+            worst = np.maximum(worst, np.abs(logits[-1] - expected).max())
+            scale = np.maximum(scale, np.abs(expected).max())
     del session
     out = np.concatenate(logits)
     y = np.concatenate(labels)
@@ -265,16 +275,29 @@ def evaluate_onnx(
         "logits": out,
     }
     if reference is not None:
-        result["max_abs_diff"] = worst
+        result.update(max_abs_diff=float(worst), max_abs_logit=float(scale))
     return result
+
+
+def check_parity(path: str | Path, result: dict, tolerance: float = 1e-4) -> None:
+    """Raise ParityError unless `result`, from `evaluate_onnx(path, ..., reference=model)`, has the ONNX logits
+    within `tolerance` of PyTorch's, relative to the largest |logit| (absolute below 1), as the re-param check."""
+    if "max_abs_diff" not in result:
+        raise ValueError("check_parity needs the result of evaluate_onnx(..., reference=model)")
+    diff, scale = result["max_abs_diff"], result["max_abs_logit"]
+    if not within_tolerance(diff, scale, tolerance):
+        raise ParityError(
+            f"ONNX {path} differs from PyTorch by {diff:.3g} at max |logit| {scale:.3g} "
+            f"(allowed: {tolerance:g} x max(|logit|, 1))"
+        )
 
 
 def max_abs_logit_diff(path: str | Path, model: nn.Module, loader_or_batch, provider: str = "cpu") -> float:
     """Largest |ONNX logit - PyTorch logit| over a batch or a loader, `model` run in eval mode on CPU (a copy)."""
     session = onnx_session(path, provider)
     model = copy.deepcopy(model).to("cpu").eval()
-    worst = 0.0
+    worst = np.float32(0)
     for images, _ in _batches(loader_or_batch):
-        worst = max(worst, float(np.abs(onnx_logits(session, images) - _torch_logits(model, images)).max()))
+        worst = np.maximum(worst, np.abs(onnx_logits(session, images) - _torch_logits(model, images)).max())
     del session
-    return worst
+    return float(worst)
