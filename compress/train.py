@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -51,8 +52,10 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device) -> dict:
-    """Top-1 and top-5 (percent) and mean cross-entropy over the whole loader."""
+def evaluate(model: nn.Module, loader, device: torch.device, all_reduce: bool = False) -> dict:
+    """Top-1 and top-5 (percent) and mean cross-entropy over the whole loader. With `all_reduce`, a collective:
+    every process of the default group passes its own shard (`Data.test_loader(shard=True)`) and all of them
+    get the numbers of the whole test set."""
     was_training = model.training
     model.eval()
     correct1 = correct5 = total = 0
@@ -66,7 +69,18 @@ def evaluate(model: nn.Module, loader, device: torch.device) -> dict:
         correct5 += (top == y[:, None]).any(dim=1).sum().item()
         total += len(y)
     model.train(was_training)
+    if all_reduce:
+        sums = torch.tensor([correct1, correct5, total, loss], dtype=torch.float64, device=device)
+        dist.all_reduce(sums)
+        correct1, correct5, total, loss = sums.tolist()
     return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "loss": loss / total}
+
+
+def evaluate_test_set(model: nn.Module, data: Data, env: Env) -> dict:
+    """`evaluate` over `data`'s test set: under DDP each rank evaluates its shard and every rank gets the totals,
+    so every rank must call it."""
+    distributed = env.world_size > 1
+    return evaluate(model, data.test_loader(shard=distributed), env.device, all_reduce=distributed)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -118,8 +132,8 @@ def fit(
 ) -> dict:
     """Train `model` in place for `cfg.epochs`, resuming from `ckpt_path` when it holds the same `key`.
 
-    Returns the last evaluation and the per-epoch history. TensorBoard gets `<tag>/loss`, `<tag>/lr`,
-    `<tag>/top1` and `<tag>/top5` per epoch."""
+    Returns the last evaluation and the per-epoch history. Under DDP every rank calls it, and each evaluates its
+    shard of the test set. TensorBoard gets `<tag>/loss`, `<tag>/lr`, `<tag>/top1` and `<tag>/top5` per epoch."""
     model.to(env.device)
     if env.cuda and cfg.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -181,7 +195,12 @@ def fit(
             seen += len(y)
             if env.main and i % 20 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
-        metrics = evaluate(model, data.test_loader(), env.device)
+        if env.world_size > 1:
+            # DDP hands rank 0's buffers to the others at the start of each forward, so the last step left every
+            # rank its own BN statistics: evaluate rank 0's model, the one the checkpoint keeps, on every shard
+            for buffer in model.buffers():
+                dist.broadcast(buffer, src=0)
+        metrics = evaluate_test_set(model, data, env)
         metrics.update(epoch=epoch + 1, train_loss=running / max(1, seen), lr=lr)
         history.append(metrics)
         if env.main:
@@ -199,5 +218,5 @@ def fit(
                 ckpt_path,
             )
     model.to(memory_format=torch.contiguous_format)
-    final = history[-1] if history else evaluate(model, data.test_loader(), env.device)
+    final = history[-1] if history else evaluate_test_set(model, data, env)
     return {**{k: final[k] for k in ("top1", "top5", "loss")}, "epochs": cfg.epochs, "history": history}
