@@ -23,6 +23,10 @@ from .data import Data
 from .io import load_checkpoint, torch_save
 from .recipe import Distill, OptimCfg
 
+# where `fit` trains under FP16 autocast + GradScaler when the recipe asks for AMP: on CPUs FP16 is emulated
+# (slower than FP32), and BF16 autocast's conv backward returned garbage gradients in torch 2.14 on AVX512-BF16
+AMP_DEVICE_TYPES = {"cuda"}
+
 
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss, out of memory): said in one line."""
@@ -132,18 +136,24 @@ def fit(
 ) -> dict:
     """Train `model` in place for `cfg.epochs`, resuming from `ckpt_path` when it holds the same `key`.
 
-    Returns the last evaluation and the per-epoch history. Under DDP every rank calls it, and each evaluates its
-    shard of the test set. TensorBoard gets `<tag>/loss`, `<tag>/lr`, `<tag>/top1` and `<tag>/top5` per epoch."""
+    Returns the last evaluation (made afresh when no epoch was left to train: the test set may differ from the
+    checkpoint's) and the per-epoch history. Under DDP every rank calls it, and each evaluates its shard of the
+    test set. The checkpoint holds the GradScaler's state too. TensorBoard gets `<tag>/loss`, `<tag>/lr`,
+    `<tag>/top1` and `<tag>/top5` per epoch."""
     model.to(env.device)
     if env.cuda and cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg)
+    use_amp = cfg.amp and env.device.type in AMP_DEVICE_TYPES
+    scaler = torch.amp.GradScaler(env.device.type, enabled=use_amp)
     history, start = [], 0
     if ckpt_path.exists():
         state = load_checkpoint(ckpt_path)
         if state.get("key") == key:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
+            if state.get("scaler"):  # empty when saved without AMP
+                scaler.load_state_dict(state["scaler"])
             history, start = state["history"], state["epoch"] + 1
             if env.main and start < cfg.epochs:
                 print(f"[{tag}] resuming after epoch {start} of {cfg.epochs} from {ckpt_path}", file=sys.stderr)
@@ -152,8 +162,6 @@ def fit(
     net = model
     if env.world_size > 1:
         net = DistributedDataParallel(model, device_ids=[env.device.index] if env.cuda else None)
-    use_amp = env.cuda and cfg.amp
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     steps_per_epoch = max(1, data.steps_per_epoch())
     total_steps = steps_per_epoch * cfg.epochs
     for epoch in range(start, cfg.epochs):
@@ -170,7 +178,8 @@ def fit(
             if env.cuda and cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             try:
-                with torch.autocast(env.device.type, enabled=use_amp):
+                # FP16, the type GradScaler guards (CUDA's autocast default; BF16 would need no scaling)
+                with torch.autocast(env.device.type, dtype=torch.float16, enabled=use_amp):
                     logits = net(x)
                     if teacher is not None and distill is not None:
                         with torch.no_grad():
@@ -214,9 +223,9 @@ def fit(
             )
             torch_save(
                 {"key": key, "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "history": history},
+                 "scaler": scaler.state_dict(), "history": history},
                 ckpt_path,
             )
     model.to(memory_format=torch.contiguous_format)
-    final = history[-1] if history else evaluate_test_set(model, data, env)
+    final = history[-1] if start < cfg.epochs else evaluate_test_set(model, data, env)
     return {**{k: final[k] for k in ("top1", "top5", "loss")}, "epochs": cfg.epochs, "history": history}
