@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -71,10 +72,14 @@ def run(args) -> int:
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = _device(recipe, local_rank)
     recipe = recipe.resolved(device.type)
+    wait_group = None
     if world_size > 1:
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        timeouts = recipe.distributed
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                             timeout=timedelta(seconds=timeouts.timeout_s))
+        wait_group = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=timeouts.wait_timeout_s))
     torch.manual_seed(recipe.seed)
     data = build_data(recipe.data, recipe.seed, rank, world_size)
     try:
@@ -86,7 +91,8 @@ def run(args) -> int:
                 stack.enter_context(RunLock(out_dir))
                 writer = SummaryWriter(str(out_dir / "tb"))
                 stack.callback(writer.close)
-            env = Env(device=device, out_dir=out_dir, rank=rank, world_size=world_size, writer=writer)
+            env = Env(device=device, out_dir=out_dir, rank=rank, world_size=world_size, writer=writer,
+                      wait_group=wait_group)
             if recipe.study is not None:
                 from .study import Study
 
@@ -130,9 +136,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _is_user_error(e: Exception) -> bool:
     from .data import DataError
+    from .export import ParityError
     from .io import CheckpointError
     from .reparam import ReparamError
     from .rundir import PipelineError
     from .train import TrainingError
 
-    return isinstance(e, (RecipeError, DataError, CheckpointError, PipelineError, TrainingError, ReparamError))
+    return isinstance(e, (RecipeError, DataError, CheckpointError, PipelineError, TrainingError, ReparamError,
+                          ParityError))

@@ -62,11 +62,12 @@ def export_onnx(
     opset: int = MIN_OPSET,
     int8: bool = False,
     fold_weights: bool = True,
+    metadata: dict[str, str] | None = None,
 ) -> Path:
     """Write `model` (a copy, in eval mode on CPU) as ONNX with input 'input', output 'logits' and a dynamic batch
     axis; check it with `onnx.checker` and return the path. `int8=True` (or an NNCF-quantized model) strips the
     NNCF quantizers to QuantizeLinear/DequantizeLinear first, and with `fold_weights` stores the weights as INT8
-    (`fold_weight_quantizers`)."""
+    (`fold_weight_quantizers`). `metadata` goes into the file's metadata_props (e.g. its provenance)."""
     import onnx
 
     if opset < MIN_OPSET:
@@ -99,6 +100,9 @@ def export_onnx(
         proto = onnx.load(str(tmp))
         if quantized and fold_weights:
             fold_weight_quantizers(proto)
+        if metadata:
+            onnx.helper.set_model_props(proto, metadata)
+        if (quantized and fold_weights) or metadata:
             onnx.save(proto, str(tmp))
         onnx.checker.check_model(proto, full_check=True)
     return path

@@ -160,6 +160,13 @@ class BenchCfg(Section):
     image_size: int | None = Field(None, gt=0)  # None: data.image_size
 
 
+class DistributedCfg(Section):
+    """torchrun runs: process-group timeouts (they change no result)."""
+
+    timeout_s: float = Field(1800, gt=0)  # the training group's collectives (NCCL on GPU, gloo on CPU)
+    wait_timeout_s: float = Field(7 * 24 * 3600, gt=0)  # other ranks waiting while rank 0 runs a stage alone
+
+
 class StudyCfg(Section):
     """Sweep keep_macs over pruning strategies; each point fine-tuned, QAT-quantized, exported and benchmarked."""
 
@@ -189,6 +196,7 @@ class Recipe(Section):
     quantize: QuantCfg = Field(default_factory=QuantCfg)
     export: ExportCfg = Field(default_factory=ExportCfg)
     bench: BenchCfg = Field(default_factory=BenchCfg)
+    distributed: DistributedCfg = Field(default_factory=DistributedCfg)
     study: StudyCfg | None = None  # present: the recipe runs the study instead of one pipeline
 
     @model_validator(mode="after")

@@ -209,8 +209,16 @@ class Study:
             rows.append(row)
         return rows
 
-    def run(self) -> dict:
+    def run(self) -> dict | None:
+        """Every DDP rank trains the points together; rank 0 alone benchmarks them (one benchmark at a time on
+        the machine) and writes the report while the others wait. The result on rank 0, None elsewhere."""
         points = self.points()
+        result = self.report(points) if self.env.main else None
+        points[0]["run"].wait_for_main()
+        return result
+
+    def report(self, points: list[dict]) -> dict:
+        """Benchmark every point, then write study.md, study.json, pareto.png and the TensorBoard figure."""
         bench = self.bench(points)
         rows = self.table(points, bench)
         base = points[0]["run"]
@@ -222,14 +230,13 @@ class Study:
         }
         result = {"rows": rows, "coupling": coupling, "machine": bench["machine"],
                   "settings": {**bench["settings"], "batch": bench["main_batch"]}}
-        if self.env.main:
-            write_text(self.out_dir / "study.md", study_markdown(self.recipe, result))
-            fig = pareto_figure(rows)
-            fig.savefig(self.out_dir / "pareto.png", dpi=120)
-            write_json(self.out_dir / "study.json", result)
-            if self.env.writer is not None:
-                log_tensorboard(self.env.writer, rows, fig)
-            plt.close(fig)
+        write_text(self.out_dir / "study.md", study_markdown(self.recipe, result))
+        fig = pareto_figure(rows)
+        fig.savefig(self.out_dir / "pareto.png", dpi=120)
+        write_json(self.out_dir / "study.json", result)
+        if self.env.writer is not None:
+            log_tensorboard(self.env.writer, rows, fig)
+        plt.close(fig)
         return result
 
 

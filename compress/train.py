@@ -41,6 +41,9 @@ class Env:
     rank: int = 0
     world_size: int = 1
     writer: object | None = None  # torch.utils.tensorboard.SummaryWriter on rank 0
+    # gloo group with a long timeout, where ranks wait while rank 0 runs a stage alone (exports, benchmarks):
+    # the training group's timeout (NCCL: 10 minutes) must not bound a stage's length
+    wait_group: object | None = None
 
     @property
     def main(self) -> bool:

@@ -5,7 +5,6 @@ plain model each layer is a group of its own."""
 from __future__ import annotations
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
 
@@ -14,6 +13,8 @@ def channel_groups(model: nn.Module, example_input: torch.Tensor) -> list[list[s
 
     The head is not pruned (its outputs are the classes). No `torch.no_grad()` here: the graph is traced with
     autograd."""
+    import torch_pruning as tp  # here, not at import: the model itself must not need Torch-Pruning
+
     names = {m: n for n, m in model.named_modules()}
     head = [m for m in model.modules() if isinstance(m, nn.Linear)]
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
