@@ -40,10 +40,15 @@ class ModelCfg(Section):
     override_groups_map: dict[int, int] | None = None
     num_classes: int | None = Field(None, gt=0)  # None: taken from the data
     stem_stride: Literal[1, 2] = 2
-    checkpoint: Path | None = None  # ours or an official one (training- or inference-time)
+    checkpoint: Path | None = None  # ours, official or timm's (training- or deploy-form; .pth or .safetensors)
+    pretrained: Literal["timm"] | None = None  # timm's pretrained weights for model.name, through timm's cache
 
     @model_validator(mode="after")
     def _one_architecture(self):
+        if self.pretrained is not None and self.checkpoint is not None:
+            raise ValueError("model: give pretrained or checkpoint, not both")
+        if self.pretrained is not None and self.name is None:
+            raise ValueError("model.pretrained: needs model.name (the RepVGG whose timm weights to load)")
         if self.width_multiplier is not None and self.widths is not None:
             raise ValueError("model: give width_multiplier or widths, not both")
         explicit = self.num_blocks is not None or self.width_multiplier is not None or self.widths is not None
@@ -147,6 +152,8 @@ ARTIFACT_NAMES = ("train_fp32", "plain_fp32", "plain_int8", "pruned_fp32", "prun
 class ExportCfg(Section):
     opset: int = Field(17, ge=17)
     artifacts: list[Literal[ARTIFACT_NAMES]] | None = None  # None: every model the run produced
+    # test images each exported file is evaluated on (the first of the test set); None: all of it
+    eval_subset: int | None = Field(None, gt=0, json_schema_extra=EVALUATION)
 
 
 class BenchCfg(Section):
@@ -156,7 +163,8 @@ class BenchCfg(Section):
     warmup: int = Field(10, ge=0)
     iters: int = Field(20, gt=0)
     rounds: int = Field(3, gt=0)
-    providers: list[Literal["cpu", "cuda", "tensorrt", "torch"]] | None = None  # None: all available
+    # ONNX Runtime's cpu/cuda/tensorrt, OpenVINO's CPU runtime, PyTorch eager; None: all available
+    providers: list[Literal["cpu", "cuda", "tensorrt", "openvino", "torch"]] | None = None
     image_size: int | None = Field(None, gt=0)  # None: data.image_size
 
 

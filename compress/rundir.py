@@ -5,7 +5,8 @@ Two keys per stage, both chained through the stage it reads its model from:
   sections it reads (`registry.Stage.sections`, resolved by `Recipe.resolved`) and its input's artifact key. A
   stage the recipe skips passes its input through, key included. The artifact records it (inside the file and
   in `summary.json`), training checkpoints resume only under it, and loading an input checks it.
-- the *key* adds the values that change only what is measured (`data.test_subset`): a stage whose key changed
+- the *key* adds the values that change only what is measured (`data.test_subset`, `export.eval_subset`): a
+  stage whose key changed
   but whose artifact key did not is re-evaluated, resuming its finished training checkpoint.
 """
 
@@ -118,8 +119,10 @@ class RunDir:
         return _hash([stage, own, upstream])
 
     def key(self, stage: str) -> str:
-        """The artifact key plus what changes only evaluation: a finished stage is reused under the same key."""
-        return _hash([self.artifact_key(stage), self.recipe.data.key_values("evaluation")])
+        """The artifact key plus what changes only evaluation (in `data` or the stage's own sections): a finished
+        stage is reused under the same key."""
+        sections = ("data", *STAGES[stage].sections(self.recipe))
+        return _hash([self.artifact_key(stage), {s: getattr(self.recipe, s).key_values("evaluation") for s in sections}])
 
     def provenance(self, stage: str) -> dict:
         """What an artifact records about how it was made."""
