@@ -1,8 +1,9 @@
-"""Latency benchmark of exported ONNX artifacts (ONNX Runtime) and PyTorch eager models, and the accuracy-latency
-figure.
+"""Latency benchmark of exported ONNX artifacts (ONNX Runtime, and OpenVINO on CPU when installed) and PyTorch eager
+models, and the accuracy-latency figure.
 
 Measurement rules, so that two artifacts are compared fairly on a shared machine:
-- one ORT session (or torch model) is alive at a time: created, warmed up, timed, then deleted;
+- one ORT session (or OpenVINO compiled model, or torch model) is alive at a time: created, warmed up, timed, then
+  deleted;
 - artifacts are alternated round-robin over `cfg.rounds` rounds (the starting artifact rotates each round),
   so slow drifts of the machine (thermal, other jobs) hit every artifact alike;
 - each round gives one median per (artifact, provider, batch); the reported median is the median over rounds,
@@ -12,8 +13,11 @@ Measurement rules, so that two artifacts are compared fairly on a shared machine
 
 What one timed call covers (each result's `timing` says which): on the CPU provider, `session.run` on a host
 array; on CUDA and TensorRT, `run_with_iobinding` with the input copied to the GPU once, before timing, and the
-output bound on the GPU, so host<->device copies are not timed; a torch model runs eagerly on `torch_device`,
-its input moved there once, and on CUDA each call ends with a device synchronize (kernels are asynchronous).
+output bound on the GPU, so host<->device copies are not timed; on OpenVINO (provider 'openvino', the `openvino`
+package's CPU device, not an ORT execution provider), a synchronous `infer()` of one infer request whose input
+tensor shares the host array, set once, the model compiled with the LATENCY hint at FP32 inference precision; a
+torch model runs eagerly on `torch_device`, its input moved there once, and on CUDA each call ends with a device
+synchronize (kernels are asynchronous).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -34,6 +39,9 @@ from torch import nn
 from compress.export import INPUT_NAME, OUTPUT_NAME, available_providers, onnx_session
 from compress.io import atomic_path
 from compress.recipe import BenchCfg
+
+if TYPE_CHECKING:
+    import openvino
 
 
 def _cpu_model() -> str:
@@ -47,6 +55,7 @@ def _cpu_model() -> str:
 
 
 def machine_info(threads: int | None, providers: list[str]) -> dict:
+    """The machine and library versions a benchmark ran with (OpenVINO's when `providers` has 'openvino')."""
     import onnxruntime as ort
 
     info = {
@@ -60,6 +69,8 @@ def machine_info(threads: int | None, providers: list[str]) -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
     }
+    if "openvino" in providers:
+        info["openvino"] = _openvino().__version__
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -84,6 +95,67 @@ def _time_runs(step: Callable[[], object], warmup: int, iters: int) -> list[floa
 IOBINDING_DEVICE = {"cuda": "cuda", "tensorrt": "cuda"}
 TIMING_HOST = "session.run, host input/output"
 TIMING_IOBINDING = "iobinding, device-resident input/output"
+TIMING_OPENVINO = "openvino LATENCY hint, f32 inference precision, infer request, host input"
+# The CPU plugin defaults to BF16 where the CPU has AVX512_BF16 or AMX: an FP32 artifact would then be timed (and
+# evaluated) at lower precision than its name says, and its INT8 twin's speed-up understated.
+OPENVINO_CONFIG = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+
+
+def _openvino():
+    """The `openvino` module, or None where it is not installed."""
+    try:
+        import openvino
+    except ImportError:
+        return None
+    return openvino
+
+
+def openvino_unavailable() -> str | None:
+    """Why OpenVINO cannot run here (one line), or None when its CPU device can."""
+    ov = _openvino()
+    if ov is None:
+        return "the openvino package is not installed (pip install openvino)"
+    if "CPU" not in ov.Core().available_devices:
+        return "OpenVINO has no CPU device here"
+    return None
+
+
+def openvino_model(path: str | Path, threads: int | None = None) -> openvino.CompiledModel:
+    """The ONNX file `path` compiled by OpenVINO for its CPU device, with the LATENCY hint, FP32 inference precision
+    (INT8 QDQ graphs still run INT8 kernels) and `threads` inference threads (None: every core). Raises
+    ModuleNotFoundError where openvino is not installed."""
+    ov = _openvino()
+    if ov is None:
+        raise ModuleNotFoundError("openvino is not installed: pip install openvino")
+    core = ov.Core()
+    config = dict(OPENVINO_CONFIG)
+    if threads is not None:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    return core.compile_model(core.read_model(str(path)), "CPU", config)
+
+
+def openvino_logits(model: openvino.CompiledModel, images: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Logits of `images` (N, 3, H, W) from a compiled model of `openvino_model`, as a float32 array (N, classes)."""
+    x = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else images
+    outputs = model.create_infer_request().infer({INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)})
+    return outputs[model.output(OUTPUT_NAME)]
+
+
+def openvino_step(model: openvino.CompiledModel, batch: np.ndarray) -> Callable[[], object]:
+    """One synchronous run of the compiled `model` on `batch`: one infer request, its input tensor sharing `batch`'s
+    memory, set once, now; each call returns the output tensor, owned by the request."""
+    ov = _openvino()
+    request = model.create_infer_request()
+    x = np.ascontiguousarray(batch, dtype=np.float32)
+    request.set_input_tensor(ov.Tensor(x, shared_memory=True))
+
+    def step():
+        request.infer()
+        return request.get_output_tensor()
+
+    step.input = x  # the memory the input tensor shares
+    step.request = request  # the request (and through it the compiled model) lives as long as `step`
+    return step
 
 
 def iobinding_step(session, batch: np.ndarray, device: str) -> Callable[[], object]:
@@ -122,7 +194,8 @@ def torch_step(model: nn.Module, batch: np.ndarray, device: torch.device) -> Cal
 
 
 class _Job:
-    """One thing to time: an ONNX artifact on an ORT provider, or a torch model run eagerly on `device`."""
+    """One thing to time: an ONNX artifact on an ORT provider or on OpenVINO, or a torch model run eagerly on
+    `device`."""
 
     def __init__(
         self,
@@ -139,10 +212,21 @@ class _Job:
         if self.model is not None:
             sync = ", synchronized" if self.device.type == "cuda" else ""
             return f"torch eager, input on {self.device}{sync}"
+        if self.provider == "openvino":
+            return TIMING_OPENVINO
         return TIMING_IOBINDING if self.provider in IOBINDING_DEVICE else TIMING_HOST
 
     def open(self, threads: int | None) -> Callable[[np.ndarray], Callable[[], object]]:
-        """Start the ORT session, if any: returns `prepare(batch) -> step`, `step()` being one timed call."""
+        """Start the ORT session or compile the OpenVINO model, if any: returns `prepare(batch) -> step`, `step()`
+        being one timed call."""
+        if self.provider == "openvino":
+            compiled = openvino_model(self.path, threads)
+
+            def prepare(x: np.ndarray):
+                return openvino_step(compiled, x)
+
+            prepare.compiled = compiled  # keeps the compiled model alive exactly as long as `prepare`
+            return prepare
         if self.model is None:
             session = onnx_session(self.path, self.provider, threads)
             device = IOBINDING_DEVICE.get(self.provider)
@@ -161,10 +245,11 @@ def _resolve_providers(
     cfg: BenchCfg, artifacts: dict[str, Path], torch_models: dict, threads: int | None, torch_device: torch.device
 ) -> tuple[list[str], dict[str, str]]:
     """The providers to time, and {provider: why skipped} for those asked for that cannot run here. A GPU
-    provider is tried once on the first artifact: ORT lists CUDA/TensorRT whenever it was built with them."""
+    provider is tried once on the first artifact: ORT lists CUDA/TensorRT whenever it was built with them.
+    With `cfg.providers` None, OpenVINO is in only where it can run."""
     here = available_providers()
     if cfg.providers is None:
-        wanted = list(here) + (["torch"] if torch_models else [])
+        wanted = list(here) + ([] if openvino_unavailable() else ["openvino"]) + (["torch"] if torch_models else [])
     else:
         wanted = list(dict.fromkeys(cfg.providers))
     providers, skipped = [], {}
@@ -173,6 +258,12 @@ def _resolve_providers(
             skipped[p] = "torch_device is cuda, and CUDA is not available here"
         elif p == "torch":
             providers.append(p)
+        elif p == "openvino":
+            why = openvino_unavailable()
+            if why:
+                skipped[p] = why
+            else:
+                providers.append(p)
         elif p not in here:
             skipped[p] = "not available here"
         elif p != "cpu" and artifacts:
@@ -196,8 +287,9 @@ def benchmark(
     torch_device: str | torch.device = "cpu",
 ) -> dict:
     """Latency of each ONNX artifact on each ORT provider asked for in `cfg.providers` and available here (CPU
-    always), and of each torch model (provider 'torch', eager on `torch_device`), for every batch size of
-    `cfg.batch_sizes`. What a timed call covers is in each result's `timing` (see the module's docstring).
+    always) and on OpenVINO's CPU device (provider 'openvino', where the package is installed), and of each torch
+    model (provider 'torch', eager on `torch_device`), for every batch size of `cfg.batch_sizes`. What a timed call
+    covers is in each result's `timing` (see the module's docstring).
 
     `reference` names the artifact the ratios divide by (default: the first artifact, else the first torch model).
     Returns {"results": [{artifact, provider, batch, median_ms, p90_ms, images_per_s, round_medians_ms, timing}],

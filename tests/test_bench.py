@@ -1,4 +1,4 @@
-"""Latency benchmark (ONNX Runtime CPU + torch eager) and the accuracy-latency figure, on tiny plain models.
+"""Latency benchmark (ONNX Runtime CPU, OpenVINO, torch eager) and the accuracy-latency figure, on tiny plain models.
 
 The GPU providers' IOBinding path runs here on ORT's CPU device: same code, 'cpu' OrtValues."""
 
@@ -15,6 +15,7 @@ from compress.bench import (
     accuracy_latency_figure,
     benchmark,
     iobinding_step,
+    openvino_unavailable,
     save_figure,
     torch_step,
 )
@@ -71,29 +72,51 @@ def test_benchmark_reports_every_artifact_batch_and_ratio(artifacts, models):
     assert "cpu" in m["providers"] and "torch" in m["providers"]
 
 
-def test_one_session_at_a_time_round_robin(artifacts, monkeypatch):
-    real = bench.onnx_session
-    live, opened, peak = weakref.WeakSet(), [], [0]
+@pytest.fixture
+def opened(monkeypatch):
+    """Spies on bench's ORT sessions and OpenVINO compiled models (the real ones, wrapped): `order` lists each
+    opened as (runtime, artifact), `peak` is the most alive at once."""
+    live, log = weakref.WeakSet(), {"order": [], "peak": 0}
 
     class Tracked:
-        def __init__(self, session, name):
-            self.session, self.name = session, name
+        def __init__(self, inner):
+            self.inner = inner
 
-        def run(self, *a, **k):
-            return self.session.run(*a, **k)
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
 
-    def tracked(path, provider="cpu", threads=None):
-        s = Tracked(real(path, provider, threads), path.stem)
-        live.add(s)
-        peak[0] = max(peak[0], len(live))
-        opened.append(s.name)
-        return s
+    def track(factory: str, runtime: str):
+        real = getattr(bench, factory)
 
-    monkeypatch.setattr(bench, "onnx_session", tracked)
+        def tracked(path, *args, **kwargs):
+            opened = Tracked(real(path, *args, **kwargs))
+            live.add(opened)
+            log["peak"] = max(log["peak"], len(live))
+            log["order"].append((runtime, path.stem))
+            return opened
+
+        monkeypatch.setattr(bench, factory, tracked)
+
+    track("onnx_session", "ort")
+    track("openvino_model", "openvino")
+    return log
+
+
+def test_one_session_at_a_time_round_robin(artifacts, opened):
     out = benchmark(artifacts, fast_cfg(rounds=3, providers=["cpu"]), SIZE, reference="plain_fp32")
-    assert peak[0] == 1
-    assert opened == ["plain_fp32", "pruned_fp32", "pruned_fp32", "plain_fp32", "plain_fp32", "pruned_fp32"]
+    assert opened["peak"] == 1
+    assert [name for _, name in opened["order"]] == [
+        "plain_fp32", "pruned_fp32", "pruned_fp32", "plain_fp32", "plain_fp32", "pruned_fp32"
+    ]
     assert set(out["ratios"]) == {"pruned_fp32/plain_fp32"}
+
+
+@pytest.mark.skipif(openvino_unavailable() is not None, reason=str(openvino_unavailable()))
+def test_one_runtime_at_a_time_across_ort_and_openvino(artifacts, opened):
+    benchmark(artifacts, fast_cfg(rounds=2, providers=["cpu", "openvino"]), SIZE)
+    assert opened["peak"] == 1
+    jobs = [(runtime, name) for runtime in ("ort", "openvino") for name in ("plain_fp32", "pruned_fp32")]
+    assert opened["order"] == jobs + jobs[1:] + jobs[:1]  # the second round starts one job later
 
 
 def test_unavailable_provider_is_skipped_and_said(artifacts, monkeypatch):
