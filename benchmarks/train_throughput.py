@@ -61,9 +61,9 @@ def main():
     bare, ours = [], []
     for r in range(args.rounds):  # alternate, so machine noise hits both alike
         torch.manual_seed(r)
-        bare.append(bare_epoch(initial_model(recipe, data.num_classes).to(device), data, recipe.train, device))
+        bare.append(bare_epoch(initial_model(recipe, data.num_classes)[0].to(device), data, recipe.train, device))
         torch.manual_seed(r)
-        ours.append(ours_epoch(initial_model(recipe, data.num_classes), data, recipe.train, device))
+        ours.append(ours_epoch(initial_model(recipe, data.num_classes)[0], data, recipe.train, device))
         print(f"round {r + 1}: bare {bare[-1]:.1f} img/s, ours {ours[-1]:.1f} img/s, ratio {ours[-1] / bare[-1]:.3f}")
     print(f"median: bare {sorted(bare)[len(bare) // 2]:.1f} img/s, ours {sorted(ours)[len(ours) // 2]:.1f} img/s; "
           f"ratios {[round(o / b, 3) for o, b in zip(ours, bare)]} ({recipe.model.name}, {device}, batch {recipe.data.batch_size})")

@@ -103,17 +103,16 @@ def run(args) -> int:
                 return 0
             summary = Pipeline(recipe, out_dir, env, data).run(plan, explicit=args.stages is not None)
             if rank == 0:
-                print(json.dumps({k: _brief(v) for k, v in summary["stages"].items()}, indent=1))
-                print(f"summary: {out_dir / 'summary.json'}   tensorboard --logdir {out_dir / 'tb'}")
+                from .report import run_report
+
+                report = run_report(recipe, summary, out_dir)
+                writer.add_text("report", report, 0)
+                print(report, end="")
+                print(f"report: {out_dir / 'report.md'}   summary: {out_dir / 'summary.json'}")
     finally:
         if world_size > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return 0
-
-
-def _brief(stage: dict) -> dict:
-    return {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in stage.items()
-            if isinstance(v, (int, float, str)) and k not in ("key", "artifact_key")}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -193,11 +193,14 @@ class Data:
         """Batches per training epoch on this process (the last, incomplete batch is dropped)."""
         return len(self.sampler) // self.cfg.batch_size
 
-    def test_loader(self, shard: bool = False) -> DataLoader:
-        """The test batches, in a fixed order. With `shard` under DDP, only this process's share: every
-        world_size-th image from its rank on, an exact partition of the test set (a DistributedSampler would pad
-        it with repeated images), for `evaluate(..., all_reduce=True)` on every rank."""
+    def test_loader(self, shard: bool = False, limit: int | None = None) -> DataLoader:
+        """The test batches, in a fixed order: the first `limit` images when given. With `shard` under DDP, only
+        this process's share: every world_size-th image from its rank on, an exact partition of the test set (a
+        DistributedSampler would pad it with repeated images), for `evaluate(..., all_reduce=True)` on every
+        rank."""
         dataset = self.test_set
+        if limit is not None and limit < len(dataset):
+            dataset = Subset(dataset, range(limit))
         if shard and self.world_size > 1:
             dataset = Subset(dataset, list(range(self.rank, len(dataset), self.world_size)))
         return self._loader(dataset, shuffle=False)

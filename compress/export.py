@@ -82,7 +82,10 @@ def export_onnx(
     if quantized:
         import nncf
 
-        model = nncf.strip(model, do_copy=False, strip_format=nncf.StripFormat.NATIVE, example_input=example_input)
+        from compress.quant import quiet_third_party_notices
+
+        with quiet_third_party_notices():  # nncf.strip imports torchao
+            model = nncf.strip(model, do_copy=False, strip_format=nncf.StripFormat.NATIVE, example_input=example_input)
         model.eval()
     with atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TorchScript-exporter deprecation and tracer warnings

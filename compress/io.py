@@ -94,9 +94,10 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"checkpoint {path} cannot be read (truncated or not a torch file): {e}") from None
 
 
-def load_model(path: str | Path) -> nn.Module:
+def load_model(path: str | Path, stem_stride: int = 2) -> nn.Module:
     """Our checkpoints, or a public RepVGG state dict (`repvgg.from_state_dict`: official or timm layout,
-    training- or inference-time, `.pth` or `.safetensors`)."""
+    training- or inference-time, `.pth` or `.safetensors`; their stem stride does not show in the keys, hence
+    `stem_stride`)."""
     # A .safetensors file is a bare state dict (timm's hub weights) that torch.load cannot read: repvgg reads it.
     record = path if Path(path).suffix == ".safetensors" else load_checkpoint(path)
     if isinstance(record, dict) and "quant_format" in record:
@@ -104,6 +105,6 @@ def load_model(path: str | Path) -> nn.Module:
     try:
         if isinstance(record, dict) and record.get("format") == FORMAT:
             return build_model(record)
-        return from_state_dict(record)
+        return from_state_dict(record, stem_stride)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint {path}: {e}") from None

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -39,11 +41,36 @@ _EXTENSION_TIMEOUT_ENV = "NNCF_EXTENSION_LOAD_TIMEOUT"
 _EXTENSION_TIMEOUT_S = "900"
 
 
+@contextmanager
+def quiet_third_party_notices() -> Iterator[None]:
+    """Mute, for the block only, two notices that tell our users nothing: torch's "No CUDA runtime is found,
+    using CUDA_HOME" (logged when NNCF imports torch.utils.cpp_extension on a machine with a CUDA toolkit but no
+    GPU) and the pytree "Enum subclass ... register_constant" deprecation (logged when torchao, which nncf.strip
+    imports, registers its enums)."""
+    loggers = [logging.getLogger(name) for name in ("torch.utils.cpp_extension", "torch.utils._pytree")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def import_nncf_torch():
+    """`nncf.torch`, imported without its third-party notices (the first import is the one that logs them)."""
+    with quiet_third_party_notices():
+        import nncf.torch
+    return nncf.torch
+
+
 def use_reference_kernels() -> None:
     """Make NNCF fake-quantize with its pure-PyTorch reference functions (no C++ extension build), process-wide.
 
     NNCF's own fallback wraps them in `torch.compile`, which needs a C++ toolchain too; these are the plain ones.
     """
+    import_nncf_torch()
     from nncf.torch.quantization import extensions as ext
     from nncf.torch.quantization.reference import torch_executor
 
@@ -164,6 +191,7 @@ def quantize_model(
 
 def is_quantized(model: nn.Module) -> bool:
     """True for a model carrying NNCF compression hooks."""
+    import_nncf_torch()
     from nncf.torch.function_hook.wrapper import get_hook_storage, is_wrapped
 
     return is_wrapped(model) and any(True for _ in get_hook_storage(model).named_hooks())

@@ -27,10 +27,11 @@ if TYPE_CHECKING:
 
 
 def train(p: Pipeline) -> dict:
-    model = initial_model(p.recipe, p.data.num_classes)
+    model, origin = initial_model(p.recipe, p.data.num_classes)
     result = fit(model, p.recipe.train, p.data, p.env, tag="train", ckpt_path=p.out_dir / "train.ckpt",
                  key=p.dir.artifact_key("train"))
     p.save("train", model)
+    result["start"] = origin  # random init, a checkpoint, or timm's pretrained weights (tag, hub revision)
     if p.data.cfg.kind == "imagefolder":
         result["skipped_images"] = p.data.skipped_images()
     return result
@@ -175,10 +176,23 @@ def _onnx_sources(p: Pipeline) -> dict[str, str]:
             if s is not None and p.dir.active(s) and (wanted is None or name in wanted)}
 
 
+def _macs_params(p: Pipeline, name: str, model, done: dict) -> dict:
+    """MACs and parameters of an exported model: counted on the float model (an INT8 file has its FP32 twin's)."""
+    import torch_pruning as tp
+
+    twin = done.get(name.replace("_int8", "_fp32"))
+    if name.endswith("_int8") and twin is not None:
+        return {"macs": twin["macs"], "params": twin["params"]}
+    float_model = p.load(p.dir.source("finetune")) if name.endswith("_int8") else model
+    macs, params = tp.utils.count_ops_and_params(float_model.cpu().eval(), p.data.example_input())
+    return {"macs": macs, "params": params}
+
+
 def export(p: Pipeline) -> dict:
     from .export import check_parity, evaluate_onnx, export_onnx
 
     example = p.data.example_input()
+    test_images = p.data.test_loader(limit=p.recipe.export.eval_subset)
     provenance = {"repvgg_compress.artifact_key": p.dir.artifact_key("export"), "repvgg_compress.recipe": p.recipe.name}
     artifacts = {}
     for name, stage in _onnx_sources(p).items():
@@ -186,10 +200,10 @@ def export(p: Pipeline) -> dict:
         int8 = name.endswith("int8")
         path = export_onnx(model, p.dir.path("export") / f"{name}.onnx", example, opset=p.recipe.export.opset,
                            int8=int8, metadata=provenance)
-        entry = {"path": str(path), "size_bytes": path.stat().st_size}
+        entry = {"path": str(path), "size_bytes": path.stat().st_size, **_macs_params(p, name, model, artifacts)}
         # one pass over the test set: ONNX top-1, and for FP32 files the parity with PyTorch
-        result = evaluate_onnx(path, p.data.test_loader(), reference=None if int8 else model)
-        entry.update({k: v for k, v in result.items() if k in ("top1", "top5", "max_abs_diff", "max_abs_logit")})
+        result = evaluate_onnx(path, test_images, reference=None if int8 else model)
+        entry.update({k: v for k, v in result.items() if k in ("top1", "top5", "n", "max_abs_diff", "max_abs_logit")})
         if not int8:
             check_parity(path, result)
         artifacts[name] = entry

@@ -14,7 +14,7 @@ from compress.io import load_checkpoint, load_model
 from compress.recipe import RecipeError, load_recipe
 
 # The shipped recipes that need a user's data path, and the override that gives it.
-NEEDS_ROOT = {"b1_prune50": ["data.root=/data/imagenet"]}
+NEEDS_ROOT = {name: ["data.root=/data/imagenet"] for name in ("b1_prune50", "b1_scratch_prune50")}
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.stem)
@@ -139,7 +139,7 @@ def test_missing_recipe_file_is_one_line(capsys, tmp_path):
     assert "nope.yaml" in one_line_error(capsys, ["--recipe", str(tmp_path / "nope.yaml")])
 
 
-def test_every_stage_fills_summary_and_tensorboard(tiny_recipe, tmp_path):
+def test_every_stage_fills_summary_and_tensorboard(tiny_recipe, tmp_path, capsys):
     out = tmp_path / "full"
     recipe = tiny_recipe(
         model={"num_blocks": [1, 2, 2, 1]},
@@ -166,6 +166,17 @@ def test_every_stage_fills_summary_and_tensorboard(tiny_recipe, tmp_path):
     assert all(r["median_ms"] > 0 and r["p90_ms"] >= r["median_ms"] * 0.5 and r["images_per_s"] > 0 for r in results)
     assert stages["bench"]["int8_speedup"]["pruned_int8@cpu"] > 0
     assert [p["name"] for p in stages["bench"]["curve"]] == list(artifacts)
+    # the run ends with the result table, also in report.md: one row per file, with its measured numbers
+    printed = capsys.readouterr().out
+    report = (out / "report.md").read_text()
+    assert report in printed
+    for name, a in artifacts.items():
+        row = next(line for line in report.splitlines() if line.startswith(f"| {name} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert float(cells[1]) == round(a["top1"], 2) and float(cells[3]) == round(a["macs"] / 1e6, 1)
+        assert int(cells[2]) == a["n"] and float(cells[6]) > 0  # images evaluated; ORT CPU latency at batch 1
+        assert cells[7] == "1.00" if name == "plain_fp32" else float(cells[7]) > 0  # speed-up over plain FP32
+    assert "tensorboard --logdir" in report and str(out / "onnx") in report
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

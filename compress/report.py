@@ -1,0 +1,88 @@
+"""The end-of-run report a person reads: one row per exported file (top-1, MACs, params, size, median latency
+per runtime at the main batch, speed-up over the unpruned plain FP32 model), the top-1 of every stage, the
+pruned widths, and where the TensorBoard run and the ONNX files are. Printed and written to DIR/report.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .io import write_text
+from .recipe import Recipe
+
+RUNTIMES = {"cpu": "ORT CPU", "openvino": "OpenVINO", "cuda": "ORT CUDA", "tensorrt": "ORT TensorRT",
+            "torch": "PyTorch"}
+REFERENCE = "plain_fp32"
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _latencies(bench: dict) -> tuple[list[str], dict, dict]:
+    """Providers in bench order, {(artifact, provider): median ms} and {(artifact, provider): speed-up over the
+    reference} at the main batch (speed-up: the median of per-round ratios, as bench computes them)."""
+    batch = bench["main_batch"]
+    results = [r for r in bench["results"] if r["batch"] == batch]
+    providers = list(dict.fromkeys(r["provider"] for r in results))
+    latency = {(r["artifact"], r["provider"]): r["median_ms"] for r in results}
+    speedup = {}
+    for d in bench.get("ratio_details", []):
+        name, ref = d["ratio"].split("/")
+        if d["batch"] == batch and ref == REFERENCE:
+            speedup[(name, d["provider"])] = 1.0 / d["median"]
+    for provider in providers:
+        if (REFERENCE, provider) in latency:
+            speedup[(REFERENCE, provider)] = 1.0
+    return providers, latency, speedup
+
+
+def artifact_table(artifacts: dict, bench: dict | None) -> list[str]:
+    """Markdown rows: one per exported file."""
+    providers, latency, speedup = _latencies(bench) if bench else ([], {}, {})
+    batch = bench["main_batch"] if bench else None
+    header = ["artifact", "top-1 %", "images", "MACs (M)", "params (M)", "file MB"]
+    for p in providers:
+        header += [f"{RUNTIMES.get(p, p)} ms @{batch}", f"x vs {REFERENCE} ({RUNTIMES.get(p, p)})"]
+    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, a in artifacts.items():
+        macs, params = a.get("macs"), a.get("params")
+        cells = [name, _fmt(a.get("top1"), ".2f"), str(a.get("n", "-")), _fmt(macs and macs / 1e6, ".1f"),
+                 _fmt(params and params / 1e6, ".2f"), f"{a['size_bytes'] / 1e6:.1f}"]
+        for p in providers:
+            cells += [_fmt(latency.get((name, p)), ".2f"), _fmt(speedup.get((name, p)), ".2f")]
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows
+
+
+def stage_table(stages: dict) -> list[str]:
+    """Markdown rows: the top-1 each stage measured, in PyTorch."""
+    rows = ["| stage | top-1 % | top-5 % |", "|---|---|---|"]
+    for stage, entry in stages.items():
+        if "top1" in entry:
+            rows.append(f"| {stage} | {entry['top1']:.2f} | {_fmt(entry.get('top5'), '.2f')} |")
+    return rows
+
+
+def run_report(recipe: Recipe, summary: dict, out_dir: Path) -> str:
+    """The report of a finished run, as markdown; also written to `out_dir/report.md`."""
+    stages = summary["stages"]
+    lines = [f"# {recipe.name}", ""]
+    artifacts = stages.get("export", {}).get("artifacts")
+    if artifacts:
+        bench = stages.get("bench")
+        lines += ["Exported files (top-1 measured on the ONNX file with ONNX Runtime"
+                  + (f"; latency: median at batch {bench['main_batch']}, {bench['machine'].get('cpu')}"
+                     f", threads {bench['machine'].get('threads') or 'all'})" if bench else ")"), "",
+                  *artifact_table(artifacts, bench), ""]
+    lines += ["Stages (top-1 in PyTorch on the test set):", "", *stage_table(stages), ""]
+    prune = stages.get("prune")
+    if prune and "widths_after" in prune:
+        lines += [f"Widths, plain -> pruned (keep_macs achieved {prune['keep_macs_achieved']:.3f}):",
+                  "    " + " ".join(f"{b}->{a}" if a != b else str(a)
+                                  for b, a in zip(prune["widths_before"], prune["widths_after"])), ""]
+    lines += [f"TensorBoard: tensorboard --logdir {out_dir / 'tb'}"]
+    if artifacts:
+        lines += [f"ONNX files: {out_dir / 'onnx'}"]
+    text = "\n".join(lines) + "\n"
+    write_text(out_dir / "report.md", text)
+    return text
