@@ -163,17 +163,24 @@ def quantize(p: Pipeline) -> dict | None:
 
 def _onnx_sources(p: Pipeline) -> dict[str, str]:
     """artifact name -> the stage whose model it exports: every model the recipe makes, as `export.artifacts`
-    asks."""
+    asks. A run that prunes and quantizes also exports the unpruned plain model in INT8 (PTQ at export), the
+    reference of INT8 speed-ups."""
     pruned = p.dir.source("finetune") in ("prune", "finetune")
     sources = {
         "train_fp32": "train",
         "plain_fp32": "reparam",
+        "plain_int8": ("reparam" if p.dir.active("quantize") else None) if pruned else "quantize",
         "pruned_fp32": p.dir.source("finetune") if pruned else None,
-        "pruned_int8" if pruned else "plain_int8": "quantize",
+        "pruned_int8": "quantize" if pruned else None,
     }
     wanted = p.recipe.export.artifacts
     return {name: s for name, s in sources.items()
             if s is not None and p.dir.active(s) and (wanted is None or name in wanted)}
+
+
+def _float_source(p: Pipeline, name: str) -> str:
+    """The stage of the float model an artifact is (or was quantized from)."""
+    return {"train": "train", "plain": "reparam", "pruned": p.dir.source("finetune")}[name.split("_")[0]]
 
 
 def _macs_params(p: Pipeline, name: str, model, done: dict) -> dict:
@@ -183,9 +190,18 @@ def _macs_params(p: Pipeline, name: str, model, done: dict) -> dict:
     twin = done.get(name.replace("_int8", "_fp32"))
     if name.endswith("_int8") and twin is not None:
         return {"macs": twin["macs"], "params": twin["params"]}
-    float_model = p.load(p.dir.source("finetune")) if name.endswith("_int8") else model
+    float_model = p.load(_float_source(p, name)) if name.endswith("_int8") else model
     macs, params = tp.utils.count_ops_and_params(float_model.cpu().eval(), p.data.example_input())
     return {"macs": macs, "params": params}
+
+
+def _plain_ptq(p: Pipeline, model):
+    """The INT8 reference: the unpruned plain model, PTQ with the recipe's calibration settings."""
+    from .quant import quantize_model
+
+    cfg = p.recipe.quantize
+    return quantize_model(model, cfg.model_copy(update={"mode": "ptq"}), p.data.calibration_loader(cfg.calibration_size),
+                          p.data.example_input(), overflow_fix=cfg.overflow_fix)
 
 
 def export(p: Pipeline) -> dict:
@@ -198,6 +214,8 @@ def export(p: Pipeline) -> dict:
     for name, stage in _onnx_sources(p).items():
         model = p.load(stage).cpu().eval()
         int8 = name.endswith("int8")
+        if int8 and stage != "quantize":
+            model = _plain_ptq(p, model)
         path = export_onnx(model, p.dir.path("export") / f"{name}.onnx", example, opset=p.recipe.export.opset,
                            int8=int8, metadata=provenance)
         entry = {"path": str(path), "size_bytes": path.stat().st_size, **_macs_params(p, name, model, artifacts)}
@@ -249,6 +267,11 @@ def bench(p: Pipeline) -> dict:
     if p.env.writer is not None and points:
         p.env.writer.add_figure("bench/accuracy_latency", accuracy_latency_figure(points), 0)
         for pt in points:
-            p.env.writer.add_scalar(f"bench/latency_ms/{pt['name']}", pt["latency_ms"], 0)
             p.env.writer.add_scalar(f"bench/top1/{pt['name']}", pt["top1"], 0)
+        # every runtime's latency of a file side by side: one chart per file, one line per runtime
+        for r in result["results"]:
+            if r["batch"] == main_batch:
+                p.env.writer.add_scalar(f"bench/latency_ms/{r['artifact']}/{r['provider']}", r["median_ms"], 0)
+        p.env.writer.add_custom_scalars({"bench: latency (ms) by runtime": {
+            name: ["Multiline", [rf"bench/latency_ms/{name}/.*"]] for name in paths}})
     return {**result, "curve": points}

@@ -46,10 +46,11 @@ def test_b1_prune50_recipe_end_to_end_from_a_timm_checkpoint(tmp_path):
     stages = json.loads((out / "summary.json").read_text())["stages"]
     assert stages["train"]["epochs"] == 0 and stages["train"]["start"] == {"checkpoint": str(checkpoint)}
     assert abs(stages["prune"]["keep_macs_achieved"] - 0.5) <= 0.02 and len(stages["prune"]["widths_after"]) == 28
-    assert set(stages["export"]["artifacts"]) == {"train_fp32", "plain_fp32", "pruned_fp32", "pruned_int8"}
+    assert set(stages["export"]["artifacts"]) == {"train_fp32", "plain_fp32", "plain_int8", "pruned_fp32",
+                                                  "pruned_int8"}
     table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
     assert table[0].startswith("| artifact | top-1 % |") and "ORT CPU ms @8" in table[0]
-    assert {line.split("|")[1].strip() for line in table[1:5]} == set(stages["export"]["artifacts"])
+    assert {line.split("|")[1].strip() for line in table[1:6]} == set(stages["export"]["artifacts"])
     assert (out / "report.md").read_text() in proc.stdout
 
 

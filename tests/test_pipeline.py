@@ -155,7 +155,8 @@ def test_every_stage_fills_summary_and_tensorboard(tiny_recipe, tmp_path, capsys
     assert abs(prune["macs_after"] / prune["macs_before"] - 0.5) <= 0.02
     assert len(prune["widths_before"]) == len(prune["widths_after"]) == 7 and prune["groups"] == 7
     artifacts = stages["export"]["artifacts"]
-    assert set(artifacts) == {"train_fp32", "plain_fp32", "pruned_fp32", "pruned_int8"}
+    assert set(artifacts) == {"train_fp32", "plain_fp32", "plain_int8", "pruned_fp32", "pruned_int8"}
+    assert artifacts["plain_int8"]["macs"] == artifacts["plain_fp32"]["macs"] > artifacts["pruned_int8"]["macs"]
     for name, a in artifacts.items():
         assert a["size_bytes"] > 1000 and 0 <= a["top1"] <= 100
         assert name.endswith("int8") or a["max_abs_diff"] <= 1e-4 * max(a["max_abs_logit"], 1)
@@ -164,7 +165,7 @@ def test_every_stage_fills_summary_and_tensorboard(tiny_recipe, tmp_path, capsys
         (a, b) for a in artifacts for b in (1, 4)}
     assert {r["artifact"] for r in results if r["provider"] == "torch"} == {"train_fp32", "plain_fp32", "pruned_fp32"}
     assert all(r["median_ms"] > 0 and r["p90_ms"] >= r["median_ms"] * 0.5 and r["images_per_s"] > 0 for r in results)
-    assert stages["bench"]["int8_speedup"]["pruned_int8@cpu"] > 0
+    assert stages["bench"]["int8_speedup"]["pruned_int8@cpu"] > 0 and stages["bench"]["int8_speedup"]["plain_int8@cpu"] > 0
     assert [p["name"] for p in stages["bench"]["curve"]] == list(artifacts)
     # the run ends with the result table, also in report.md: one row per file, with its measured numbers
     printed = capsys.readouterr().out
@@ -185,7 +186,7 @@ def test_every_stage_fills_summary_and_tensorboard(tiny_recipe, tmp_path, capsys
     scalars, images = events.Tags()["scalars"], events.Tags()["images"]
     assert {"train/top1", "train/loss", "train/lr", "finetune/top1", "prune/top1"} <= set(scalars)
     assert [e.step for e in events.Scalars("prune/top1")] == [0, 1]  # pruned, then fine-tuned
-    assert "bench/latency_ms/pruned_int8" in scalars and "bench/top1/pruned_int8" in scalars
+    assert {"bench/latency_ms/pruned_int8/cpu", "bench/latency_ms/pruned_fp32/torch", "bench/top1/pruned_int8"} <= set(scalars)
     assert {"prune/widths", "bench/accuracy_latency"} <= set(images)
 
 
