@@ -113,13 +113,36 @@ class FinetuneCfg(OptimCfg):
     insert_bn: bool = True  # temporary BN after each plain conv, folded back afterwards
 
 
+class LatencyCfg(Section):
+    """How `prune.keep_latency` / `prune.target_ms` measure latency: a per-layer table timed on this machine's runtime
+    (its own settings, not `bench`'s, so that changing the benchmark never recomputes the prune stage)."""
+
+    provider: Literal["cpu", "openvino"] = "cpu"  # ONNX Runtime's CPU provider, or OpenVINO's CPU device
+    threads: int | None = Field(None, gt=0)  # None: all cores
+    batch: int = Field(8, gt=0)
+    precision: Literal["fp32", "int8"] = "int8"  # int8: QDQ layers, as the quantize + export stages deploy them
+    grid_points: int = Field(8, ge=2)  # measured widths per axis of each layer's table; bilinear in between
+    rounds: int = Field(3, gt=0)  # every model timed in this many rounds, round-robin; its fastest run kept
+    # None: $XDG_CACHE_HOME/repvgg-compress, else ~/.cache/repvgg-compress
+    cache_dir: Path | None = Field(None, json_schema_extra=NO_EFFECT)
+
+
+PRUNE_TARGETS = ("keep_macs", "channel_ratio", "keep_latency", "target_ms")
+LATENCY_TARGETS = ("keep_latency", "target_ms")
+
+
 class PruneCfg(Section):
     mode: Literal["plain", "multibranch"] = "plain"
     importance: Literal["l1", "l2", "taylor", "hessian", "lamp", "random"] = "l2"
     scope: Literal["local", "global"] = "global"
-    keep_macs: float | None = Field(0.5, gt=0, lt=1)
+    # The target: exactly one of these four; none given means keep_macs 0.5.
+    keep_macs: float | None = Field(None, gt=0, lt=1)
     channel_ratio: float | None = Field(None, gt=0, lt=1)  # fraction of channels removed per layer
+    keep_latency: float | None = Field(None, gt=0, lt=1)  # fraction of the unpruned plain model's measured latency
+    target_ms: float | None = Field(None, gt=0)  # latency budget in milliseconds
+    latency: LatencyCfg = Field(default_factory=LatencyCfg)
     max_layer_ratio: float = Field(0.8, gt=0, lt=1)
+    min_width: int | None = Field(None, gt=0)  # no layer narrower (channels); None: round_to
     isomorphic: bool = False
     round_to: int | None = Field(None, gt=0)  # None: 16 on CPU, 8 on CUDA (`Recipe.resolved`)
     steps: int = Field(1, gt=0)  # iterative pruning, fine-tuning between steps
@@ -129,9 +152,27 @@ class PruneCfg(Section):
 
     @model_validator(mode="after")
     def _one_target(self):
-        if (self.keep_macs is None) == (self.channel_ratio is None):
-            raise ValueError("prune: give exactly one of keep_macs or channel_ratio")
+        given = [name for name in PRUNE_TARGETS if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(f"prune: {' and '.join(given)} given together: give one of {', '.join(PRUNE_TARGETS)}")
+        if not given:
+            self.keep_macs = 0.5
         return self
+
+    @property
+    def latency_target(self) -> bool:
+        """Whether the target is a latency (keep_latency or target_ms), which the latency table serves."""
+        return any(getattr(self, name) is not None for name in LATENCY_TARGETS)
+
+    def key_values(self, role: str = "weights") -> dict:
+        """As `Section.key_values`, with the `latency` settings' own roles (its cache_dir changes nothing), and
+        without them unless a latency target is in force (they change nothing else)."""
+        values = super().key_values(role)
+        values.pop("latency", None)
+        nested = self.latency.key_values(role)
+        if self.latency_target and nested:
+            values["latency"] = nested
+        return values
 
 
 class QuantCfg(Section):

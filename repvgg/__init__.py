@@ -5,6 +5,7 @@ from .checkpoint import from_state_dict, load_official_state_dict
 from .graph import channel_groups
 from .model import CONFIGS, LayerSpec, RepVGG, RepVGGBlock, create_model, fuse_bn
 from .plain import PlainLayer, PlainRepVGG, reparameterize
+from .temporary_bn import fold_bn, insert_bn
 
 __all__ = [
     "CONFIGS",
@@ -15,8 +16,10 @@ __all__ = [
     "RepVGGBlock",
     "channel_groups",
     "create_model",
+    "fold_bn",
     "from_state_dict",
     "fuse_bn",
+    "insert_bn",
     "load_official_state_dict",
     "reparameterize",
 ]

@@ -8,9 +8,10 @@ from pydantic import ValidationError
 from torch import nn
 
 from compress.io import load_model, save_model
-from compress.prune import TOLERANCE, _HessianImportance, fold_bn, insert_bn, prune_model
+from compress.prune import TOLERANCE, prune_model
+from compress.prune.importance import HessianImportance
 from compress.recipe import PruneCfg
-from repvgg import PlainRepVGG, RepVGG, reparameterize
+from repvgg import PlainRepVGG, RepVGG, fold_bn, insert_bn, reparameterize
 
 BLOCKS, WIDTHS = [2, 2, 2, 1], [16, 32, 64, 128, 256]
 STAGES = [[0], [1, 2], [3, 4], [5, 6], [7]]  # block indices of each stage
@@ -190,7 +191,7 @@ def test_insert_bn_then_fold_bn_keep_outputs():
 def test_hessian_accumulates_every_sample():
     """TP 1.6 overwrites the accumulated squared gradient with each sample; ours averages them."""
     layer = nn.Linear(2, 1, bias=False)
-    importance = _HessianImportance()
+    importance = HessianImportance()
     for g in (1.0, 3.0):
         layer.weight.grad = torch.full_like(layer.weight, g)
         importance.accumulate_grad(layer)
@@ -209,6 +210,14 @@ def test_mode_mismatch_and_unreachable_target_fail_in_one_line():
         prune_model(reparameterize(tiny()), cfg(mode="multibranch"), IMAGE)
     with pytest.raises(ValueError, match=r"^prune\.keep_macs=0\.05 is not reachable within ±2%: [^\n]*$"):
         prune_model(reparameterize(tiny()), cfg(keep_macs=0.05, max_layer_ratio=0.5), IMAGE)
+
+
+def test_min_width_keeps_every_pruned_layer_at_least_that_wide():
+    report = prune_model(reparameterize(tiny()), cfg(scope="global", keep_macs=None, channel_ratio=0.7, min_width=20),
+                         IMAGE)
+    assert min(report["widths_after"][1:]) == 24  # 20 rounded up to round_to (the unpruned first layer has 16)
+    free = prune_model(reparameterize(tiny()), cfg(scope="global", keep_macs=None, channel_ratio=0.7), IMAGE)
+    assert min(free["widths_after"][1:]) == 8
 
 
 @pytest.mark.parametrize("bad", [{"keep_macs": 0}, {"keep_macs": 1.0}, {"importance": "fisher"}])

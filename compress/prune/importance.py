@@ -1,0 +1,104 @@
+"""Channel importance: the Torch-Pruning criteria `prune.importance` names, the gradients taylor / hessian read, and
+each slot's channel scores for the budget search.
+
+`HessianImportance` fixes TP 1.6's `HessianImportance.accumulate_grad`, which looks parameter *names* up in a dict
+keyed by parameters, so each sample overwrites the last instead of summing.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+import torch_pruning as tp
+from torch import nn
+
+from compress.recipe import PruneCfg
+
+from .slots import Slot
+
+NEEDS_GRADIENTS = ("taylor", "hessian")
+
+
+class HessianImportance(tp.importance.HessianImportance):
+    """TP's Hessian (OBD) importance with a working per-sample accumulation of squared gradients."""
+
+    def accumulate_grad(self, model: nn.Module) -> None:
+        for p in model.parameters():
+            if p.grad is None:
+                continue
+            if p in self._accu_grad:
+                self._accu_grad[p] += p.grad.detach().pow(2)
+                self._counter[p] += 1
+            else:
+                self._accu_grad[p] = p.grad.detach().pow(2)
+                self._counter[p] = 1
+
+    def flush(self) -> None:
+        """Leave the mean squared gradient in each `.grad`, where TP's scoring (and copies of it) read it."""
+        for p, g in self._accu_grad.items():
+            p.grad = g / self._counter[p]
+        self.zero_grad()
+
+
+def make_importance(name: str):
+    """The Torch-Pruning importance criterion for `prune.importance`."""
+    factories = {
+        "l1": lambda: tp.importance.MagnitudeImportance(p=1),
+        "l2": lambda: tp.importance.MagnitudeImportance(p=2),
+        "taylor": tp.importance.TaylorImportance,
+        "hessian": HessianImportance,
+        "lamp": tp.importance.LAMPImportance,
+        "random": tp.importance.RandomImportance,
+    }
+    if name not in factories:
+        raise ValueError(f"prune.importance: unknown criterion '{name}'; valid: {', '.join(factories)}")
+    return factories[name]()
+
+
+def gradient_batches(cfg: PruneCfg, batches: Iterable | None) -> list:
+    """The (x, y) batches taylor / hessian importance read (`cfg.gradient_batches` of them); none for the others."""
+    if cfg.importance not in NEEDS_GRADIENTS:
+        return []
+    if batches is None:
+        raise ValueError(f"prune.importance={cfg.importance} needs training batches")
+    data = list(itertools.islice(iter(batches), cfg.gradient_batches))
+    if not data:
+        raise ValueError(f"prune.importance={cfg.importance} got no training batches")
+    return data
+
+
+def accumulate_gradients(model: nn.Module, importance, data: list, device: torch.device) -> None:
+    """Gradients of the cross-entropy on `data` into `.grad` (eval mode: BN statistics are left alone).
+    Hessian: per-sample squared gradients, the way TP's examples feed `accumulate_grad`."""
+    model.zero_grad(set_to_none=True)
+    for x, y in data:
+        x, y = x.to(device), y.to(device)
+        if isinstance(importance, HessianImportance):
+            losses = F.cross_entropy(model(x), y, reduction="none")
+            for i, loss in enumerate(losses):
+                model.zero_grad()
+                loss.backward(retain_graph=i < len(losses) - 1)
+                importance.accumulate_grad(model)
+        else:
+            (F.cross_entropy(model(x), y) / len(data)).backward()
+    if isinstance(importance, HessianImportance):
+        importance.flush()
+
+
+def kept_importance(model: nn.Module, example_input: torch.Tensor, importance, slots: list[Slot]) -> list[list[float]]:
+    """For each slot, the importance its channels keep at each of `slot.choices()`: the sum of the scores of the
+    channels TP would keep (the most important in-group positions, scored by their mean over the conv groups as
+    TP ranks them, each position standing for `groups` channels). Scores are `importance`'s, normalised per group
+    as TP's global ranking compares them."""
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+    kept = []
+    for slot in slots:
+        group = graph.get_pruning_group(slot.convs[0], tp.prune_conv_out_channels, idxs=list(range(slot.init)))
+        scores = importance(group)
+        per_position = scores.detach().float().cpu().view(slot.groups, -1).mean(0).sort(descending=True).values
+        total = torch.cat([per_position.new_zeros(1), per_position.cumsum(0)]) * slot.groups
+        kept.append([float(total[w // slot.groups]) for w in slot.choices()])
+    return kept

@@ -1,0 +1,295 @@
+"""Latency tables: what each layer of the plain stack costs on this machine's runtime, measured, for pruning to a
+latency budget.
+
+A plain layer's latency depends on its input and output widths together (one layer's output width is the next one's
+input), at its resolution, stride and groups. Layers sharing those (and their width ranges) share one table: a grid
+of (input width, output width) measurements over the legal widths (multiples of the slot's unit, see
+`slots.width_axis`), every legal width of an axis when it has at most `grid_points` of them, else `grid_points`
+spread over it; widths in between are interpolated bilinearly.
+
+Each grid point is timed as a one-layer ONNX model (`onnx_layers`) with batch `batch` on `threads` threads, by ONNX
+Runtime's CPU provider or OpenVINO's CPU device. Every model is timed once per round, round-robin over all of them,
+one session alive at a time, for `rounds` rounds, so slow drifts of the machine hit every point alike (as
+`compress.bench` does). The table keeps each model's fastest run: on a shared machine other work only ever adds
+time, and in bursts (a run that waits for a descheduled thread takes several times longer, while the fastest runs
+agree to a few percent), so the fastest run is what the model itself costs; the whole-model timings of the
+calibration are taken the same way. A timing still far above its peers' trend (a layer's over the widths of its
+shape, a whole model's over the other whole models) is timed again, up to `rounds` more times (`timing`).
+
+Calibration: a layer timed alone is not a layer inside a model (the runtime reorders the layout at each graph's
+ends; the head and the input quantizer are not in any layer). Two whole plain models are timed too, the unpruned
+one and one at about half its widths, and a scale and an offset map the table's sum onto both. Held out: a few
+(input, output) widths per shape off the grid, and a few whole models at random widths, are timed and compared with
+the prediction: the table's error.
+
+Cache: JSON under `prune.latency.cache_dir`, named by a hash of everything the numbers depend on: CPU model and
+flags, runtime and version, provider, threads, batch, precision, image size, the layers' shapes and units, the grid
+and the rounds. A table whose key matches is read back, anything else is measured afresh.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+from torch import nn
+
+from compress.bench import machine_info, openvino_unavailable
+from compress.io import write_json
+from compress.recipe import LatencyCfg, PruneCfg, Recipe, default_round_to
+from repvgg import LayerSpec
+
+from .latency_table import LatencyTable, LayerShape, format_table, layer_io
+from .onnx_layers import layer_input_type, layer_model, plain_model
+from .slots import architecture, layer_slots, plain_specs, slots_of, width_axis
+from .timing import Timing, above_trend, time_round
+
+TABLE_FORMAT = 1  # bump when the JSON changes meaning: older files are then rebuilt, not misread
+HELD_OUT_POINTS = 2  # off-grid (input, output) widths timed per layer shape
+HELD_OUT_MODELS = 2  # whole models at random widths timed
+_ISA = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")  # what the CPU kernels pick from
+
+
+def _grid(axis: list[int], points: int) -> list[int]:
+    """All of `axis` if it has at most `points` widths, else `points` of them spread over it, both ends included."""
+    if len(axis) <= points:
+        return list(axis)
+    return sorted({axis[round(k * (len(axis) - 1) / (points - 1))] for k in range(points)})
+
+
+def _layer_shapes(model: nn.Module, round_to: int, image_size: int, grid_points: int):
+    """The distinct layer shapes of `model`'s plain stack with their full width axes, and each layer's shape."""
+    slots = slots_of(model, PruneCfg(round_to=round_to), round_to)  # units only: they depend on round_to and groups
+    axes = [width_axis(s.init, s.unit) for s in slots]
+    shapes, index, layers, size = [], {}, [], image_size
+    for spec, (source, out) in zip(plain_specs(model), layer_slots(model)):
+        cin_axis = [spec.in_channels] if source is None else axes[source]
+        shape = (size, spec.stride, spec.groups, source is None, tuple(cin_axis), tuple(axes[out]))
+        if shape not in index:
+            index[shape] = len(shapes)
+            shapes.append((shape, LayerShape(size, spec.stride, spec.groups, source is None,
+                                             _grid(cin_axis, grid_points), _grid(axes[out], grid_points))))
+        layers.append(index[shape])
+        size = (size - 1) // spec.stride + 1
+    return shapes, layers, axes
+
+
+def _cpu_flags() -> list[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return sorted(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return []
+
+
+def _runtime(cfg: LatencyCfg) -> str:
+    if cfg.provider == "openvino":
+        why = openvino_unavailable()
+        if why:
+            raise ValueError(f"prune.latency.provider=openvino: {why}")
+        import openvino
+
+        return f"openvino {openvino.__version__}"
+    import onnxruntime
+
+    return f"onnxruntime {onnxruntime.__version__}"
+
+
+def table_key(model: nn.Module, cfg: LatencyCfg, image_size: int, round_to: int) -> dict:
+    """Everything a latency table's numbers depend on (its cache file is named by a hash of it)."""
+    flags = _cpu_flags()
+    specs = plain_specs(model)
+    return {
+        "format": TABLE_FORMAT,
+        "cpu": machine_info(cfg.threads, [cfg.provider])["cpu"],
+        "isa": [f for f in _ISA if f in flags],
+        "cpu_flags_sha256": hashlib.sha256(" ".join(flags).encode()).hexdigest()[:16],
+        "logical_cores": os.cpu_count(),
+        "runtime": _runtime(cfg),
+        **cfg.key_values("weights"),  # provider, threads, batch, precision, grid_points, rounds
+        "image_size": image_size,
+        "round_to": round_to,
+        "layers": [[s.in_channels, s.out_channels, s.stride, s.groups] for s in specs],
+        "num_classes": model.linear.out_features,
+    }
+
+
+# ---- building -----------------------------------------------------------------------------------------------------
+def build_table(model: nn.Module, cfg: LatencyCfg, image_size: int, round_to: int,
+                log: Callable[[str], None] | None = None) -> LatencyTable:
+    """Measure the latency table of `model`'s plain stack (see the module docstring); not cached here."""
+    log = log or _stderr
+    start = time.perf_counter()
+    key = table_key(model, cfg, image_size, round_to)
+    shapes, layers, axes = _layer_shapes(model, round_to, image_size, cfg.grid_points)
+    specs = plain_specs(model)
+    int8, batch, classes = cfg.precision == "int8", cfg.batch, model.linear.out_features
+    rng = np.random.default_rng(0)
+    # whole models, by slot widths: the calibration's two, then the held-out ones
+    architectures = {"unpruned": [a[-1] for a in axes], "half": [min(a, key=lambda w: abs(2 * w - a[-1])) for a in axes],
+                     **{f"random{k}": [int(rng.choice(a)) for a in axes] for k in range(HELD_OUT_MODELS)}}
+    with tempfile.TemporaryDirectory(prefix="latency-table-") as tmp:
+        timings: list[Timing] = []
+
+        def timing(model_proto: onnx.ModelProto, input_shape: tuple[int, ...], dtype: np.dtype) -> Timing:
+            timings.append(Timing(Path(tmp) / f"m{len(timings)}.onnx", model_proto, input_shape, dtype))
+            return timings[-1]
+
+        def layer_timing(shape: LayerShape, cin: int, cout: int) -> Timing:
+            spec = LayerSpec(cin, cout, shape.stride, shape.groups)
+            return timing(layer_model(spec, shape.size, int8, shape.first), (batch, cin, shape.size, shape.size),
+                          layer_input_type(int8, shape.first))
+
+        grid = [[[layer_timing(s, a, b) for b in s.cout] for a in s.cin] for _, s in shapes]
+        held_out = []
+        for (*_, cin_axis, cout_axis), s in shapes:
+            off_grid = [(a, b) for a in cin_axis for b in cout_axis if a not in s.cin or b not in s.cout]
+            for k in rng.permutation(len(off_grid))[:HELD_OUT_POINTS]:
+                held_out.append((s, *off_grid[k], layer_timing(s, *off_grid[k])))
+        whole = {}
+        for name, slot_widths in architectures.items():
+            arch = plain_specs(architecture(model, tuple(slot_widths)))
+            whole[name] = (arch, timing(plain_model(arch, image_size, classes, int8),
+                                        (batch, specs[0].in_channels, image_size, image_size), np.dtype(np.float32)))
+        log(f"[latency] timing {len(timings)} models ({cfg.precision}, batch {batch}, threads {cfg.threads or 'all'}, "
+            f"{key['runtime']}, {cfg.provider}) over {cfg.rounds} rounds")
+        for r in range(2 * cfg.rounds):  # the rounds, then as many again at most for the timings above their trend
+            again = timings if r < cfg.rounds else _slowed(shapes, grid, held_out, whole, layers, specs[0].in_channels)
+            if not again:
+                break
+            round_start = time.perf_counter()
+            time_round(again, cfg, r * len(again) // cfg.rounds % len(again), rng)
+            what = f"round {r + 1}/{cfg.rounds}" if r < cfg.rounds else "again, above their peers' trend"
+            log(f"[latency] {what}: {len(again)} models in {time.perf_counter() - round_start:.1f} s")
+
+    table = _assemble(key, shapes, grid, layers, specs[0].in_channels)
+    table.measured = len(timings)
+    _calibrate(table, whole)
+    errors = [abs(s.ms_at(a, b) - t.ms) / t.ms for s, a, b, t in held_out]
+    models = {name: {"measured_ms": t.ms, "predicted_ms": table.predict_ms(layer_io(arch))}
+              for name, (arch, t) in whole.items() if name.startswith("random")}
+    model_errors = [abs(m["predicted_ms"] - m["measured_ms"]) / m["measured_ms"] for m in models.values()]
+    table.held_out = {
+        "layer_points": len(errors),
+        "layer_mean_abs_error": float(np.mean(errors)) if errors else None,
+        "layer_max_abs_error": float(np.max(errors)) if errors else None,
+        "models": models,
+        "model_mean_abs_error": float(np.mean(model_errors)) if model_errors else None,
+    }
+    table.build_s = time.perf_counter() - start
+    log(f"[latency] built in {table.build_s:.1f} s")
+    return table
+
+
+def _assemble(key: dict, shapes: list, grid: list, layers: list[int], image_channels: int) -> LatencyTable:
+    """The table from the grid timings so far: each shape's fastest runs, made monotone."""
+    for (_, s), rows in zip(shapes, grid):
+        s.measured_ms = [[t.ms for t in row] for row in rows]
+        s.settle()
+    return LatencyTable(key, [s for _, s in shapes], layers, image_channels)
+
+
+def _slowed(shapes: list, grid: list, held_out: list, whole: dict, layers: list[int], image_channels: int) -> list:
+    """The timings far above their peers' trend: a layer's against the other widths of its shape (latency ~ a + b cin +
+    c cout + d cin cout: work grows with cin x cout, memory traffic with each), a whole model's against the other
+    whole models (latency ~ a + b x the table's sum)."""
+    slowed = []
+    for (_, s), rows in zip(shapes, grid):
+        points = [(a, b, t) for a, row in zip(s.cin, rows) for b, t in zip(s.cout, row)]
+        points += [(a, b, t) for shape, a, b, t in held_out if shape is s]
+        features = np.array([[1.0, a, b, a * b] for a, b, _ in points])
+        above = above_trend(np.array([t.ms for *_, t in points]), features)
+        slowed += [t for (*_, t), up in zip(points, above) if up]
+    table = _assemble({}, shapes, grid, layers, image_channels)
+    sums = [sum(table.layer_ms(i, a, b) for i, (a, b) in enumerate(layer_io(arch))) for arch, _ in whole.values()]
+    above = above_trend(np.array([t.ms for _, t in whole.values()]), np.array([[1.0, x] for x in sums]))
+    return slowed + [t for (_, t), up in zip(whole.values(), above) if up]
+
+
+def _calibrate(table: LatencyTable, whole: dict) -> None:
+    """Scale and offset that map the table's sum onto the measured unpruned and half-width models."""
+    (full_specs, full), (half_specs, half) = whole["unpruned"], whole["half"]
+    sums = {name: sum(table.layer_ms(i, a, b) for i, (a, b) in enumerate(layer_io(specs)))
+            for name, specs in (("unpruned", full_specs), ("half", half_specs))}
+    if sums["unpruned"] > sums["half"] and full.ms > half.ms:
+        table.scale = (full.ms - half.ms) / (sums["unpruned"] - sums["half"])
+    else:  # a model too small to narrow, or noise that inverted the two: scale alone
+        table.scale = full.ms / sums["unpruned"]
+    table.offset = full.ms - table.scale * sums["unpruned"]
+    table.calibration = {"unpruned_measured_ms": full.ms, "unpruned_table_ms": sums["unpruned"],
+                         "half_measured_ms": half.ms, "half_table_ms": sums["half"],
+                         "half_widths": [s.out_channels for s in half_specs]}
+
+
+# ---- cache and ranks ----------------------------------------------------------------------------------------------
+def cache_dir(cfg: LatencyCfg) -> Path:
+    """`cfg.cache_dir`, else $XDG_CACHE_HOME/repvgg-compress, else ~/.cache/repvgg-compress."""
+    if cfg.cache_dir is not None:
+        return Path(cfg.cache_dir)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "repvgg-compress"
+
+
+def _read(path: Path, key: dict) -> LatencyTable | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return LatencyTable.from_json(data, path) if data.get("key") == key else None
+
+
+def load_or_build_table(
+    model: nn.Module,
+    cfg: PruneCfg,
+    image_size: int,
+    device_type: str = "cpu",
+    *,
+    rank: int = 0,
+    wait: Callable[[], None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> LatencyTable:
+    """The latency table of `model`'s plain stack under `cfg.latency`, at `image_size`, on the widths `cfg.round_to`
+    (default for `device_type`) allows: read from the cache when its key matches, else measured and cached.
+    Under torchrun, rank 0 reads or builds it while the other ranks wait in `wait()` (a barrier every rank calls),
+    then read it from the cache, which must be on a filesystem every rank sees."""
+    round_to = cfg.round_to or default_round_to(device_type)
+    key = table_key(model, cfg.latency, image_size, round_to)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_dir(cfg.latency) / f"latency-{digest}.json"
+    table = None
+    if rank == 0:
+        table = _read(path, key)
+        if table is None:
+            table = build_table(model, cfg.latency, image_size, round_to, log)
+            write_json(path, table.to_json())
+            table.path = path
+    if wait is not None:
+        wait()
+    if table is None:
+        table = _read(path, key)
+        if table is None:
+            raise RuntimeError(f"latency table {path} is missing after rank 0 built it: prune.latency.cache_dir must "
+                               f"be on a filesystem every rank reads")
+    return table
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def print_latency_table(recipe: Recipe, model: nn.Module, device_type: str = "cpu", file=None) -> LatencyTable:
+    """For `compress.py latency-table`: read or build the latency table `recipe.prune` asks for, for `model` (the
+    recipe's starting model, multi-branch or plain) at `recipe.data.image_size`, and print it to `file` (stdout)."""
+    table = load_or_build_table(model, recipe.prune, recipe.data.image_size, device_type)
+    print(format_table(table, model), file=file or sys.stdout)
+    return table

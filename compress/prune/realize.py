@@ -1,0 +1,64 @@
+"""Realising a plan: Torch-Pruning prunes the real model to the planned slot widths, its importance picking the
+channels.
+
+TP 1.6 prunes grouped (non-depthwise) convs correctly (importance averaged over the conv groups, the same in-group
+positions removed from every group, so divisibility and re-parameterization hold), but its `round_to` rounds the
+per-group count against the whole layer's channels: steps of groups x round_to, and it may empty a group. Planned
+widths are therefore already multiples of lcm(round_to, groups), and the pruner here gets `round_to=None` and one
+exact ratio per slot (`pruning_ratio_dict`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from compress.recipe import PruneCfg
+
+from .importance import accumulate_gradients
+from .slots import Slot, ignored_layers
+
+
+def realize(
+    model: nn.Module,
+    cfg: PruneCfg,
+    example_input: torch.Tensor,
+    importance,
+    slots: list[Slot],
+    widths: tuple[int, ...],
+    data: list,
+    seed: int,
+    between_steps: Callable[[nn.Module, int], None] | None,
+    was_training: bool,
+) -> None:
+    """Prune `model` in place to `widths` over TP's `cfg.steps` iterative steps, `importance` choosing (its
+    gradients re-accumulated from `data` before each later step, `seed` fixing random draws), and
+    `between_steps(model, step)` run in `was_training` mode after every step but the last."""
+    ratios = {s.convs[0]: s.ratio_for(w) for s, w in zip(slots, widths) if w < s.init}
+    if not ratios:
+        return
+    pruner = tp.pruner.BasePruner(
+        model,
+        example_input,
+        importance=importance,
+        pruning_ratio=0.0,
+        pruning_ratio_dict=ratios,
+        max_pruning_ratio=cfg.max_layer_ratio,
+        iterative_steps=cfg.steps,
+        ignored_layers=ignored_layers(model, cfg),
+        round_to=None,  # widths are already rounded (see the module docstring)
+    )
+    for step in range(cfg.steps):
+        if step and data:
+            accumulate_gradients(model, importance, data, example_input.device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + step)
+            pruner.step()
+        if between_steps is not None and step < cfg.steps - 1:
+            model.zero_grad(set_to_none=True)
+            model.train(was_training)
+            between_steps(model, step)
+            model.eval()
