@@ -103,7 +103,7 @@ def _widths_figure(before: list[int], after: list[int]):
 
 def _finetune(p: Pipeline, model, cfg, *, tag: str, key: str, teacher=None) -> dict:
     """Train a pruned model in place; a plain one with a temporary BN after each conv, folded back after."""
-    from .prune import fold_bn, insert_bn
+    from repvgg import fold_bn, insert_bn
 
     temporary_bn = isinstance(model, PlainRepVGG) and cfg.insert_bn
     if temporary_bn:  # fixed, unaugmented batches: every DDP rank inserts the same BN
