@@ -1,7 +1,8 @@
 """Files the pipeline writes: always a temp file renamed into place, so a kill never leaves half a file.
 
 Models are saved as their architecture description + a state_dict (never pickled modules) and rebuilt from it:
-a pruned plain model is its per-layer widths, a multi-branch model its stage widths.
+a pruned plain model is its per-layer widths, a multi-branch model its stage widths, a re-branched pruned model
+(multi-branch, for fine-tuning) its per-layer widths.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from repvgg import PlainRepVGG, RepVGG, from_state_dict
+from repvgg import PlainRepVGG, RebranchedRepVGG, RepVGG, from_state_dict
 from repvgg.checkpoint import load_strict
 
 FORMAT = "repvgg-compress/1"
@@ -54,27 +55,30 @@ def torch_save(obj, path: str | Path) -> None:
         torch.save(obj, tmp)
 
 
+# arch name in a record -> the model class; the per-layer ones rebuild with `from_config`
+ARCHS: dict[str, type[nn.Module]] = {"plain": PlainRepVGG, "rebranch": RebranchedRepVGG, "repvgg": RepVGG}
+
+
 def model_record(model: nn.Module) -> dict:
-    """Architecture + weights of a RepVGG or PlainRepVGG, as plain data."""
+    """Architecture + weights of a RepVGG, PlainRepVGG or RebranchedRepVGG, as plain data."""
     model = getattr(model, "module", model)  # DistributedDataParallel
-    if isinstance(model, PlainRepVGG):
-        arch = "plain"
-    elif isinstance(model, RepVGG):
-        arch = "repvgg"
-    else:
-        raise TypeError(f"cannot save a {type(model).__name__}: only RepVGG and PlainRepVGG")
+    arch = next((name for name, cls in ARCHS.items() if isinstance(model, cls)), None)
+    if arch is None:
+        raise TypeError(f"cannot save a {type(model).__name__}: only {', '.join(c.__name__ for c in ARCHS.values())}")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return {"format": FORMAT, "arch": arch, "config": model.config(), "state_dict": state}
 
 
 def build_model(record: dict) -> nn.Module:
-    """Rebuild a model from `model_record` output, strict about every key and shape."""
+    """Rebuild a model from `model_record` output, strict about the arch and every key and shape."""
     config = dict(record["config"])
-    if record["arch"] == "plain":
-        model = PlainRepVGG.from_config(config)
-    else:
+    if record["arch"] not in ARCHS:
+        raise ValueError(f"unknown model arch '{record['arch']}'; known: {', '.join(ARCHS)}")
+    if record["arch"] == "repvgg":
         config["override_groups_map"] = {int(k): int(v) for k, v in (config.get("override_groups_map") or {}).items()}
         model = RepVGG(**config)
+    else:
+        model = ARCHS[record["arch"]].from_config(config)
     load_strict(model, record["state_dict"])
     return model
 

@@ -6,12 +6,19 @@ explicit list of `LayerSpec`s and can be rebuilt from that list alone, whatever 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .model import LayerSpec, RepVGG
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+    from .rebranch import RebranchedRepVGG
 
 
 class PlainLayer(nn.Module):
@@ -32,11 +39,16 @@ class PlainLayer(nn.Module):
         return self.act(self.bn(self.conv(x)))
 
 
-class PlainRepVGG(nn.Module):
+class LayerStack(nn.Module):
+    """Layers built one per `LayerSpec` by `make_layer`, then global average pooling and a Linear head: any widths
+    pruning left, described by the spec list alone."""
+
+    make_layer: Callable[[LayerSpec], nn.Module]
+
     def __init__(self, layers: list[LayerSpec], num_classes: int):
         super().__init__()
         if not layers:
-            raise ValueError("a plain RepVGG needs at least one layer")
+            raise ValueError(f"a {type(self).__name__} needs at least one layer")
         for i, (spec, nxt) in enumerate(zip(layers, [*layers[1:], None])):
             spec.check(f"layer {i}")
             if nxt is not None and nxt.in_channels != spec.out_channels:
@@ -45,7 +57,7 @@ class PlainRepVGG(nn.Module):
                 )
         if num_classes <= 0:
             raise ValueError(f"num_classes must be positive, got {num_classes}")
-        self.layers = nn.ModuleList(PlainLayer(s) for s in layers)
+        self.layers = nn.ModuleList(self.make_layer(s) for s in layers)
         self.gap = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(layers[-1].out_channels, num_classes)
 
@@ -60,7 +72,7 @@ class PlainRepVGG(nn.Module):
         return {"layers": [asdict(s) for s in self.layer_specs()], "num_classes": self.linear.out_features}
 
     @classmethod
-    def from_config(cls, config: dict) -> PlainRepVGG:
+    def from_config(cls, config: dict) -> Self:
         return cls([LayerSpec(**layer) for layer in config["layers"]], int(config["num_classes"]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -69,9 +81,16 @@ class PlainRepVGG(nn.Module):
         return self.linear(torch.flatten(self.gap(x), 1))
 
 
+class PlainRepVGG(LayerStack):
+    """The inference-time model: one `PlainLayer` per spec."""
+
+    make_layer = PlainLayer
+
+
 @torch.no_grad()
-def reparameterize(model: RepVGG) -> PlainRepVGG:
-    """A new plain model computing exactly what `model` computes in eval mode; `model` is left untouched."""
+def reparameterize(model: RepVGG | RebranchedRepVGG) -> PlainRepVGG:
+    """A new plain model computing exactly what `model` (any model of RepVGGBlocks with a Linear head) computes in
+    eval mode; `model` is left untouched."""
     blocks = model.blocks()
     plain = PlainRepVGG([b.spec for b in blocks], model.linear.out_features)
     ref = model.linear.weight
