@@ -80,7 +80,8 @@ def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
-def _time_runs(step: Callable[[], object], warmup: int, iters: int) -> list[float]:
+def time_runs(step: Callable[[], object], warmup: int, iters: int) -> list[float]:
+    """Milliseconds of each of `iters` calls of `step`, after `warmup` untimed ones."""
     for _ in range(warmup):
         step()
     times = []
@@ -146,7 +147,7 @@ def openvino_step(model: openvino.CompiledModel, batch: np.ndarray) -> Callable[
     memory, set once, now; each call returns the output tensor, owned by the request."""
     ov = _openvino()
     request = model.create_infer_request()
-    x = np.ascontiguousarray(batch, dtype=np.float32)
+    x = np.ascontiguousarray(batch)  # its own dtype: INT8 layer models read uint8
     request.set_input_tensor(ov.Tensor(x, shared_memory=True))
 
     def step():
@@ -334,7 +335,7 @@ def benchmark(
             for job in jobs[shift:] + jobs[:shift]:
                 prepare = job.open(cfg.threads)
                 for b in batch_sizes:
-                    t = _time_runs(prepare(inputs[b]), cfg.warmup, cfg.iters)
+                    t = time_runs(prepare(inputs[b]), cfg.warmup, cfg.iters)
                     times.setdefault((job.name, job.provider, b), []).append(t)
                 del prepare  # the only reference to the session: it is freed before the next one starts
                 gc.collect()

@@ -1,5 +1,5 @@
-"""`python compress.py --recipe R [--out DIR] [--set k=v ...] [--stages a,b] [--dry-run]` and
-`python compress.py inspect PATH`. Parse, validate once, dispatch; every expected failure is one line."""
+"""`python compress.py --recipe R [--out DIR] [--set k=v ...] [--stages a,b] [--dry-run]`,
+`python compress.py latency-table --recipe R [--set k=v ...]` and `python compress.py inspect PATH`. Parse, validate once, dispatch; every expected failure is one line."""
 
 from __future__ import annotations
 
@@ -115,17 +115,34 @@ def run(args) -> int:
     return 0
 
 
+def print_latency_table(args) -> int:
+    """`compress.py latency-table --recipe R`: build (or read from the cache) and print the latency table the
+    recipe's `prune.latency` settings ask for, for the recipe's starting model (random weights do: latency does
+    not depend on them)."""
+    from .models import initial_model, recipe_architecture
+    from .prune import print_latency_table as print_table
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    device_type = _device(recipe, 0).type
+    recipe = recipe.resolved(device_type)
+    classes = recipe.model.num_classes or 1000  # the head is not in the table
+    model = recipe_architecture(recipe, classes) or initial_model(recipe, classes)[0]
+    print_table(recipe, model, device_type)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["inspect"]:
         from .inspect import inspect_main
 
         return inspect_main(argv[1:])
-    args = _parser().parse_args(argv)
+    latency_table = argv[:1] == ["latency-table"]
+    args = _parser().parse_args(argv[1:] if latency_table else argv)
     if args.recipe is None:
         _parser().error("--recipe is required")
     try:
-        return run(args)
+        return print_latency_table(args) if latency_table else run(args)
     except Exception as e:  # expected failures are one line; --debug shows the traceback
         if args.debug or not _is_user_error(e):
             raise
@@ -137,9 +154,10 @@ def _is_user_error(e: Exception) -> bool:
     from .data import DataError
     from .export import ParityError
     from .io import CheckpointError
+    from .prune.errors import PruneError
     from .reparam import ReparamError
     from .rundir import PipelineError
     from .train import TrainingError
 
     return isinstance(e, (RecipeError, DataError, CheckpointError, PipelineError, TrainingError, ReparamError,
-                          ParityError))
+                          ParityError, PruneError))

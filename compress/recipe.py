@@ -120,7 +120,7 @@ class LatencyCfg(Section):
     provider: Literal["cpu", "openvino"] = "cpu"  # ONNX Runtime's CPU provider, or OpenVINO's CPU device
     threads: int | None = Field(None, gt=0)  # None: all cores
     batch: int = Field(8, gt=0)
-    precision: Literal["fp32", "int8"] = "int8"  # int8: QDQ layers, as the quantize + export stages deploy them
+    precision: Literal["fp32", "int8"] = "fp32"  # int8: QDQ layers, as the quantize + export stages deploy them
     grid_points: int = Field(8, ge=2)  # measured widths per axis of each layer's table; bilinear in between
     rounds: int = Field(3, gt=0)  # every model timed in this many rounds, round-robin; its fastest run kept
     # None: $XDG_CACHE_HOME/repvgg-compress, else ~/.cache/repvgg-compress
@@ -220,7 +220,7 @@ class StudyCfg(Section):
     """Sweep keep_macs over pruning strategies; each point fine-tuned, QAT-quantized, exported and benchmarked."""
 
     keep_macs: list[float] = Field(default_factory=lambda: [0.7, 0.5, 0.3])
-    strategies: list[Literal["plain", "plain-uniform", "multibranch", "scratch"]] = Field(
+    strategies: list[Literal["plain", "plain-uniform", "plain-latency", "multibranch", "scratch"]] = Field(
         default_factory=lambda: ["plain", "plain-uniform", "multibranch", "scratch"]
     )
 
@@ -290,7 +290,8 @@ def _first_error(err: ValidationError, cls: type[BaseModel]) -> str:
     return msg if msg.split(":")[0].startswith(loc) else f"recipe key '{loc}': {msg} (got {e.get('input')!r})"
 
 
-def _apply_override(raw: dict, assignment: str) -> None:
+def _apply_override(raw: dict, assignment: str) -> str:
+    """Set `section.key=value` (YAML-parsed) in `raw`; returns the dotted key."""
     if "=" not in assignment:
         raise RecipeError(f"--set '{assignment}': expected section.key=value")
     dotted, value = assignment.split("=", 1)
@@ -301,6 +302,7 @@ def _apply_override(raw: dict, assignment: str) -> None:
         if not isinstance(node, dict):
             raise RecipeError(f"--set '{assignment}': '{part}' is not a section")
     node[leaf] = yaml.safe_load(value)
+    return dotted
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
@@ -314,8 +316,14 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     if not isinstance(raw, dict):
         raise RecipeError(f"recipe {path} must be a mapping of sections")
     raw.setdefault("name", path.stem)
+    targets = {f"prune.{t}" for t in PRUNE_TARGETS}
+    given = set()  # pruning targets given with --set
     for assignment in overrides:
-        _apply_override(raw, assignment)
+        dotted = _apply_override(raw, assignment)
+        if dotted in targets:  # replaces the recipe file's target, which then needs no null; two --set collide
+            given.add(dotted)
+            for other in targets - given:
+                raw["prune"].pop(other.split(".")[1], None)
     return validate_recipe(raw)
 
 

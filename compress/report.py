@@ -75,9 +75,15 @@ def run_report(recipe: Recipe, summary: dict, out_dir: Path) -> str:
                      f", threads {bench['machine'].get('threads') or 'all'})" if bench else ")"), "",
                   *artifact_table(artifacts, bench), ""]
     lines += ["Stages (top-1 in PyTorch on the test set):", "", *stage_table(stages), ""]
+    check = (stages.get("bench") or {}).get("prune_latency")
+    if check:
+        measured = _fmt(check["measured_ms"], ".2f") if check["measured_ms"] is not None else "not timed by bench"
+        lines += [f"Latency target ({check['artifact']}, {RUNTIMES.get(check['provider'], check['provider'])}, batch "
+                  f"{check['batch']}): budget {check['budget_ms']:.2f} ms, predicted {check['predicted_ms']:.2f} ms, "
+                  f"measured {measured} ms", ""]
     prune = stages.get("prune")
     if prune and "widths_after" in prune:
-        lines += [f"Widths, plain -> pruned (keep_macs achieved {prune['keep_macs_achieved']:.3f}):",
+        lines += [f"Widths, plain -> pruned (MACs kept {prune['keep_macs_achieved']:.3f}):",
                   "    " + " ".join(f"{b}->{a}" if a != b else str(a)
                                   for b, a in zip(prune["widths_before"], prune["widths_after"])), ""]
     lines += [f"TensorBoard: tensorboard --logdir {out_dir / 'tb'}"]

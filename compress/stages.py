@@ -4,6 +4,7 @@ output and returns the metrics that go into `summary.json` (None on a DDP rank w
 from __future__ import annotations
 
 import copy
+import sys
 from typing import TYPE_CHECKING
 
 import matplotlib
@@ -52,7 +53,7 @@ def _expect(model, cls, stage: str, mode: str):
 def prune(p: Pipeline) -> dict | None:
     """Rank 0 alone, or with `prune.steps` > 1 every DDP rank: the fine-tunes between steps train under DDP, so
     every rank prunes the same model the same way (fixed batches, same seed) and checks it did."""
-    from .prune import prune_model
+    from .prune import load_or_build_table, prune_model
 
     cfg = p.recipe.prune
     if cfg.mode == "plain":
@@ -65,10 +66,18 @@ def prune(p: Pipeline) -> dict | None:
         step_cfg = p.recipe.finetune.model_copy(update={"epochs": cfg.steps_finetune_epochs, "distill": None})
         _finetune(p, m, step_cfg, tag=f"prune_step{step}", key=f"{p.dir.artifact_key('prune')}:{step}")
 
+    example = p.data.example_input().to(p.env.device)
+    table = None
+    if cfg.latency_target:  # rank 0 measures the table (or reads it from the cache), other pruning ranks wait
+        every_rank = p.env.world_size > 1 and STAGES["prune"].on_every_rank(p.recipe)
+        table = load_or_build_table(
+            model, cfg, example.shape[-1], p.env.device.type, rank=p.env.rank,
+            wait=(lambda: torch.distributed.barrier(group=p.env.wait_group)) if every_rank else None,
+            log=(lambda line: print(f"[prune] {line}", file=sys.stderr)) if p.env.main else None)
     # fixed, unaugmented batches for taylor/hessian: the same importance whenever (and wherever) it is run
     batches = p.data.calibration_loader(cfg.gradient_batches * p.data.cfg.batch_size)
-    report = prune_model(model, cfg, p.data.example_input().to(p.env.device), batches=batches,
-                         between_steps=finetune_between_steps)
+    report = prune_model(model, cfg, example, batches=batches, between_steps=finetune_between_steps,
+                         latency_table=table)
     if p.env.world_size > 1 and STAGES["prune"].on_every_rank(p.recipe):
         _same_on_every_rank(report["widths_after"])
     if not p.env.main:
@@ -77,6 +86,9 @@ def prune(p: Pipeline) -> dict | None:
     if p.env.writer is not None:
         p.env.writer.add_figure("prune/widths", _widths_figure(report["widths_before"], report["widths_after"]), 0)
         p.env.writer.add_scalar("prune/top1", metrics["top1"], 0)  # step 0: before fine-tuning
+        if "latency" in report:
+            for name in ("before_ms", "budget_ms", "predicted_ms"):
+                p.env.writer.add_scalar(f"prune/latency_{name}", report["latency"][name], 0)
     p.save("prune", model)
     return {**report, "top1": metrics["top1"], "top5": metrics["top5"]}
 
@@ -243,6 +255,20 @@ def _int8_speedups(results: list[dict], batch: int) -> dict:
     return speedups
 
 
+def _latency_check(p: Pipeline, results: list[dict]) -> dict | None:
+    """The prune stage's latency prediction beside the bench's measurement of the same file, runtime and batch
+    (the pruned model in the table's precision), when the run pruned to a latency target and bench timed it."""
+    prune = p.summary["stages"].get("prune", {}).get("latency")
+    if not prune:
+        return None
+    cfg = p.recipe.prune.latency
+    artifact = f"pruned_{cfg.precision}"
+    measured = next((r["median_ms"] for r in results
+                     if (r["artifact"], r["provider"], r["batch"]) == (artifact, cfg.provider, cfg.batch)), None)
+    return {"artifact": artifact, "provider": cfg.provider, "batch": cfg.batch, "budget_ms": prune["budget_ms"],
+            "predicted_ms": prune["predicted_ms"], "measured_ms": measured}
+
+
 def bench(p: Pipeline) -> dict:
     from pathlib import Path
 
@@ -260,6 +286,9 @@ def bench(p: Pipeline) -> dict:
                        torch_device=p.env.device)
     main_batch = cfg.main_batch or cfg.batch_sizes[0]
     result["int8_speedup"] = _int8_speedups(result["results"], main_batch)
+    predicted = _latency_check(p, result["results"])
+    if predicted:
+        result["prune_latency"] = predicted
     points = []
     for r in result["results"]:
         if r["batch"] == main_batch and r["provider"] == "cpu" and r["artifact"] in artifacts:

@@ -7,6 +7,8 @@ comparable. Strategies:
 
 - plain: reparam -> prune each layer by global importance -> fine-tune
 - plain-uniform: the same with one ratio for every layer (local scope)
+- plain-latency: plain pruning to a fraction of the plain model's measured FP32 latency (batch 8) instead of
+  its MACs, from a per-layer latency table of this machine
 - multibranch: prune the training-time model (identity branches couple each stage) -> fine-tune -> reparam
 - scratch: a RepVGG with stage widths scaled to the same MACs, trained from scratch for train + fine-tune epochs
 """
@@ -36,12 +38,14 @@ from .data import Data  # noqa: E402
 from .io import write_json, write_text  # noqa: E402
 from .models import recipe_architecture  # noqa: E402
 from .pipeline import Pipeline  # noqa: E402
-from .recipe import Recipe, default_round_to  # noqa: E402
+from .recipe import PRUNE_TARGETS, Recipe, default_round_to  # noqa: E402
 from .registry import STAGE_NAMES  # noqa: E402
 from .train import Env  # noqa: E402
 
-STYLE = {"plain": "#1f77b4", "plain-uniform": "#2ca02c", "multibranch": "#d62728", "scratch": "#9467bd",
-         "unpruned": "#000000"}
+# plain-latency points: fractions of the FP32 latency at batch 8, so they sit at latencies comparable to the others'
+LATENCY_POINTS = {"precision": "fp32", "batch": 8}
+STYLE = {"plain": "#1f77b4", "plain-uniform": "#2ca02c", "plain-latency": "#ff7f0e", "multibranch": "#d62728",
+         "scratch": "#9467bd", "unpruned": "#000000"}
 
 
 def _updated(recipe: Recipe, **sections) -> Recipe:
@@ -147,9 +151,12 @@ class Study:
                                        export={"artifacts": ["plain_fp32", "plain_int8"]})
                     seed = None
                 else:
-                    prune = {"keep_macs": keep, "channel_ratio": None,
+                    prune = {**dict.fromkeys(PRUNE_TARGETS), "keep_macs": keep,
                              "mode": "multibranch" if strategy == "multibranch" else "plain",
                              "scope": "local" if strategy == "plain-uniform" else r.prune.scope}
+                    if strategy == "plain-latency":  # the same fraction of the plain model's measured latency
+                        prune.update(keep_macs=None, keep_latency=keep,
+                                     latency={**r.prune.latency.model_dump(mode="json"), **LATENCY_POINTS})
                     precipe = _updated(r, prune=prune, stages=[s for s in STAGE_NAMES if s != "bench"],
                                        export={"artifacts": ["pruned_fp32", "pruned_int8"]})
                     seed = base

@@ -286,3 +286,47 @@ def test_rank0_builds_the_table_while_the_other_rank_waits_then_reads_it(tmp_pat
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     assert ranks[0]["measured"] > 0 and ranks[1]["measured"] == 0  # rank 1 timed nothing
     assert ranks[0]["table"] == ranks[1]["table"]
+
+
+# ---- wiring: --set over a recipe's target, the CLI subcommand, the prune and bench stages -------------------------
+def test_set_target_replaces_the_recipe_files_and_two_set_targets_collide(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"name": "A0"}, "prune": {"keep_macs": 0.5}}))
+    loaded = load_recipe(recipe, ["prune.keep_latency=0.5"])  # as on bench_a0_cpu.yaml, which names keep_macs
+    assert (loaded.prune.keep_macs, loaded.prune.keep_latency) == (None, 0.5)
+    with pytest.raises(RecipeError, match="keep_latency and target_ms given together"):
+        load_recipe(recipe, ["prune.keep_latency=0.5", "prune.target_ms=3"])
+
+
+def test_latency_table_subcommand_prints_the_table(tiny_recipe, tmp_path, capsys):
+    from compress.cli import main
+
+    args = ["latency-table", "--recipe", str(tiny_recipe()), "--set", "prune.keep_latency=0.5",
+            "--set", "prune.round_to=8", *(f"--set=prune.latency.{k}={v}" for k, v in QUICK.items()),
+            "--set", f"prune.latency.cache_dir={tmp_path}"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"latency table: onnxruntime \S+ \(cpu\), fp32, batch 2, threads 1", out)
+    assert re.search(r"held-out layers: \d+ off-grid widths, error mean [\d.]+%", out)
+    assert len(list(tmp_path.glob("latency-*.json"))) == 1
+
+
+def test_pipeline_prunes_to_keep_latency_and_bench_measures_the_prediction(tiny_recipe, tmp_path, capsys):
+    from compress.cli import main
+
+    out = tmp_path / "run"
+    recipe = tiny_recipe(
+        stages=["train", "reparam", "prune", "export", "bench"], train={"epochs": 1},
+        model={"width_multiplier": [1, 1, 1, 0.5]},  # wide enough that convs, not call overheads, take the time
+        data={"train_subset": 256, "test_subset": 64},
+        prune={"keep_latency": 0.7, "round_to": 8, "latency": {**QUICK, "cache_dir": str(tmp_path / "cache")}},
+        bench={"batch_sizes": [2], "warmup": 2, "iters": 10, "rounds": 3, "threads": 1, "providers": ["cpu"]},
+    )
+    assert main(["--recipe", str(recipe), "--out", str(out)]) == 0
+    stages = json.loads((out / "summary.json").read_text())["stages"]
+    latency = stages["prune"]["latency"]
+    assert latency["predicted_ms"] <= latency["budget_ms"] == pytest.approx(0.7 * latency["before_ms"])
+    check = stages["bench"]["prune_latency"]
+    assert (check["artifact"], check["provider"], check["batch"]) == ("pruned_fp32", "cpu", 2)
+    assert check["predicted_ms"] == latency["predicted_ms"] and check["measured_ms"] > 0
+    assert "Latency target (pruned_fp32, ORT CPU, batch 2): budget" in capsys.readouterr().out

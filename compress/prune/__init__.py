@@ -8,10 +8,12 @@ one-layer ONNX models of `onnx_layers`) and `latency_table` (the table itself), 
 them in order).
 """
 
+from .errors import PruneError
 from .importance import make_importance
 from .latency import load_or_build_table, print_latency_table
 from .latency_table import LatencyTable
 from .plan import TOLERANCE
 from .pruning import prune_model
 
-__all__ = ["TOLERANCE", "LatencyTable", "load_or_build_table", "make_importance", "print_latency_table", "prune_model"]
+__all__ = ["TOLERANCE", "LatencyTable", "PruneError", "load_or_build_table", "make_importance", "print_latency_table",
+           "prune_model"]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .cost import ChainCost
+from .errors import PruneError
 
 
 @dataclass
@@ -69,7 +70,7 @@ def select_within_budget(
         rest.insert(0, np.array([min(step(i, p, w) + r for w, r in zip(choices[i], rest[0])) for p in choices[i - 1]]))
     cheapest = min(step(0, None, w) + r for w, r in zip(choices[0], rest[0])) + constant
     if cheapest > budget + slack:
-        raise ValueError(
+        raise PruneError(
             f"{target_name} is not reachable: the narrowest widths allowed cost {cheapest:.4g} {cost.unit}, "
             f"over the budget of {budget:.4g} {cost.unit} (round_to, max_layer_ratio and min_width set how narrow)"
         )

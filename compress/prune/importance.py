@@ -17,6 +17,7 @@ from torch import nn
 
 from compress.recipe import PruneCfg
 
+from .errors import PruneError
 from .slots import Slot
 
 NEEDS_GRADIENTS = ("taylor", "hessian")
@@ -63,10 +64,10 @@ def gradient_batches(cfg: PruneCfg, batches: Iterable | None) -> list:
     if cfg.importance not in NEEDS_GRADIENTS:
         return []
     if batches is None:
-        raise ValueError(f"prune.importance={cfg.importance} needs training batches")
+        raise PruneError(f"prune.importance={cfg.importance} needs training batches")
     data = list(itertools.islice(iter(batches), cfg.gradient_batches))
     if not data:
-        raise ValueError(f"prune.importance={cfg.importance} got no training batches")
+        raise PruneError(f"prune.importance={cfg.importance} got no training batches")
     return data
 
 

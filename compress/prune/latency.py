@@ -47,6 +47,7 @@ from compress.io import write_json
 from compress.recipe import LatencyCfg, PruneCfg, Recipe, default_round_to
 from repvgg import LayerSpec
 
+from .errors import PruneError
 from .latency_table import LatencyTable, LayerShape, format_table, layer_io
 from .onnx_layers import layer_input_type, layer_model, plain_model
 from .slots import architecture, layer_slots, plain_specs, slots_of, width_axis
@@ -96,7 +97,7 @@ def _runtime(cfg: LatencyCfg) -> str:
     if cfg.provider == "openvino":
         why = openvino_unavailable()
         if why:
-            raise ValueError(f"prune.latency.provider=openvino: {why}")
+            raise PruneError(f"prune.latency.provider=openvino: {why}")
         import openvino
 
         return f"openvino {openvino.__version__}"

@@ -20,6 +20,7 @@ from torch import nn
 from compress.recipe import PruneCfg
 
 from .cost import CostModel
+from .errors import PruneError
 from .slots import Slot, ignored_layers
 
 TOLERANCE = 0.02  # |cost_after / cost_before - target| allowed
@@ -128,7 +129,7 @@ def search_ratio(plan: Planner, cost: CostModel, target: float, target_name: str
                 break
     best, ratio = min(found, key=lambda f: error(f[0]))
     if error(best) > TOLERANCE:
-        raise ValueError(
+        raise PruneError(
             f"{target_name} is not reachable within ±{TOLERANCE:.0%}: closest is {keep(best):.3f} "
             f"(round_to={round_to}, max_layer_ratio={cfg.max_layer_ratio}); change one of those or {target_name.split('=')[0]}"
         )

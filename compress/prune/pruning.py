@@ -29,6 +29,7 @@ from repvgg import PlainRepVGG, RepVGG, channel_groups
 
 from .budget import select_within_budget
 from .cost import LatencyCost, MacCost
+from .errors import PruneError
 from .importance import accumulate_gradients, gradient_batches, kept_importance, make_importance
 from .latency import load_or_build_table
 from .latency_table import LatencyTable
@@ -40,7 +41,7 @@ from .slots import layer_widths, slot_widths, slots_of
 def _check_mode(model: nn.Module, cfg: PruneCfg) -> None:
     want = PlainRepVGG if cfg.mode == "plain" else RepVGG
     if not isinstance(model, want):
-        raise ValueError(f"prune.mode={cfg.mode} needs a {want.__name__}, got a {type(model).__name__}")
+        raise PruneError(f"prune.mode={cfg.mode} needs a {want.__name__}, got a {type(model).__name__}")
 
 
 def _plan(model, cfg: PruneCfg, example_input, importance, slots, seed: int, round_to: int, macs: MacCost,

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from compress.bench import _time_runs, openvino_model, openvino_step
+from compress.bench import openvino_model, openvino_step, time_runs
 from compress.export import INPUT_NAME, onnx_session
 from compress.recipe import LatencyCfg
 
@@ -48,7 +48,7 @@ def time_round(timings: list[Timing], cfg: LatencyCfg, shift: int, rng: np.rando
     """Time each model once, round-robin from `timings[shift]`, one session alive at a time."""
     for t in timings[shift:] + timings[:shift]:
         prepare = _runner(t.path, cfg)
-        t.runs += _time_runs(prepare(t.input(rng)), WARMUP, ITERS)
+        t.runs += time_runs(prepare(t.input(rng)), WARMUP, ITERS)
         del prepare  # the only reference to the session: freed before the next one starts
 
 

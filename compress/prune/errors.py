@@ -1,0 +1,6 @@
+"""The error a pruning request the model cannot satisfy raises (an unreachable target, a missing runtime): one
+line naming the recipe key, which the CLI prints as it is."""
+
+
+class PruneError(ValueError):
+    """A pruning target or setting this model cannot meet, said in one line."""
