@@ -110,7 +110,17 @@ class FinetuneCfg(OptimCfg):
     epochs: int = Field(5, ge=0)
     lr: float = Field(0.01, gt=0)
     distill: Distill | None = None
-    insert_bn: bool = True  # temporary BN after each plain conv, folded back afterwards
+    # how a pruned plain model trains: as it is, with a temporary BN after each conv (folded back after), or
+    # re-branched into RepVGG blocks at its pruned widths (re-parameterized back after, exactly)
+    structure: Literal["plain", "bn", "rebranch"] = "bn"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _insert_bn_renamed(cls, data):
+        if isinstance(data, dict) and "insert_bn" in data:
+            raise ValueError("finetune.insert_bn: replaced by finetune.structure (insert_bn: true is structure: bn, "
+                             "false is structure: plain; structure: rebranch fine-tunes re-branched blocks)")
+        return data
 
 
 class LatencyCfg(Section):
@@ -220,7 +230,7 @@ class StudyCfg(Section):
     """Sweep keep_macs over pruning strategies; each point fine-tuned, QAT-quantized, exported and benchmarked."""
 
     keep_macs: list[float] = Field(default_factory=lambda: [0.7, 0.5, 0.3])
-    strategies: list[Literal["plain", "plain-uniform", "plain-latency", "multibranch", "scratch"]] = Field(
+    strategies: list[Literal["plain", "plain-uniform", "plain-latency", "plain-rebranch", "multibranch", "scratch"]] = Field(
         default_factory=lambda: ["plain", "plain-uniform", "multibranch", "scratch"]
     )
 
@@ -254,6 +264,9 @@ class Recipe(Section):
             if stage not in STAGE_NAMES:
                 raise ValueError(f"stages: unknown stage '{stage}'{_suggest(stage, STAGE_NAMES)}")
         self.stages = [s for s in STAGE_NAMES if s in self.stages]  # always run in pipeline order
+        if self.prune.mode == "multibranch" and self.finetune.structure == "rebranch":
+            raise ValueError("finetune.structure: rebranch re-branches a plain-pruned model; prune.mode: multibranch "
+                             "models keep their branches (use structure: bn or plain)")
         return self
 
     def resolved(self, device_type: str) -> Recipe:

@@ -75,6 +75,11 @@ def run_report(recipe: Recipe, summary: dict, out_dir: Path) -> str:
                      f", threads {bench['machine'].get('threads') or 'all'})" if bench else ")"), "",
                   *artifact_table(artifacts, bench), ""]
     lines += ["Stages (top-1 in PyTorch on the test set):", "", *stage_table(stages), ""]
+    finetune = stages.get("finetune")
+    if finetune and "structure" in finetune:
+        folded = (f"; folded back exactly (max abs logit diff {finetune['max_abs_diff']:.2g})"
+                  if "max_abs_diff" in finetune else "")
+        lines += [f"Fine-tuned as: {finetune['structure']}{folded}", ""]
     check = (stages.get("bench") or {}).get("prune_latency")
     if check:
         measured = _fmt(check["measured_ms"], ".2f") if check["measured_ms"] is not None else "not timed by bench"

@@ -19,7 +19,7 @@ from .io import model_record
 from .models import initial_model
 from .recipe import OptimCfg
 from .registry import STAGES
-from .reparam import reparam_stage
+from .reparam import check_equivalent, reparam_stage, to_plain
 from .rundir import PipelineError
 from .train import evaluate, fit
 
@@ -114,17 +114,28 @@ def _widths_figure(before: list[int], after: list[int]):
 
 
 def _finetune(p: Pipeline, model, cfg, *, tag: str, key: str, teacher=None) -> dict:
-    """Train a pruned model in place; a plain one with a temporary BN after each conv, folded back after."""
-    from repvgg import fold_bn, insert_bn
+    """Train a pruned model in place. A plain one as `finetune.structure` says: as it is (plain), with a temporary
+    BN after each conv folded back after (bn), or re-branched into RepVGG blocks at its widths and
+    re-parameterized back after, checked exact at full precision (rebranch). Every DDP rank builds the same
+    model: fixed, unaugmented calibration batches, and the recipe's seed for the new 1x1 branches."""
+    from repvgg import fold_bn, insert_bn, rebranch
 
-    temporary_bn = isinstance(model, PlainRepVGG) and cfg.insert_bn
-    if temporary_bn:  # fixed, unaugmented batches: every DDP rank inserts the same BN
-        insert_bn(model, p.data.calibration_loader(min(512, len(p.data.train_set))))
-    result = fit(model, cfg, p.data, p.env, tag=tag, ckpt_path=p.out_dir / f"{tag}.ckpt", key=key, teacher=teacher,
+    structure = cfg.structure if isinstance(model, PlainRepVGG) else "multibranch"
+    calibration = p.data.calibration_loader(min(512, len(p.data.train_set)))
+    net = model
+    if structure == "bn":
+        insert_bn(model, calibration)
+    elif structure == "rebranch":
+        net = rebranch(model, calibration, seed=p.recipe.seed).to(p.env.device)
+    result = fit(net, cfg, p.data, p.env, tag=tag, ckpt_path=p.out_dir / f"{tag}.ckpt", key=key, teacher=teacher,
                  distill=cfg.distill)
-    if temporary_bn:
+    if structure == "bn":
         fold_bn(model)
-    return result
+    elif structure == "rebranch":  # fold back into the pruned plain model itself (callers hold it)
+        folded = to_plain(net)
+        result.update(check_equivalent(net, folded, p.data, p.env))
+        model.load_state_dict(folded.state_dict())
+    return {**result, "structure": structure}
 
 
 def finetune(p: Pipeline) -> dict | None:
@@ -135,8 +146,9 @@ def finetune(p: Pipeline) -> dict | None:
     if not p.env.main:  # every rank trained (DDP); rank 0 checks, evaluates and saves
         return None
     if isinstance(model, RepVGG):  # multibranch baseline: re-parameterize only now, and check it stays exact
-        model, check = reparam_stage(model, p.data, p.env)
-        result["max_abs_diff"] = check["max_abs_diff"]
+        plain = to_plain(model)
+        result.update(check_equivalent(model, plain, p.data, p.env))
+        model = plain
     final = evaluate(model, p.data.test_loader(), p.env.device)
     if p.env.writer is not None:
         p.env.writer.add_scalar("prune/top1", final["top1"], 1)  # step 1: after fine-tuning

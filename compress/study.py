@@ -7,6 +7,7 @@ comparable. Strategies:
 
 - plain: reparam -> prune each layer by global importance -> fine-tune
 - plain-uniform: the same with one ratio for every layer (local scope)
+- plain-rebranch: plain pruning, fine-tuned as RepVGG blocks re-branched at the pruned widths, folded back
 - plain-latency: plain pruning to a fraction of the plain model's measured FP32 latency (batch 8) instead of
   its MACs, from a per-layer latency table of this machine
 - multibranch: prune the training-time model (identity branches couple each stage) -> fine-tune -> reparam
@@ -44,7 +45,7 @@ from .train import Env  # noqa: E402
 
 # plain-latency points: fractions of the FP32 latency at batch 8, so they sit at latencies comparable to the others'
 LATENCY_POINTS = {"precision": "fp32", "batch": 8}
-STYLE = {"plain": "#1f77b4", "plain-uniform": "#2ca02c", "plain-latency": "#ff7f0e", "multibranch": "#d62728",
+STYLE = {"plain": "#1f77b4", "plain-uniform": "#2ca02c", "plain-latency": "#ff7f0e", "plain-rebranch": "#17becf", "multibranch": "#d62728",
          "scratch": "#9467bd", "unpruned": "#000000"}
 
 
@@ -157,7 +158,13 @@ class Study:
                     if strategy == "plain-latency":  # the same fraction of the plain model's measured latency
                         prune.update(keep_macs=None, keep_latency=keep,
                                      latency={**r.prune.latency.model_dump(mode="json"), **LATENCY_POINTS})
-                    precipe = _updated(r, prune=prune, stages=[s for s in STAGE_NAMES if s != "bench"],
+                    # plain-rebranch fine-tunes re-branched blocks; a multibranch model has its own branches
+                    structure = {"plain-rebranch": "rebranch", "multibranch": "plain"}.get(strategy,
+                                                                                           r.finetune.structure)
+                    if structure == "rebranch" and strategy != "plain-rebranch":
+                        structure = "bn"  # the recipe's rebranch is what plain-rebranch measures: others keep bn
+                    precipe = _updated(r, prune=prune, finetune={"structure": structure},
+                                       stages=[s for s in STAGE_NAMES if s != "bench"],
                                        export={"artifacts": ["pruned_fp32", "pruned_int8"]})
                     seed = base
                 if self.env.main:

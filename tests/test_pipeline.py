@@ -82,9 +82,10 @@ def test_sigkill_then_rerun_resumes_with_identical_weights(tiny_recipe, tmp_path
 def test_torchrun_two_processes_gloo(tiny_recipe, tmp_path):
     out = tmp_path / "ddp"
     # QAT trains under DDP too: every rank calibrates NNCF's quantizers on the same images, then trains; so does
-    # the fine-tune between iterative pruning steps, every rank pruning the same way
+    # the fine-tune between iterative pruning steps, every rank pruning the same way and re-branching the same
     recipe = str(tiny_recipe(stages=["train", "reparam", "prune", "quantize"], data={"batch_size": 32},
                              prune={"steps": 2, "steps_finetune_epochs": 1, "round_to": 4},
+                             finetune={"structure": "rebranch"},
                              quantize={"mode": "qat", "epochs": 1, "calibration_size": 64}))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(

@@ -2,14 +2,21 @@
 exactly, the same model from the same seed and batches."""
 
 import copy
+import json
+import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ROOT, one_line_error, run_cli
 from test_model import randomize_bn
+from test_pipeline import _wait_for_epoch
 
 from compress.data import build_data
-from compress.io import build_model, load_model, model_record, save_model
+from compress.io import build_model, load_checkpoint, load_model, model_record, save_model
 from compress.precision import within_tolerance
 from compress.prune import prune_model
 from compress.recipe import DataCfg, PruneCfg
@@ -182,3 +189,37 @@ def test_rebranch_refuses_a_model_with_temporary_bns_or_a_multibranch_model(prun
         rebranch(insert_bn(copy.deepcopy(pruned), calibration_batches()), calibration_batches())
     with pytest.raises(TypeError, match="PlainRepVGG"):
         rebranch(RepVGG([1, 1, 1, 1], widths=[8, 8, 8, 8, 8], num_classes=10), calibration_batches())
+
+
+# ---- the pipeline's finetune.structure: rebranch ------------------------------------------------------------------
+def test_insert_bn_in_a_recipe_names_its_replacement(tiny_recipe, capsys):
+    line = one_line_error(capsys, ["--recipe", str(tiny_recipe(finetune={"insert_bn": True}))])
+    assert "finetune.insert_bn: replaced by finetune.structure" in line
+
+
+def test_rebranch_with_a_multibranch_prune_is_one_line(tiny_recipe, capsys):
+    recipe = tiny_recipe(prune={"mode": "multibranch"}, finetune={"structure": "rebranch"})
+    assert "prune.mode: multibranch" in one_line_error(capsys, ["--recipe", str(recipe)])
+
+
+def test_rebranch_fine_tune_resumes_after_a_kill_with_identical_weights(tiny_recipe, tmp_path):
+    recipe = str(tiny_recipe(stages=["train", "reparam", "prune", "finetune"], train={"epochs": 1},
+                             prune={"round_to": 4}, finetune={"epochs": 3, "lr": 0.01, "structure": "rebranch"}))
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    done = run_cli("--recipe", recipe, "--out", str(full))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Fine-tuned as: rebranch; folded back exactly" in done.stdout
+    finetune = json.loads((full / "summary.json").read_text())["stages"]["finetune"]
+    assert finetune["structure"] == "rebranch" and within_tolerance(finetune["max_abs_diff"],
+                                                                    finetune["max_abs_logit"], 1e-5)
+    assert load_model(full / "finetuned.pt").widths() == load_model(full / "pruned.pt").widths()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "compress.py"), "--recipe", recipe, "--out", str(killed)],
+                            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for_epoch(killed / "finetune.ckpt", 0, proc)  # one re-branched epoch done
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    rerun = run_cli("--recipe", recipe, "--out", str(killed))
+    assert rerun.returncode == 0 and "[finetune] resuming after epoch" in rerun.stderr, rerun.stderr[-2000:]
+    a, b = load_checkpoint(full / "finetuned.pt")["state_dict"], load_checkpoint(killed / "finetuned.pt")["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -14,15 +14,16 @@ def test_digits_smoke_study_fills_every_cell_and_reuses_points(tiny_recipe, tmp_
         finetune={"epochs": 1, "lr": 0.01},
         quantize={"mode": "qat", "epochs": 1, "calibration_size": 64, "lr": 1e-4},
         bench={"batch_sizes": [4], "warmup": 2, "iters": 5, "rounds": 2},
-        study={"keep_macs": [0.5], "strategies": ["plain", "plain-uniform", "multibranch", "scratch"]},
+        study={"keep_macs": [0.5],
+               "strategies": ["plain", "plain-uniform", "plain-rebranch", "multibranch", "scratch"]},
     ))
     out = tmp_path / "study"
     assert main(["--recipe", recipe, "--out", str(out)]) == 0
     md = (out / "study.md").read_text()
-    for strategy in ("unpruned", "plain", "plain-uniform", "multibranch", "scratch"):
+    for strategy in ("unpruned", "plain", "plain-uniform", "plain-rebranch", "multibranch", "scratch"):
         assert f"## {strategy}\n" in md
     rows = [line for line in md.splitlines() if re.match(r"\| (0\.5|1) \|", line)]
-    assert len(rows) == 5
+    assert len(rows) == 6
     for row in rows:  # every numeric cell is a measured, positive number
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert all(float(c) > 0 for c in cells[:7]), row
@@ -35,7 +36,11 @@ def test_digits_smoke_study_fills_every_cell_and_reuses_points(tiny_recipe, tmp_
     stage_widths = by["multibranch"]["stage_widths"]  # one width per stage: the coupling at work
     assert len(stage_widths) == 5 and set(by["multibranch"]["widths"]) == set(stage_widths)
     assert len(set(by["plain"]["widths"])) >= 1 and by["plain"]["macs_M"] < by["unpruned"]["macs_M"]
-    for strategy in ("plain", "plain-uniform", "multibranch", "scratch"):
+    finetuned = {s: json.loads((out / "points" / f"{s}_0.5" / "summary.json").read_text())["stages"]["finetune"]
+                 for s in ("plain", "plain-rebranch", "multibranch")}
+    assert {s: f["structure"] for s, f in finetuned.items()} == {"plain": "bn", "plain-rebranch": "rebranch",
+                                                                 "multibranch": "multibranch"}
+    for strategy in ("plain", "plain-uniform", "plain-rebranch", "multibranch", "scratch"):
         assert abs(by[strategy]["macs_M"] / by["unpruned"]["macs_M"] - 0.5) < 0.1
 
     events = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0})
