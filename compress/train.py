@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,7 +170,7 @@ def fit(
     total_steps = steps_per_epoch * cfg.epochs
     for epoch in range(start, cfg.epochs):
         net.train()
-        running, seen = 0.0, 0
+        running, seen, began = 0.0, 0, time.perf_counter()
         loader = data.train_loader(epoch)
         bar = tqdm(loader, desc=f"{tag} {epoch + 1}/{cfg.epochs}", leave=False, disable=not env.main or None, mininterval=2)
         for i, (x, y) in enumerate(bar):
@@ -212,16 +213,17 @@ def fit(
             # rank its own BN statistics: evaluate rank 0's model, the one the checkpoint keeps, on every shard
             for buffer in model.buffers():
                 dist.broadcast(buffer, src=0)
+        train_seconds = time.perf_counter() - began  # the epoch's training, its evaluation not included
         metrics = evaluate_test_set(model, data, env)
-        metrics.update(epoch=epoch + 1, train_loss=running / max(1, seen), lr=lr)
+        metrics.update(epoch=epoch + 1, train_loss=running / max(1, seen), lr=lr, train_seconds=train_seconds)
         history.append(metrics)
         if env.main:
             if env.writer is not None:
-                for name in ("train_loss", "lr", "top1", "top5", "loss"):
+                for name in ("train_loss", "lr", "top1", "top5", "loss", "train_seconds"):
                     env.writer.add_scalar(f"{tag}/{name}", metrics[name], epoch + 1)
             print(
                 f"[{tag}] epoch {epoch + 1}/{cfg.epochs} train_loss {metrics['train_loss']:.4f} "
-                f"top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f}",
+                f"top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} ({train_seconds:.0f} s)",
                 file=sys.stderr,
             )
             torch_save(
