@@ -8,10 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-import compress.bench as bench
+import compress.bench.runner as runner
 from compress.bench import (
-    TIMING_HOST,
-    TIMING_IOBINDING,
     accuracy_latency_figure,
     benchmark,
     iobinding_step,
@@ -19,6 +17,7 @@ from compress.bench import (
     save_figure,
     torch_step,
 )
+from compress.bench.runtimes import TIMING_HOST, TIMING_IOBINDING
 from compress.export import INPUT_NAME, OUTPUT_NAME, export_onnx, onnx_session
 from compress.recipe import BenchCfg
 from repvgg import LayerSpec, PlainRepVGG
@@ -74,7 +73,7 @@ def test_benchmark_reports_every_artifact_batch_and_ratio(artifacts, models):
 
 @pytest.fixture
 def opened(monkeypatch):
-    """Spies on bench's ORT sessions and OpenVINO compiled models (the real ones, wrapped): `order` lists each
+    """Spies on the benchmark loop's ORT sessions and OpenVINO compiled models (the real ones, wrapped): `order` lists each
     opened as (runtime, artifact), `peak` is the most alive at once."""
     live, log = weakref.WeakSet(), {"order": [], "peak": 0}
 
@@ -86,7 +85,7 @@ def opened(monkeypatch):
             return getattr(self.inner, name)
 
     def track(factory: str, runtime: str):
-        real = getattr(bench, factory)
+        real = getattr(runner, factory)
 
         def tracked(path, *args, **kwargs):
             opened = Tracked(real(path, *args, **kwargs))
@@ -95,7 +94,7 @@ def opened(monkeypatch):
             log["order"].append((runtime, path.stem))
             return opened
 
-        monkeypatch.setattr(bench, factory, tracked)
+        monkeypatch.setattr(runner, factory, tracked)
 
     track("onnx_session", "ort")
     track("openvino_model", "openvino")
@@ -120,7 +119,7 @@ def test_one_runtime_at_a_time_across_ort_and_openvino(artifacts, opened):
 
 
 def test_unavailable_provider_is_skipped_and_said(artifacts, monkeypatch):
-    monkeypatch.setattr(bench, "available_providers", lambda: ["cpu"])
+    monkeypatch.setattr(runner, "available_providers", lambda: ["cpu"])
     out = benchmark(artifacts, fast_cfg(batch_sizes=[1], rounds=1, providers=["cuda", "cpu"]), SIZE)
     assert {r["provider"] for r in out["results"]} == {"cpu"}
     assert out["machine"]["skipped_providers"] == {"cuda": "not available here"}
@@ -150,14 +149,14 @@ def test_iobinding_providers_are_timed_through_iobinding_and_say_so(artifacts, m
     """A provider listed in IOBINDING_DEVICE (CUDA and TensorRT; here CPU, which ORT also binds) is timed with
     `iobinding_step`, once per (artifact, batch, round), and its results say so."""
     bound = []
-    real = bench.iobinding_step
+    real = runner.iobinding_step
 
     def spy(session, batch, device):
         bound.append((batch.shape[0], device))
         return real(session, batch, device)
 
-    monkeypatch.setattr(bench, "IOBINDING_DEVICE", {"cpu": "cpu"})
-    monkeypatch.setattr(bench, "iobinding_step", spy)
+    monkeypatch.setattr(runner, "IOBINDING_DEVICE", {"cpu": "cpu"})
+    monkeypatch.setattr(runner, "iobinding_step", spy)
     out = benchmark(artifacts, fast_cfg(providers=["cpu"]), SIZE)
     assert sorted(bound) == sorted([(b, "cpu") for b in (1, 4) for _ in artifacts for _ in range(2)])
     assert {r["timing"] for r in out["results"]} == {TIMING_IOBINDING}

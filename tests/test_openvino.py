@@ -11,14 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from compress.bench import (
-    TIMING_HOST,
-    TIMING_OPENVINO,
-    benchmark,
-    openvino_logits,
-    openvino_model,
-    openvino_unavailable,
-)
+from compress.bench import benchmark, openvino_logits, openvino_model, openvino_unavailable
+from compress.bench.runtimes import TIMING_HOST, TIMING_OPENVINO
 from compress.data import build_data
 from compress.export import export_onnx, onnx_logits, onnx_session
 from compress.quant import quantize_model, use_reference_kernels

@@ -1,0 +1,37 @@
+"""Latency benchmark of exported ONNX artifacts (ONNX Runtime, and OpenVINO on CPU when installed) and PyTorch eager
+models, and the accuracy-latency figure.
+
+Measurement rules, so that two artifacts are compared fairly on a shared machine:
+- one ORT session (or OpenVINO compiled model, or torch model) is alive at a time: created, warmed up, timed, then
+  deleted;
+- artifacts are alternated round-robin over `cfg.rounds` rounds (the starting artifact rotates each round),
+  so slow drifts of the machine (thermal, other jobs) hit every artifact alike;
+- each round gives one median per (artifact, provider, batch); the reported median is the median over rounds,
+  p90 is over every timed batch of every round;
+- `ratios` are latency ratios artifact / reference (below 1: faster than the reference), computed within each
+  round and then reduced to their median over rounds.
+
+What one timed call covers (each result's `timing` says which): on the CPU provider, `session.run` on a host
+array; on CUDA and TensorRT, `run_with_iobinding` with the input copied to the GPU once, before timing, and the
+output bound on the GPU, so host<->device copies are not timed; on OpenVINO (provider 'openvino', the `openvino`
+package's CPU device, not an ORT execution provider), a synchronous `infer()` of one infer request whose input
+tensor shares the host array, set once, the model compiled with the LATENCY hint at FP32 inference precision; a
+torch model runs eagerly on `torch_device`, its input moved there once, and on CUDA each call ends with a device
+synchronize (kernels are asynchronous).
+"""
+
+from .figures import accuracy_latency_figure, save_figure
+from .machine import machine_info
+from .runner import benchmark
+from .runtimes import (
+    iobinding_step,
+    openvino_logits,
+    openvino_model,
+    openvino_step,
+    openvino_unavailable,
+    time_runs,
+    torch_step,
+)
+
+__all__ = ["accuracy_latency_figure", "benchmark", "iobinding_step", "machine_info", "openvino_logits",
+           "openvino_model", "openvino_step", "openvino_unavailable", "save_figure", "time_runs", "torch_step"]
