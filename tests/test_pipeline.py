@@ -83,9 +83,9 @@ def test_torchrun_two_processes_gloo(tiny_recipe, tmp_path):
     out = tmp_path / "ddp"
     # QAT trains under DDP too: every rank calibrates NNCF's quantizers on the same images, then trains; so does
     # the fine-tune between iterative pruning steps, every rank pruning the same way and re-branching the same
-    recipe = str(tiny_recipe(stages=["train", "reparam", "prune", "quantize"], data={"batch_size": 32},
+    recipe = str(tiny_recipe(stages=["train", "reparam", "prune", "finetune", "quantize"], data={"batch_size": 32},
                              prune={"steps": 2, "steps_finetune_epochs": 1, "round_to": 4},
-                             finetune={"structure": "rebranch"},
+                             finetune={"structure": "rebranch", "epochs": 1, "lr": 0.01},
                              quantize={"mode": "qat", "epochs": 1, "calibration_size": 64}))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
@@ -98,8 +98,10 @@ def test_torchrun_two_processes_gloo(tiny_recipe, tmp_path):
     assert stages["train"]["top1"] > 20 and stages["reparam"]["top1"] == stages["train"]["top1"]
     assert stages["prune"]["keep_macs_achieved"] < 0.6 and (out / "pruned.pt").exists()
     assert proc.stderr.count("[prune_step0] epoch 1/1") == 1  # both ranks fine-tune between steps, rank 0 reports
+    assert stages["finetune"]["structure"] == "rebranch" and proc.stderr.count("[finetune] epoch 1/1") == 1
+    assert stages["finetune"]["max_abs_diff"] <= 1e-5 * max(stages["finetune"]["max_abs_logit"], 1)  # folded back
     assert stages["quantize"]["mode"] == "qat" and stages["quantize"]["top1"] > 20
-    assert stages["quantize"]["source"] == "prune"
+    assert stages["quantize"]["source"] == "finetune"
     assert proc.stderr.count("[qat] epoch 1/1") == 1  # both ranks train (DDP), rank 0 reports
     assert (out / "quantized.pt").exists()
     assert len(list((out / "tb").glob("events.out.tfevents*"))) == 1  # only rank 0 writes
