@@ -6,8 +6,8 @@ Two keys per stage, both chained through the stage it reads its model from:
   stage the recipe skips passes its input through, key included. The artifact records it (inside the file and
   in `summary.json`), training checkpoints resume only under it, and loading an input checks it.
 - the *key* adds the values that change only what is measured (`data.test_subset`, `export.eval_subset`): a
-  stage whose key changed
-  but whose artifact key did not is re-evaluated, resuming its finished training checkpoint.
+  stage whose key changed but whose artifact key did not is re-evaluated, resuming its finished training
+  checkpoint.
 """
 
 from __future__ import annotations
