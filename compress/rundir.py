@@ -97,13 +97,16 @@ class RunDir:
         return self.out_dir / STAGES[stage].artifact
 
     # ---- keys -----------------------------------------------------------------------------------------------
+    def _weight_values(self, section: str) -> dict:
+        return getattr(self.recipe, section).key_values("weights")
+
     def sections(self, stage: str | None) -> dict[str, str]:
         """Hash of each recipe section (weight-changing values) that `stage`'s artifact depends on."""
         out = {"seed": _hash(self.recipe.seed)}
         while stage is not None:
             if self.active(stage):
                 for name in STAGES[stage].sections(self.recipe):
-                    out[name] = _hash(getattr(self.recipe, name).key_values("weights"))
+                    out[name] = _hash(self._weight_values(name))
             stage = STAGES[stage].input
         return out
 
@@ -115,7 +118,7 @@ class RunDir:
         upstream = self.artifact_key(spec.input)
         if not self.active(stage):
             return upstream
-        own = {name: getattr(self.recipe, name).key_values("weights") for name in spec.sections(self.recipe)}
+        own = {name: self._weight_values(name) for name in spec.sections(self.recipe)}
         return _hash([stage, own, upstream])
 
     def key(self, stage: str) -> str:
@@ -125,8 +128,8 @@ class RunDir:
         return _hash([self.artifact_key(stage), {s: getattr(self.recipe, s).key_values("evaluation") for s in sections}])
 
     def provenance(self, stage: str) -> dict:
-        """What an artifact records about how it was made."""
-        return {"stage": stage, "artifact_key": self.artifact_key(stage), "sections": self.sections(stage)}
+        """What an artifact records about how it was made (in the file, and in its summary entry)."""
+        return {"artifact_key": self.artifact_key(stage), "sections": self.sections(stage)}
 
     # ---- state ----------------------------------------------------------------------------------------------
     def entry(self, stage: str) -> dict | None:
@@ -140,7 +143,6 @@ class RunDir:
     def record(self, stage: str, metrics: dict) -> dict:
         """The summary entry of a finished stage: its metrics, keys and section hashes (written by the caller)."""
         entry = {**metrics, "key": self.key(stage), **self.provenance(stage)}
-        entry.pop("stage")
         self.summary["stages"][stage] = entry
         return entry
 
