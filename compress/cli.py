@@ -115,19 +115,19 @@ def run(args) -> int:
     return 0
 
 
-def print_latency_table(args) -> int:
+def latency_table_main(args) -> int:
     """`compress.py latency-table --recipe R`: build (or read from the cache) and print the latency table the
     recipe's `prune.latency` settings ask for, for the recipe's starting model (random weights do: latency does
     not depend on them)."""
     from .models import initial_model, recipe_architecture
-    from .prune import print_latency_table as print_table
+    from .prune import print_latency_table
 
     recipe = load_recipe(args.recipe, args.overrides)
     device_type = _device(recipe, 0).type
     recipe = recipe.resolved(device_type)
     classes = recipe.model.num_classes or 1000  # the head is not in the table
     model = recipe_architecture(recipe, classes) or initial_model(recipe, classes)[0]
-    print_table(recipe, model, device_type)
+    print_latency_table(recipe, model, device_type)
     return 0
 
 
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.recipe is None:
         _parser().error("--recipe is required")
     try:
-        return print_latency_table(args) if latency_table else run(args)
+        return latency_table_main(args) if latency_table else run(args)
     except Exception as e:  # expected failures are one line; --debug shows the traceback
         if args.debug or not _is_user_error(e):
             raise
