@@ -55,10 +55,6 @@ class Env:
         return self.device.type == "cuda"
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, all_reduce: bool = False) -> dict:
     """Top-1 and top-5 (percent) and mean cross-entropy over the whole loader. With `all_reduce`, a collective:
