@@ -151,8 +151,7 @@ def quantize_model(
     `overflow_fix` is NNCF's OverflowFix: "enable" (default) quantizes every conv/linear weight to half the
     8-bit range ([-64, 64]) so that x86 CPUs without VNNI (AVX2, plain AVX-512) cannot saturate the int16 intermediate sums
     of ONNX Runtime's u8s8 kernels; with "first_layer_only" (NNCF's default) or "disable", ORT on such a CPU
-    gives logits up to ~0.6 off the fake-quant model's (measured in an earlier session on an EPYC taken for
-    AVX2-only; the EPYCs here have AVX-512 VNNI), flipping predictions.
+    gives logits up to ~0.6 off the fake-quant model's (measured on an AVX2 EPYC), flipping predictions.
     """
     import nncf
     from nncf.common.quantization.structs import QuantizationScheme
