@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import compress.bench.runner as runner
+import compress.bench.runtimes as runtimes
 from compress.bench import (
     accuracy_latency_figure,
     benchmark,
@@ -85,7 +86,7 @@ def opened(monkeypatch):
             return getattr(self.inner, name)
 
     def track(factory: str, runtime: str):
-        real = getattr(runner, factory)
+        real = getattr(runtimes, factory)
 
         def tracked(path, *args, **kwargs):
             opened = Tracked(real(path, *args, **kwargs))
@@ -94,7 +95,7 @@ def opened(monkeypatch):
             log["order"].append((runtime, path.stem))
             return opened
 
-        monkeypatch.setattr(runner, factory, tracked)
+        monkeypatch.setattr(runtimes, factory, tracked)
 
     track("onnx_session", "ort")
     track("openvino_model", "openvino")
@@ -149,14 +150,14 @@ def test_iobinding_providers_are_timed_through_iobinding_and_say_so(artifacts, m
     """A provider listed in IOBINDING_DEVICE (CUDA and TensorRT; here CPU, which ORT also binds) is timed with
     `iobinding_step`, once per (artifact, batch, round), and its results say so."""
     bound = []
-    real = runner.iobinding_step
+    real = runtimes.iobinding_step
 
     def spy(session, batch, device):
         bound.append((batch.shape[0], device))
         return real(session, batch, device)
 
-    monkeypatch.setattr(runner, "IOBINDING_DEVICE", {"cpu": "cpu"})
-    monkeypatch.setattr(runner, "iobinding_step", spy)
+    monkeypatch.setattr(runtimes, "IOBINDING_DEVICE", {"cpu": "cpu"})
+    monkeypatch.setattr(runtimes, "iobinding_step", spy)
     out = benchmark(artifacts, fast_cfg(providers=["cpu"]), SIZE)
     assert sorted(bound) == sorted([(b, "cpu") for b in (1, 4) for _ in artifacts for _ in range(2)])
     assert {r["timing"] for r in out["results"]} == {TIMING_IOBINDING}

@@ -25,6 +25,7 @@ from .machine import machine_info
 from .runner import benchmark
 from .runtimes import (
     iobinding_step,
+    onnx_runner,
     openvino_logits,
     openvino_model,
     openvino_step,
@@ -33,5 +34,5 @@ from .runtimes import (
     torch_step,
 )
 
-__all__ = ["accuracy_latency_figure", "benchmark", "iobinding_step", "machine_info", "openvino_logits",
+__all__ = ["accuracy_latency_figure", "benchmark", "iobinding_step", "machine_info", "onnx_runner", "openvino_logits",
            "openvino_model", "openvino_step", "openvino_unavailable", "save_figure", "time_runs", "torch_step"]

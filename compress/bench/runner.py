@@ -13,22 +13,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from compress.export import INPUT_NAME, OUTPUT_NAME, available_providers, onnx_session
+from compress.export import available_providers, onnx_session
 from compress.recipe import BenchCfg
 
 from .machine import machine_info
-from .runtimes import (
-    IOBINDING_DEVICE,
-    TIMING_HOST,
-    TIMING_IOBINDING,
-    TIMING_OPENVINO,
-    iobinding_step,
-    openvino_model,
-    openvino_step,
-    openvino_unavailable,
-    time_runs,
-    torch_step,
-)
+from .runtimes import onnx_runner, onnx_timing, openvino_unavailable, time_runs, torch_step
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -54,32 +43,13 @@ class _Job:
         if self.model is not None:
             sync = ", synchronized" if self.device.type == "cuda" else ""
             return f"torch eager, input on {self.device}{sync}"
-        if self.provider == "openvino":
-            return TIMING_OPENVINO
-        return TIMING_IOBINDING if self.provider in IOBINDING_DEVICE else TIMING_HOST
+        return onnx_timing(self.provider)
 
     def open(self, threads: int | None) -> Callable[[np.ndarray], Callable[[], object]]:
-        """Start the ORT session or compile the OpenVINO model, if any: returns `prepare(batch) -> step`, `step()`
-        being one timed call."""
-        if self.provider == "openvino":
-            compiled = openvino_model(self.path, threads)
-
-            def prepare(x: np.ndarray):
-                return openvino_step(compiled, x)
-
-            prepare.compiled = compiled  # keeps the compiled model alive exactly as long as `prepare`
-            return prepare
+        """Start the ORT session, OpenVINO model or torch model: returns `prepare(batch) -> step`, `step()` being
+        one timed call."""
         if self.model is None:
-            session = onnx_session(self.path, self.provider, threads)
-            device = IOBINDING_DEVICE.get(self.provider)
-
-            def prepare(x: np.ndarray):
-                if device is not None:
-                    return iobinding_step(session, x, device)
-                return lambda: session.run([OUTPUT_NAME], {INPUT_NAME: x})
-
-            prepare.session = session  # keeps the session alive exactly as long as `prepare`
-            return prepare
+            return onnx_runner(self.path, self.provider, threads)
         return lambda x: torch_step(self.model, x, self.device)
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from compress.export import INPUT_NAME, OUTPUT_NAME
+from compress.export import INPUT_NAME, OUTPUT_NAME, onnx_session
 
 if TYPE_CHECKING:
     import openvino
@@ -130,3 +130,34 @@ def torch_step(model: nn.Module, batch: np.ndarray, device: torch.device) -> Cal
         return out
 
     return step
+
+
+def onnx_timing(provider: str) -> str:
+    """What one timed call of `onnx_runner` covers on `provider`."""
+    if provider == "openvino":
+        return TIMING_OPENVINO
+    return TIMING_IOBINDING if provider in IOBINDING_DEVICE else TIMING_HOST
+
+
+def onnx_runner(path: str | Path, provider: str, threads: int | None) -> Callable[[np.ndarray], Callable[[], object]]:
+    """Start an ONNX file on `provider` (an ORT provider, or 'openvino'): returns `prepare(batch) -> step`, `step()`
+    being one timed call (through IOBinding on the providers of IOBINDING_DEVICE, on a host array otherwise). The
+    session or compiled model lives exactly as long as `prepare`."""
+    if provider == "openvino":
+        compiled = openvino_model(path, threads)
+
+        def prepare(x: np.ndarray):
+            return openvino_step(compiled, x)
+
+        prepare.compiled = compiled
+        return prepare
+    session = onnx_session(path, provider, threads)
+    device = IOBINDING_DEVICE.get(provider)
+
+    def prepare(x: np.ndarray):
+        if device is not None:
+            return iobinding_step(session, x, device)
+        return lambda: session.run(None, {INPUT_NAME: x})
+
+    prepare.session = session
+    return prepare

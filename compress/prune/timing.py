@@ -4,14 +4,12 @@ timed again)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from compress.bench import openvino_model, openvino_step, time_runs
-from compress.export import INPUT_NAME, onnx_session
+from compress.bench import onnx_runner, time_runs
 from compress.recipe import LatencyCfg
 
 WARMUP, ITERS = 2, 5  # runs per model and round: rounds, not long runs, spread the machine's moods over all
@@ -35,19 +33,10 @@ class Timing:
         return min(self.runs)
 
 
-def _runner(path: Path, cfg: LatencyCfg) -> Callable[[np.ndarray], Callable[[], object]]:
-    """`prepare(batch) -> step` for the ONNX file at `path` on `cfg.provider`, `step()` being one timed run."""
-    if cfg.provider == "openvino":
-        compiled = openvino_model(path, cfg.threads)
-        return lambda x: openvino_step(compiled, x)
-    session = onnx_session(path, "cpu", cfg.threads)
-    return lambda x: (lambda: session.run(None, {INPUT_NAME: x}))
-
-
 def time_round(timings: list[Timing], cfg: LatencyCfg, shift: int, rng: np.random.Generator) -> None:
     """Time each model once, round-robin from `timings[shift]`, one session alive at a time."""
     for t in timings[shift:] + timings[:shift]:
-        prepare = _runner(t.path, cfg)
+        prepare = onnx_runner(t.path, cfg.provider, cfg.threads)
         t.runs += time_runs(prepare(t.input(rng)), WARMUP, ITERS)
         del prepare  # the only reference to the session: freed before the next one starts
 
