@@ -1,0 +1,58 @@
+import numpy as np
+import pytest
+from scipy.stats import binomtest
+
+from compress.stats import interpolate, interpolation_weights, paired_bootstrap, shared_latencies, wilson_interval
+
+
+def test_wilson_interval_matches_the_textbook_value_and_scipy():
+    low, high = wilson_interval(8, 10)
+    assert (round(low, 4), round(high, 4)) == (0.4902, 0.9433)
+    for correct, n in [(0, 20), (20, 20), (7123, 10000), (3, 1000)]:
+        ci = binomtest(correct, n).proportion_ci(confidence_level=0.95, method="wilson")
+        assert wilson_interval(correct, n) == pytest.approx((ci.low, ci.high), abs=1e-6)
+    assert wilson_interval(0, 20)[0] == 0.0 and wilson_interval(20, 20)[1] == 1.0
+    with pytest.raises(ValueError):
+        wilson_interval(11, 10)
+
+
+def test_interpolation_brackets_in_latency_order_and_never_extrapolates():
+    latencies = [3.0, 1.0, 2.0]  # not sorted: points come in keep order, latency is measured
+    assert interpolation_weights(latencies, 2.0) == {2: 1.0}
+    assert interpolation_weights(latencies, 1.25) == pytest.approx({1: 0.75, 2: 0.25})
+    assert interpolation_weights(latencies, 2.5) == pytest.approx({2: 0.5, 0: 0.5})
+    assert interpolation_weights(latencies, 0.9) is None and interpolation_weights(latencies, 3.1) is None
+    values = np.array([[1.0, 1.0], [0.0, 1.0], [0.0, 0.0]])  # per-image correctness of each point
+    assert interpolate(latencies, values, 1.25).tolist() == pytest.approx([0.0, 0.75])
+    assert interpolate([2.0], values[:1], 2.0).tolist() == [1.0, 1.0]  # a one-point curve: only at its latency
+    assert shared_latencies([1.0, 2.0, 3.0], [2.5, 4.0]) == [2.5, 3.0]
+    assert shared_latencies([1.0, 2.0], [2.0]) == [2.0]
+    assert shared_latencies([1.0, 2.0], [3.0]) == []
+
+
+def test_paired_bootstrap_on_known_inputs():
+    same = np.array([1, 0, 1, 1, 0] * 100, dtype=float)
+    assert paired_bootstrap(same, same) == {"diff": 0.0, "low": 0.0, "high": 0.0, "significant": False}
+    ones, zeros = np.ones(50), np.zeros(50)
+    assert paired_bootstrap(ones, zeros) == {"diff": 100.0, "low": 100.0, "high": 100.0, "significant": True}
+
+    # independent errors at 10,000 images: the interval is the normal one, +-1.96 sd of the mean difference
+    rng = np.random.default_rng(1)
+    a = (rng.random(10_000) < 0.72).astype(float)
+    b = (rng.random(10_000) < 0.70).astype(float)
+    result = paired_bootstrap(a, b, resamples=4000, seed=3)
+    d = (a - b) * 100
+    half = 1.96 * d.std() / np.sqrt(d.size)
+    assert result["diff"] == pytest.approx(d.mean())
+    assert result["low"] == pytest.approx(d.mean() - half, abs=0.15)
+    assert result["high"] == pytest.approx(d.mean() + half, abs=0.15)
+    assert result["significant"] == (result["low"] > 0 or result["high"] < 0)
+    # pairing: two models that differ on 30 of 10,000 images, all in a's favour, differ significantly even though
+    # each one's own interval is about +-0.9 pt wide
+    a2 = b.copy()
+    a2[np.flatnonzero(b == 0)[:30]] = 1
+    paired = paired_bootstrap(a2, b)
+    assert paired["diff"] == pytest.approx(0.3) and paired["significant"] and paired["low"] > 0
+    assert paired_bootstrap(a2, b) == paired  # seeded: the same draws every time
+    with pytest.raises(ValueError):
+        paired_bootstrap(a, b[:10])
