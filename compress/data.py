@@ -7,6 +7,7 @@ augmentation, so an epoch is the same whether the run was interrupted before it 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,6 +189,16 @@ class Data:
         self.sampler.set_epoch(epoch)
         torch.manual_seed(self.seed * 1000 + epoch)
         return self._loader(self.train_set, sampler=self.sampler, drop_last=True)
+
+    def with_train_subset(self, n: int | None) -> Data:
+        """The same data, training on the first `n` training images of a fixed shuffled order (None: all)."""
+        if n is None or n >= len(self.train_set):
+            return self
+        return dataclasses.replace(self, train_set=_subset(self.train_set, n, self.seed))
+
+    def images_per_epoch(self) -> int:
+        """Training images one epoch shows, over all processes (the incomplete last batch dropped)."""
+        return self.steps_per_epoch() * self.cfg.batch_size * self.world_size
 
     def steps_per_epoch(self) -> int:
         """Batches per training epoch on this process (the last, incomplete batch is dropped)."""

@@ -279,6 +279,7 @@ def evaluate_onnx(
         "top5": float((topk == y[:, None]).any(axis=1).mean() * 100),
         "n": int(y.shape[0]),
         "predictions": topk[:, 0],
+        "labels": y,
         "logits": out,
     }
     if reference is not None:

@@ -13,6 +13,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -48,6 +49,18 @@ def write_text(path: str | Path, text: str) -> None:
 
 def write_json(path: str | Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def write_predictions(path: str | Path, predicted, labels) -> None:
+    """Per-image predicted classes beside the true labels, in test-set order (`read_predictions`)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, predicted=np.asarray(predicted, dtype=np.int32), label=np.asarray(labels, dtype=np.int32))
+
+
+def read_predictions(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted, label) arrays written by `write_predictions`."""
+    with np.load(path) as f:
+        return f["predicted"], f["label"]
 
 
 def torch_save(obj, path: str | Path) -> None:

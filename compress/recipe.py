@@ -103,7 +103,15 @@ class OptimCfg(Section):
 
 
 class TrainCfg(OptimCfg):
-    pass
+    # distil from a trained model of ours (the study's scratch baseline learns from the pruned points' teacher)
+    distill: Distill | None = None
+    teacher: Path | None = None  # a model file this tool wrote (a run's plain.pt, say): the teacher of `distill`
+
+    @model_validator(mode="after")
+    def _teacher_with_distill(self):
+        if (self.distill is None) != (self.teacher is None):
+            raise ValueError("train: distill and teacher go together (the teacher is the model file to distil from)")
+        return self
 
 
 class FinetuneCfg(OptimCfg):
@@ -113,6 +121,7 @@ class FinetuneCfg(OptimCfg):
     # how a pruned plain model trains: as it is, with a temporary BN after each conv (folded back after), or
     # re-branched into RepVGG blocks at its pruned widths (re-parameterized back after, exactly)
     structure: Literal["plain", "bn", "rebranch"] = "bn"
+    train_subset: int | None = Field(None, gt=0)  # fine-tune on the first N training images (fixed order); None: all
 
     @model_validator(mode="before")
     @classmethod
@@ -193,6 +202,7 @@ class QuantCfg(Section):
     weight_decay: float = Field(0.0, ge=0)
     distill: Distill | None = None
     fp32_first_last: bool = False  # keep the first conv and the head in FP32
+    train_subset: int | None = Field(None, gt=0)  # QAT on the first N training images (fixed order); None: all
     # NNCF's overflow fix: weights on 7 bits, so INT8 kernels without VNNI (AVX2 pmaddubsw) cannot saturate
     overflow_fix: Literal["enable", "first_layer_only", "disable"] = "enable"
 
@@ -233,12 +243,20 @@ class StudyCfg(Section):
     strategies: list[Literal["plain", "plain-uniform", "plain-latency", "plain-rebranch", "multibranch", "scratch"]] = Field(
         default_factory=lambda: ["plain", "plain-uniform", "multibranch", "scratch"]
     )
+    # the costliest strategy: its keep points (None: keep_macs)
+    scratch_keep_macs: list[float] | None = None
+    scratch_distill: bool = True  # scratch distils from the pruned points' teacher (the unpruned plain model)
+    # a run (or study) directory whose trained base this study shares, after checking its keys; a study's
+    # finished points made under the same settings are reused too
+    base_dir: Path | None = None
+    bootstrap_resamples: int = Field(2000, ge=100)
 
     @model_validator(mode="after")
     def _fractions(self):
-        for k in self.keep_macs:
-            if not 0 < k < 1:
-                raise ValueError(f"study.keep_macs: {k} is not in (0, 1)")
+        for name in ("keep_macs", "scratch_keep_macs"):
+            for k in getattr(self, name) or []:
+                if not 0 < k < 1:
+                    raise ValueError(f"study.{name}: {k} is not in (0, 1)")
         return self
 
 
@@ -271,12 +289,15 @@ class Recipe(Section):
 
     def resolved(self, device_type: str) -> Recipe:
         """The recipe with every default that depends on where it runs made explicit, so that keys hash what
-        actually runs: `prune.round_to` for the device, `data.root` and `model.checkpoint` as absolute paths."""
+        actually runs: `prune.round_to` for the device, `data.root`, `model.checkpoint` and `train.teacher` as
+        absolute paths."""
         update = {"prune": self.prune.model_copy(update={"round_to": self.prune.round_to or default_round_to(device_type)})}
         if self.data.root is not None:
             update["data"] = self.data.model_copy(update={"root": self.data.root.resolve()})
         if self.model.checkpoint is not None:
             update["model"] = self.model.model_copy(update={"checkpoint": self.model.checkpoint.resolve()})
+        if self.train.teacher is not None:
+            update["train"] = self.train.model_copy(update={"teacher": self.train.teacher.resolve()})
         return self.model_copy(update=update)
 
 

@@ -15,7 +15,7 @@ import torch
 
 from repvgg import PlainRepVGG, RepVGG
 
-from .io import model_record
+from .io import load_model, model_record, write_predictions
 from .models import initial_model
 from .recipe import OptimCfg
 from .registry import STAGES
@@ -28,11 +28,14 @@ if TYPE_CHECKING:
 
 
 def train(p: Pipeline) -> dict:
+    cfg = p.recipe.train
     model, origin = initial_model(p.recipe, p.data.num_classes)
-    result = fit(model, p.recipe.train, p.data, p.env, tag="train", ckpt_path=p.out_dir / "train.ckpt",
-                 key=p.dir.artifact_key("train"))
+    teacher = load_model(cfg.teacher, p.recipe.model.stem_stride) if cfg.teacher is not None else None
+    result = fit(model, cfg, p.data, p.env, tag="train", ckpt_path=p.out_dir / "train.ckpt",
+                 key=p.dir.artifact_key("train"), teacher=teacher, distill=cfg.distill)
     p.save("train", model)
     result["start"] = origin  # random init, a checkpoint, or timm's pretrained weights (tag, hub revision)
+    result["images_seen"] = cfg.epochs * p.data.images_per_epoch()
     if p.data.cfg.kind == "imagefolder":
         result["skipped_images"] = p.data.skipped_images()
     return result
@@ -127,8 +130,10 @@ def _finetune(p: Pipeline, model, cfg, *, tag: str, key: str, teacher=None) -> d
         insert_bn(model, calibration)
     elif structure == "rebranch":
         net = rebranch(model, calibration, seed=p.recipe.seed).to(p.env.device)
-    result = fit(net, cfg, p.data, p.env, tag=tag, ckpt_path=p.out_dir / f"{tag}.ckpt", key=key, teacher=teacher,
+    data = p.data.with_train_subset(cfg.train_subset)
+    result = fit(net, cfg, data, p.env, tag=tag, ckpt_path=p.out_dir / f"{tag}.ckpt", key=key, teacher=teacher,
                  distill=cfg.distill)
+    result["images_seen"] = cfg.epochs * data.images_per_epoch()
     if structure == "bn":
         fold_bn(model)
     elif structure == "rebranch":  # fold back into the pruned plain model itself (callers hold it)
@@ -171,16 +176,19 @@ def quantize(p: Pipeline) -> dict | None:
     qat_cfg = OptimCfg(epochs=cfg.epochs, optimizer="sgd", lr=cfg.lr, weight_decay=cfg.weight_decay, amp=False,
                        channels_last=False)
 
+    trained = {}  # QAT's `fit` ends with a test-set evaluation of the final model: not done twice
+
     def qat(qmodel) -> None:
-        fit(qmodel, qat_cfg, p.data, p.env, tag="qat", ckpt_path=p.out_dir / "qat.ckpt",
-            key=p.dir.artifact_key("quantize"), teacher=teacher, distill=cfg.distill)
+        data = p.data.with_train_subset(cfg.train_subset)
+        trained.update(fit(qmodel, qat_cfg, data, p.env, tag="qat", ckpt_path=p.out_dir / "qat.ckpt",
+                           key=p.dir.artifact_key("quantize"), teacher=teacher, distill=cfg.distill))
 
     qmodel = quantize_model(model, cfg, p.data.calibration_loader(cfg.calibration_size),
                             p.data.example_input().to(p.env.device), train_fn=qat if cfg.mode == "qat" else None,
                             overflow_fix=cfg.overflow_fix)
     if not p.env.main:
         return None
-    metrics = evaluate(qmodel, p.data.test_loader(), p.env.device)
+    metrics = trained or evaluate(qmodel, p.data.test_loader(), p.env.device)
     save_quantized(qmodel, p.dir.path("quantize"), model_record(model), provenance=p.dir.provenance("quantize"))
     return {"mode": cfg.mode, "source": source, "top1": metrics["top1"], "top5": metrics["top5"]}
 
@@ -246,6 +254,9 @@ def export(p: Pipeline) -> dict:
         # one pass over the test set: ONNX top-1, and for FP32 files the parity with PyTorch
         result = evaluate_onnx(path, test_images, reference=None if int8 else model)
         entry.update({k: v for k, v in result.items() if k in ("top1", "top5", "n", "max_abs_diff", "max_abs_logit")})
+        # per-image predictions: paired comparisons between files resample the same test images
+        entry["predictions"] = str(path.with_suffix(".predictions.npz"))
+        write_predictions(entry["predictions"], result["predictions"], result["labels"])
         if not int8:
             check_parity(path, result)
         artifacts[name] = entry
