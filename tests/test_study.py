@@ -1,52 +1,103 @@
 import json
 import re
 
+import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from compress.cli import main
+from compress.recipe import validate_recipe
+from compress.study.points import scratch_widths
+from tests.conftest import one_line_error
+
+STRATEGIES = ["plain", "plain-uniform", "plain-latency", "plain-rebranch", "multibranch", "scratch"]
 
 
-def test_digits_smoke_study_fills_every_cell_and_reuses_points(tiny_recipe, tmp_path, capsys):
-    recipe = str(tiny_recipe(
-        model={"num_blocks": [1, 2, 2, 1]},  # identity branches in stages 1-3: coupling to show
+@pytest.mark.parametrize("keep", [0.7, 0.5, 0.3])
+def test_scratch_widths_hit_the_mac_target_within_two_percent(keep):
+    import torch_pruning as tp
+
+    from compress.models import recipe_architecture
+    from compress.study.points import _plain_macs
+
+    recipe = validate_recipe({"name": "w", "model": {"num_blocks": [2, 4, 14, 1],
+                                                     "width_multiplier": [0.375, 0.375, 0.375, 1.25],
+                                                     "stem_stride": 1}})
+    example = torch.randn(1, 3, 32, 32)
+    widths = scratch_widths(recipe, keep, 10, example, unit=8)
+    arch = recipe_architecture(recipe, 10)
+    full = _plain_macs(arch, arch.config()["widths"], 10, example)
+    assert abs(_plain_macs(arch, widths, 10, example) / full - keep) <= 0.02 * keep
+    assert len(widths) == 5 and tp  # stem and four stages
+
+
+def _smoke_recipe(tiny_recipe, tmp_path, **study):
+    return str(tiny_recipe(
+        model={"num_blocks": [1, 2, 2, 1], "width_multiplier": [1, 1, 1, 0.5]},  # identity branches: coupling
+        data={"image_size": 16, "test_subset": 200},
         train={"epochs": 2, "lr": 0.05},
-        prune={"round_to": 4, "importance": "l2"},
-        finetune={"epochs": 1, "lr": 0.01},
-        quantize={"mode": "qat", "epochs": 1, "calibration_size": 64, "lr": 1e-4},
-        bench={"batch_sizes": [4], "warmup": 2, "iters": 5, "rounds": 2},
-        study={"keep_macs": [0.5],
-               "strategies": ["plain", "plain-uniform", "plain-rebranch", "multibranch", "scratch"]},
+        prune={"round_to": 8, "importance": "l2",
+               "latency": {"threads": 1, "rounds": 1, "grid_points": 3, "cache_dir": str(tmp_path / "cache")}},
+        finetune={"epochs": 1, "lr": 0.01, "train_subset": 640, "distill": {"alpha": 0.5, "temperature": 4.0}},
+        quantize={"mode": "qat", "epochs": 1, "calibration_size": 64, "lr": 1e-4, "train_subset": 320},
+        bench={"batch_sizes": [8, 1], "warmup": 2, "iters": 5, "rounds": 2, "threads": 1},
+        study={"keep_macs": [0.6, 0.4], "scratch_keep_macs": [0.6], "strategies": STRATEGIES,
+               "bootstrap_resamples": 200, **study},
     ))
+
+
+def test_digits_smoke_study_with_every_strategy_then_a_second_study_on_its_base(tiny_recipe, tmp_path, capsys):
+    recipe = _smoke_recipe(tiny_recipe, tmp_path)
     out = tmp_path / "study"
     assert main(["--recipe", recipe, "--out", str(out)]) == 0
     md = (out / "study.md").read_text()
-    for strategy in ("unpruned", "plain", "plain-uniform", "plain-rebranch", "multibranch", "scratch"):
-        assert f"## {strategy}\n" in md
-    rows = [line for line in md.splitlines() if re.match(r"\| (0\.5|1) \|", line)]
-    assert len(rows) == 6
-    for row in rows:  # every numeric cell is a measured, positive number
-        cells = [c.strip() for c in row.strip("|").split("|")]
-        assert all(float(c) > 0 for c in cells[:7]), row
-    assert "prunable groups in the training-time model" in md
-    assert (out / "pareto.png").stat().st_size > 10_000
+    assert md.index("## Conclusions") < md.index("## Points") < md.index("## Coupling")
+    assert "test images only, not training seeds" in md
     result = json.loads((out / "study.json").read_text())
-    coupling = result["coupling"]
-    assert coupling["groups_plain"] > coupling["groups_training_time"]
-    by = {r["strategy"]: r for r in result["rows"]}
-    stage_widths = by["multibranch"]["stage_widths"]  # one width per stage: the coupling at work
-    assert len(stage_widths) == 5 and set(by["multibranch"]["widths"]) == set(stage_widths)
-    assert len(set(by["plain"]["widths"])) >= 1 and by["plain"]["macs_M"] < by["unpruned"]["macs_M"]
-    finetuned = {s: json.loads((out / "points" / f"{s}_0.5" / "summary.json").read_text())["stages"]["finetune"]
-                 for s in ("plain", "plain-rebranch", "multibranch")}
-    assert {s: f["structure"] for s, f in finetuned.items()} == {"plain": "bn", "plain-rebranch": "rebranch",
-                                                                 "multibranch": "multibranch"}
+    by = {r["strategy"]: r for r in result["rows"] if r["keep"] in (0.6, 1.0)}
+    assert set(by) == {"unpruned", *STRATEGIES}
+    assert [r["strategy"] for r in result["rows"] if r["keep"] == 0.4] == STRATEGIES[:-1]  # scratch: 0.6 alone
+    for r in result["rows"]:  # measured latencies at both batches, top-1 inside its own Wilson interval
+        assert r["fp32_n"] == r["int8_n"] == 200
+        for p in ("fp32", "int8"):
+            assert set(r[f"{p}_ms"]) == {"8", "1"} and min(r[f"{p}_ms"].values()) > 0
+            assert r[f"{p}_ci"][0] <= r[f"{p}_top1"] <= r[f"{p}_ci"][1]
     for strategy in ("plain", "plain-uniform", "plain-rebranch", "multibranch", "scratch"):
-        assert abs(by[strategy]["macs_M"] / by["unpruned"]["macs_M"] - 0.5) < 0.1
+        assert abs(by[strategy]["macs_M"] / by["unpruned"]["macs_M"] - 0.6) < 0.08, strategy
+    # plain-latency is held to its latency target (ORT CPU, FP32, batch 8), not to its MACs
+    target = by["plain-latency"]["latency_target"]
+    assert target["predicted_ms"] <= target["budget_ms"] == pytest.approx(0.6 * target["before_ms"])
+    assert "## Latency targets" in md
 
+    # the per-image predictions behind every top-1, and the comparisons drawn from them
+    point = out / "points" / "plain_0.6"
+    arts = json.loads((point / "summary.json").read_text())["stages"]["export"]["artifacts"]
+    with __import__("numpy").load(arts["pruned_fp32"]["predictions"]) as f:
+        assert f["predicted"].shape == f["label"].shape == (200,)
+        assert (f["predicted"] == f["label"]).mean() * 100 == pytest.approx(arts["pruned_fp32"]["top1"])
+    for c in result["comparisons"]:
+        assert c["a"] == "plain" and c["low"] <= c["diff"] <= c["high"]
+        assert c["significant"] == (c["low"] > 0 or c["high"] < 0)
+    assert {c["batch"] for c in result["comparisons"]} <= {8, 1}
+
+    # scratch: searched widths, distilled from the pruned points' teacher, on base + fine-tune images
+    scratch = json.loads((out / "points" / "scratch_0.6" / "summary.json").read_text())["stages"]["train"]
+    base_images = json.loads((out / "base" / "summary.json").read_text())["stages"]["train"]["images_seen"]
+    assert scratch["images_seen"] == by["scratch"]["images_seen"]
+    assert 0 <= scratch["images_seen"] - (base_images + 640) < base_images / 2  # whole epochs, at least as many
+    assert by["plain"]["images_seen"] == base_images + 640
+    recipe_used = json.loads((out / "points" / "scratch_0.6" / "summary.json").read_text())
+    assert recipe_used["stages"]["train"]["start"] == {"init": "random"}
+
+    # coupling: one width per stage in the multibranch model, free widths in the plain one
+    assert result["coupling"]["groups_plain"] > result["coupling"]["groups_training_time"]
+    assert all(len(set(stage)) == 1 for stage in by["multibranch"]["stage_widths"])
+    assert re.search(r"\| multibranch \| 0\.6 \| \d+ \| \d+ \| \d+ \| \d+ \| \d+ \|", md)
+    assert (out / "pareto.png").stat().st_size > 10_000
     events = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0})
     events.Reload()
     assert "study/plain/int8_top1" in events.Tags()["scalars"]
-    assert b"custom_scalars__config__" in b"".join(p.read_bytes() for p in (out / "tb").iterdir())
+    assert len(list((out / "tb" / "hparams").iterdir())) == 12  # the HParams table: one run per point
 
     # rerun: every point is reused, nothing is trained again
     capsys.readouterr()
@@ -54,3 +105,55 @@ def test_digits_smoke_study_fills_every_cell_and_reuses_points(tiny_recipe, tmp_
     assert main(["--recipe", recipe, "--out", str(out)]) == 0
     assert {p: p.stat().st_mtime_ns for p in out.glob("points/*/*.pt")} == mtimes
     assert "] running" not in capsys.readouterr().err
+
+    # a second study on the first one's base: nothing trained, its finished points reused in place
+    second = tmp_path / "second"
+    recipe2 = _smoke_recipe(tiny_recipe, tmp_path, base_dir=str(out), strategies=["plain", "plain-rebranch"])
+    assert main(["--recipe", recipe2, "--out", str(second)]) == 0
+    err = capsys.readouterr().err
+    assert "] running" not in err and "plain_0.6: reused from" in err
+    assert not (second / "base").exists() and not (second / "points").exists()
+    assert json.loads((second / "study.json").read_text())["base"]["dir"] == str(out / "base")
+
+    # ... and one whose base differs is refused in one line that names what changed
+    other = tiny_recipe(name="other", train={"epochs": 3}, study={"base_dir": str(out), "keep_macs": [0.6]})
+    line = one_line_error(capsys, ["--recipe", str(other), "--out", str(tmp_path / "third")])
+    assert "study.base_dir" in line and "does not hold this recipe's base" in line and "train" in line
+
+
+def test_base_dir_without_a_finished_base_is_one_line(tiny_recipe, tmp_path, capsys):
+    recipe = tiny_recipe(study={"base_dir": str(tmp_path / "nothing"), "keep_macs": [0.5]})
+    line = one_line_error(capsys, ["--recipe", str(recipe), "--out", str(tmp_path / "s")])
+    assert line.startswith("error: study.base_dir:") and "no finished train stage" in line
+
+
+def test_compare_interpolates_each_curve_at_the_shared_latencies_on_the_same_images():
+    import numpy as np
+
+    from compress.study.analysis import compare
+
+    def point(strategy, latency, correct_first):
+        correct = (np.arange(1000) < correct_first).astype(float)  # the first N of 1,000 test images right
+        return ({"strategy": strategy, "correct": {"fp32": correct, "int8": correct}},
+                {"fp32_ms": {8: latency}, "int8_ms": {8: latency}})
+
+    pairs = [point("unpruned", 4.0, 990), point("plain", 1.0, 600), point("plain", 2.0, 800),
+             point("multibranch", 1.5, 500), point("multibranch", 3.0, 900), point("scratch", 5.0, 950)]
+    points, rows = zip(*pairs)
+    result = [c for c in compare(list(points), list(rows), [8], resamples=500) if c["precision"] == "fp32"]
+    # both pruning curves end at the unpruned model (4 ms), not compared with itself; scratch (5 ms) is beyond
+    assert [(c["b"], c["latency_ms"]) for c in result] == [("multibranch", 1.5), ("multibranch", 2.0),
+                                                           ("multibranch", 3.0)]
+    at15, at20, at30 = result
+    assert (at15["top1_a"], at15["top1_b"]) == pytest.approx((70.0, 50.0))  # plain halfway between its points
+    assert (at20["top1_a"], at20["top1_b"]) == pytest.approx((80.0, 50 * 2 / 3 + 90 / 3))  # multibranch a third on
+    assert (at30["top1_a"], at30["top1_b"]) == pytest.approx(((80 + 99) / 2, 90.0))  # plain towards the unpruned
+    assert at15["diff"] == pytest.approx(20.0) and at15["significant"] and at15["low"] > 15
+
+
+def test_gpu_study_recipe_covers_all_six_strategies_and_passes_dry_run(capsys):
+    from tests.conftest import ROOT
+
+    assert main(["--recipe", str(ROOT / "recipes" / "study_cifar10_a0_gpu.yaml"), "--dry-run"]) == 0
+    plan = capsys.readouterr().out.splitlines()[-1]
+    assert all(f"'{s}'" in plan for s in STRATEGIES) and plan.startswith("plan: study over")

@@ -1,0 +1,190 @@
+"""The study: why multi-branch models resist pruning, as accuracy-latency curves of exported models.
+
+One trained multi-branch model (DIR/base, or `study.base_dir`'s) is shared by every strategy; each (strategy,
+keep) point is an ordinary pipeline run in DIR/points/<strategy>_<keep> (`points`), so a finished point is reused
+on a rerun, and so is a finished point of `study.base_dir`'s study under the same settings. All points' ONNX
+files are then benchmarked together, alternated in one session-at-a-time loop so that their latencies are
+comparable, and compared pairwise at equal measured latency (`analysis`); `report` writes study.md, pareto.png
+and TensorBoard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch_pruning as tp
+from torch.utils.tensorboard import SummaryWriter
+
+from repvgg import channel_groups
+
+from ..bench import benchmark
+from ..data import Data
+from ..io import write_json
+from ..models import recipe_architecture
+from ..pipeline import Pipeline
+from ..recipe import Recipe, default_round_to
+from ..train import Env
+from .analysis import PRECISIONS, compare, correctness, point_row
+from .points import (
+    base_recipe,
+    check_base_dir,
+    point_name,
+    pruned_images,
+    pruned_recipe,
+    scratch_recipe,
+    scratch_widths,
+    seed_from_base,
+    unpruned_recipe,
+)
+from .report import write_report
+
+__all__ = ["Study"]
+
+
+class Study:
+    def __init__(self, recipe: Recipe, out_dir: Path, env: Env, data: Data):
+        self.recipe, self.out_dir, self.env, self.data = recipe, Path(out_dir), env, data
+        self.example = data.example_input().to(env.device)
+        self.unit = recipe.prune.round_to or default_round_to(env.device.type)
+        self.num_blocks = list(recipe_architecture(recipe, data.num_classes).num_blocks)
+        self.timings_path = self.out_dir / "timings.json"
+        self.timings = json.loads(self.timings_path.read_text()) if self.timings_path.exists() else {}
+
+    def _timed(self, phase: str, fn, fresh: bool):
+        """Run `fn`; when it had work to do (`fresh`), record its wall time under `phase` (DIR/timings.json)."""
+        began = time.perf_counter()
+        result = fn()
+        if fresh and self.env.main:
+            self.timings[phase] = round(time.perf_counter() - began, 1)
+            write_json(self.timings_path, self.timings)
+        return result
+
+    def _run(self, recipe: Recipe, out_dir: Path, base: Pipeline | None = None) -> Pipeline:
+        """One point as an ordinary pipeline run of its recipe's stages, with TensorBoard logs of its own
+        (DIR/points/<p>/tb); `base` gives it the shared trained model first."""
+        writer = SummaryWriter(str(out_dir / "tb")) if self.env.main else None
+        try:
+            pipeline = Pipeline(recipe, out_dir, dataclasses.replace(self.env, writer=writer), self.data)
+            if base is not None:
+                if self.env.main:
+                    seed_from_base(base, pipeline)
+                pipeline.wait_for_main()
+            fresh = not all(pipeline.dir.is_done(s) for s in recipe.stages)
+            phase = out_dir.name if out_dir.parent == self.out_dir else f"points/{out_dir.name}"
+            self._timed(phase, lambda: pipeline.run(recipe.stages), fresh)
+        finally:
+            if writer is not None:
+                writer.close()
+        return pipeline
+
+    def _reader(self, recipe: Recipe, out_dir: Path) -> Pipeline:
+        """A finished run read in place (`study.base_dir`'s), never written."""
+        return Pipeline(recipe, out_dir, dataclasses.replace(self.env, writer=None), self.data)
+
+    def base(self) -> Pipeline:
+        """The trained base: `study.base_dir`'s, checked against this recipe, or trained here in DIR/base."""
+        if self.recipe.study.base_dir is not None:
+            checked = check_base_dir(self.recipe, self.recipe.study.base_dir)
+            return self._reader(base_recipe(self.recipe), checked.out_dir)
+        return self._run(base_recipe(self.recipe), self.out_dir / "base")
+
+    def _point(self, strategy: str, keep: float, recipe: Recipe, base: Pipeline, images: int) -> dict:
+        name = "unpruned" if strategy == "unpruned" else point_name(strategy, keep)
+        shared = self.recipe.study.base_dir and Path(self.recipe.study.base_dir) / "points" / name
+        if shared and (shared / "summary.json").exists():  # the other study's point, when made under these keys
+            other = self._reader(recipe, shared)
+            if all(other.dir.is_done(s) for s in recipe.stages):
+                if self.env.main:
+                    print(f"[study] {name}: reused from {shared}", file=sys.stderr)
+                return {"strategy": strategy, "keep": keep, "tag": name, "run": other, "images_seen": images}
+        if self.env.main:
+            print(f"[study] {name}", file=sys.stderr)
+        run = self._run(recipe, self.out_dir / "points" / name, None if strategy == "scratch" else base)
+        return {"strategy": strategy, "keep": keep, "tag": name, "run": run, "images_seen": images}
+
+    def points(self) -> list[dict]:
+        r, cfg = self.recipe, self.recipe.study
+        base = self.base_run = self.base()
+        base_images, ft_images = pruned_images(r, self.data)
+        points = [self._point("unpruned", 1.0, unpruned_recipe(r), base, base_images)]
+        for strategy in cfg.strategies:
+            keeps = (cfg.scratch_keep_macs or cfg.keep_macs) if strategy == "scratch" else cfg.keep_macs
+            for keep in keeps:
+                if strategy == "scratch":
+                    widths = scratch_widths(r, keep, self.data.num_classes, self.example.cpu(), self.unit)
+                    teacher = base.dir.path("reparam").resolve() if cfg.scratch_distill else None
+                    precipe = scratch_recipe(r, widths, self.data, teacher)
+                    images = precipe.train.epochs * self.data.images_per_epoch()
+                else:
+                    precipe, images = pruned_recipe(r, strategy, keep), base_images + ft_images
+                points.append(self._point(strategy, keep, precipe, base, images))
+        return points
+
+    def bench(self, points: list[dict]) -> dict:
+        """All points' ONNX files in one alternating benchmark (ORT CPU, every `bench.batch_sizes`), cached on
+        the files' identities."""
+        files = {}
+        for pt in points:
+            for name, entry in pt["run"].summary["stages"]["export"]["artifacts"].items():
+                files[f"{pt['tag']}:{name.split('_')[-1]}"] = Path(entry["path"])
+        cfg = self.recipe.bench
+        ident = json.dumps([[k, str(p), p.stat().st_size, p.stat().st_mtime_ns] for k, p in sorted(files.items())]
+                           + [cfg.model_dump(mode="json")])
+        key = hashlib.sha256(ident.encode()).hexdigest()[:16]
+        cache = self.out_dir / "study_bench.json"
+        if cache.exists():
+            cached = json.loads(cache.read_text())
+            if cached.get("key") == key:
+                return cached
+        main_batch = cfg.main_batch or cfg.batch_sizes[0]
+        result = self._timed("bench", lambda: benchmark(
+            files, cfg.model_copy(update={"main_batch": main_batch, "providers": ["cpu"]}),
+            cfg.image_size or self.data.cfg.image_size), fresh=True)
+        result["key"] = key
+        write_json(cache, result)
+        return result
+
+    def run(self) -> dict | None:
+        """Every DDP rank trains the points together; rank 0 alone benchmarks them (one benchmark at a time on
+        the machine) and writes the report while the others wait. The result on rank 0, None elsewhere."""
+        points = self.points()
+        result = self.report(points) if self.env.main else None
+        points[0]["run"].wait_for_main()
+        return result
+
+    def report(self, points: list[dict]) -> dict:
+        """Benchmark every point, compare the strategies, then write study.md, study.json, pareto.png and the
+        TensorBoard figure and HParams table."""
+        bench = self.bench(points)
+        latency = {(r["artifact"].split(":")[0], r["artifact"].split(":")[1], r["batch"]): r["median_ms"]
+                   for r in bench["results"] if r["provider"] == "cpu"}
+        rows = []
+        for pt in points:
+            fp32_model = pt["run"].load("finetune").cpu().eval()  # the plain model where nothing was pruned
+            pt["widths"] = fp32_model.widths()
+            arts = pt["run"].summary["stages"]["export"]["artifacts"]
+            pt["correct"] = {p: correctness(next(e for n, e in arts.items() if n.endswith(p))) for p in PRECISIONS}
+            macs_params = tp.utils.count_ops_and_params(fp32_model, self.example.cpu())
+            rows.append(point_row(pt, latency, macs_params, self.num_blocks))
+        base = self.base_run
+        coupling = {
+            "groups_training_time": len(channel_groups(base.load("train").eval(), self.example.cpu())),
+            "groups_plain": len(channel_groups(base.load("reparam").eval(), self.example.cpu())),
+        }
+        batches = sorted({b for (_, _, b) in latency}, key=lambda b: (b != bench["main_batch"], b))
+        result = {
+            "base": {"dir": str(base.out_dir), "top1": base.summary["stages"]["train"]["top1"]},
+            "rows": rows,
+            "comparisons": compare(points, rows, batches, self.recipe.study.bootstrap_resamples),
+            "coupling": coupling,
+            "machine": bench["machine"],
+            "settings": {**bench["settings"], "batches": batches, "main_batch": bench["main_batch"]},
+            "timings": self.timings,
+        }
+        write_report(self.recipe, result, self.out_dir, self.env.writer)
+        return result

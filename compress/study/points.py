@@ -1,0 +1,177 @@
+"""The study's points: one ordinary pipeline run per (strategy, keep), every one seeded with the same trained
+base, so that a finished point is reused on a rerun and the strategies differ only in how they prune.
+
+- plain: reparam -> prune each layer by global importance -> fine-tune
+- plain-uniform: the same with one ratio for every layer (local scope)
+- plain-rebranch: plain pruning, fine-tuned as RepVGG blocks re-branched at the pruned widths, folded back
+- plain-latency: plain pruning to a fraction of the plain model's measured FP32 latency (batch 8) instead of
+  its MACs, from a per-layer latency table of this machine
+- multibranch: prune the training-time model (identity branches couple each stage) -> fine-tune -> reparam
+- scratch: a RepVGG with per-stage widths searched to the same MACs, trained from scratch on as many images as
+  the base and a fine-tune together saw, distilled from the pruned points' teacher (the unpruned plain model)
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import torch
+import torch_pruning as tp
+
+from repvgg import PlainRepVGG, RepVGG
+
+from ..data import Data
+from ..models import recipe_architecture
+from ..pipeline import Pipeline
+from ..recipe import PRUNE_TARGETS, Distill, Recipe
+from ..registry import STAGE_NAMES
+from ..rundir import PipelineError, RunDir
+
+# plain-latency points: fractions of the FP32 latency at batch 8, so they sit at latencies comparable to the others'
+LATENCY_POINTS = {"precision": "fp32", "batch": 8}
+BASE_STAGES = ("train", "reparam")
+MAC_TOLERANCE = 0.02  # scratch widths: MACs within 2% of the target
+
+
+def updated(recipe: Recipe, **sections) -> Recipe:
+    """A copy of the recipe with some sections' fields replaced (validated like the original), as one pipeline."""
+    raw = recipe.model_dump(mode="json")
+    for section, fields in sections.items():
+        if isinstance(fields, dict):
+            raw[section] = {**(raw.get(section) or {}), **fields}
+        else:
+            raw[section] = fields
+    raw["study"] = None
+    return Recipe.model_validate(raw)
+
+
+def base_recipe(recipe: Recipe) -> Recipe:
+    return updated(recipe, stages=list(BASE_STAGES))
+
+
+def base_dir_of(path: Path) -> Path:
+    """The run directory holding a trained base: a study's DIR/base, or any run directory."""
+    path = Path(path)
+    return path / "base" if (path / "base" / "summary.json").exists() else path
+
+
+def check_base_dir(recipe: Recipe, path: Path) -> RunDir:
+    """`study.base_dir`, checked: its train and reparam stages are finished under this recipe's keys (the same
+    model, data, train sections and seed), else one line saying what differs."""
+    run = RunDir(base_dir_of(path), base_recipe(recipe))
+    for stage in BASE_STAGES:
+        entry = run.entry(stage)
+        if entry is None or not run.path(stage).exists():
+            raise PipelineError(f"study.base_dir: {run.out_dir} has no finished {stage} stage")
+        stale = run.staleness(stage, entry)
+        if stale:
+            raise PipelineError(f"study.base_dir: {run.out_dir} does not hold this recipe's base ({stale})")
+        if not run.is_done(stage):
+            raise PipelineError(f"study.base_dir: {run.out_dir}'s base was evaluated on another test set "
+                                f"(data.test_subset differs)")
+    return run
+
+
+def seed_from_base(base: Pipeline, point: Pipeline) -> None:
+    """Give a point the shared trained model: the base's train and reparam artifacts linked in and their summary
+    entries copied. Their keys are the point's too: the point recipe differs from the base's only in sections
+    those stages do not read."""
+    for stage in BASE_STAGES:
+        if point.dir.is_done(stage):
+            continue
+        if base.dir.key(stage) != point.dir.key(stage):
+            raise RuntimeError(f"study: the point {point.out_dir.name} would not reuse the base's {stage} stage")
+        target = point.dir.path(stage)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.unlink(missing_ok=True)
+        try:
+            target.hardlink_to(base.dir.path(stage))
+        except OSError:
+            shutil.copy2(base.dir.path(stage), target)
+        point.summary["stages"][stage] = base.summary["stages"][stage]
+    point.dir.write_summary()
+
+
+def _plain_macs(arch: RepVGG, widths: list[int], num_classes: int, example: torch.Tensor) -> float:
+    model = RepVGG(arch.num_blocks, widths=widths, num_classes=num_classes, stem_stride=arch.stem_stride,
+                   override_groups_map=arch.override_groups_map)
+    return tp.utils.count_ops_and_params(PlainRepVGG([b.spec for b in model.blocks()], num_classes), example)[0]
+
+
+def scratch_widths(recipe: Recipe, keep: float, num_classes: int, example: torch.Tensor, unit: int) -> list[int]:
+    """Per-stage widths (stem, stages 1-4) of the recipe's architecture whose plain model has `keep` of its MACs,
+    within 2% where the widths allow: every stage scaled by one factor (bisected), so the shape stays the
+    original's, with widths rounded to multiples of `unit`, or of a finer step (unit/2, ... 1) where rounding
+    to `unit` misses the target by more than 2%."""
+    arch = recipe_architecture(recipe, num_classes)
+    full = arch.config()["widths"]
+    target = keep * _plain_macs(arch, full, num_classes, example)
+
+    def macs(widths: list[int]) -> float:
+        return _plain_macs(arch, widths, num_classes, example)
+
+    best, step = None, unit
+    while step >= 1:
+        def scaled(f: float) -> list[int]:
+            return [max(step, int(round(w * f / step)) * step) for w in full]
+
+        lo, hi = 0.0, 1.0
+        for _ in range(20):  # MACs grow with the factor
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if macs(scaled(mid)) < target else (lo, mid)
+        best = min((scaled(lo), scaled(hi)), key=lambda w: abs(macs(w) / target - 1))
+        if abs(macs(best) / target - 1) <= MAC_TOLERANCE:
+            break
+        step //= 2
+    return best
+
+
+def point_name(strategy: str, keep: float) -> str:
+    return f"{strategy}_{keep:g}"
+
+
+def unpruned_recipe(recipe: Recipe) -> Recipe:
+    """The reference point: the base's plain model, quantized and exported (FP32 and INT8)."""
+    return updated(recipe, stages=["train", "reparam", "quantize", "export"],
+                   export={"artifacts": ["plain_fp32", "plain_int8"]})
+
+
+def pruned_recipe(recipe: Recipe, strategy: str, keep: float) -> Recipe:
+    """A pruning strategy's point: the recipe's prune settings with the strategy's mode, scope and target."""
+    prune = {**dict.fromkeys(PRUNE_TARGETS), "keep_macs": keep,
+             "mode": "multibranch" if strategy == "multibranch" else "plain",
+             "scope": "local" if strategy == "plain-uniform" else recipe.prune.scope}
+    if strategy == "plain-latency":  # the same fraction of the plain model's measured latency
+        prune.update(keep_macs=None, keep_latency=keep,
+                     latency={**recipe.prune.latency.model_dump(mode="json"), **LATENCY_POINTS})
+    # plain-rebranch fine-tunes re-branched blocks; a multibranch model has its own branches; the recipe's
+    # rebranch is what plain-rebranch measures, so the other plain strategies keep bn
+    structure = {"plain-rebranch": "rebranch", "multibranch": "plain"}.get(strategy, recipe.finetune.structure)
+    if structure == "rebranch" and strategy != "plain-rebranch":
+        structure = "bn"
+    stages = [s for s in STAGE_NAMES if s != "bench"]
+    return updated(recipe, prune=prune, finetune={"structure": structure}, stages=stages,
+                   export={"artifacts": ["pruned_fp32", "pruned_int8"]})
+
+
+def pruned_images(recipe: Recipe, data: Data) -> tuple[int, int]:
+    """Training images a pruned point's model saw: (base training, fine-tuning), QAT not counted."""
+    base = recipe.train.epochs * data.images_per_epoch()
+    return base, recipe.finetune.epochs * data.with_train_subset(recipe.finetune.train_subset).images_per_epoch()
+
+
+def scratch_recipe(recipe: Recipe, widths: list[int], data: Data, teacher: Path | None) -> Recipe:
+    """A scratch point: the architecture at `widths` trained from random init for as many images as base and
+    fine-tune together (whole epochs of the training set: at least as many), distilled from `teacher` when given
+    (with the fine-tune's distillation settings), then quantized and exported as the pruned points are."""
+    arch_model = recipe.model.model_dump(mode="json")
+    model = {**arch_model, "name": None, "width_multiplier": None, "widths": widths, "checkpoint": None,
+             "pretrained": None, "num_blocks": list(recipe_architecture(recipe, data.num_classes).num_blocks)}
+    epochs = max(1, math.ceil(sum(pruned_images(recipe, data)) / data.images_per_epoch() - 1e-9))
+    train = {"epochs": epochs}
+    if teacher is not None:
+        train.update(distill=(recipe.finetune.distill or Distill()).model_dump(mode="json"), teacher=str(teacher))
+    return updated(recipe, model=model, train=train, stages=["train", "reparam", "quantize", "export"],
+                   export={"artifacts": ["plain_fp32", "plain_int8"]})

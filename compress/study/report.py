@@ -1,0 +1,197 @@
+"""The study's report: study.md (conclusions first, then the tables), study.json, pareto.png and TensorBoard
+(the figure, top-1 against latency as custom scalars, and an HParams table of the points)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from ..io import write_json, write_text  # noqa: E402
+from ..recipe import Recipe  # noqa: E402
+from .analysis import PRECISIONS  # noqa: E402
+
+STYLE = {"plain": "#1f77b4", "plain-uniform": "#2ca02c", "plain-latency": "#ff7f0e", "plain-rebranch": "#17becf",
+         "multibranch": "#d62728", "scratch": "#9467bd", "unpruned": "#000000"}
+
+
+def write_report(recipe: Recipe, result: dict, out_dir: Path, writer=None) -> None:
+    write_text(out_dir / "study.md", study_markdown(recipe, result))
+    write_json(out_dir / "study.json", result)
+    fig = pareto_figure(result["rows"], result["settings"]["main_batch"])
+    fig.savefig(out_dir / "pareto.png", dpi=120)
+    if writer is not None:
+        log_tensorboard(writer, result["rows"], result["settings"]["main_batch"], fig)
+    plt.close(fig)
+
+
+def pareto_figure(rows: list[dict], batch: int):
+    """Top-1 of the exported files against their measured latency at `batch`, FP32 and INT8 side by side, with
+    95% Wilson intervals as error bars."""
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    for ax, precision in zip(axes, PRECISIONS):
+        for strategy in dict.fromkeys(r["strategy"] for r in rows):
+            pts = sorted((r for r in rows if r["strategy"] == strategy), key=lambda r: r[f"{precision}_ms"][batch])
+            x = [r[f"{precision}_ms"][batch] for r in pts]
+            y = [r[f"{precision}_top1"] for r in pts]
+            err = [[v - r[f"{precision}_ci"][0] for v, r in zip(y, pts)],
+                   [r[f"{precision}_ci"][1] - v for v, r in zip(y, pts)]]
+            ax.errorbar(x, y, yerr=err, marker="*" if strategy == "unpruned" else "o", color=STYLE.get(strategy),
+                        capsize=3, label=strategy, markersize=9 if strategy == "unpruned" else 5)
+            for r in pts:
+                ax.annotate(f"{r['keep']:g}", (r[f"{precision}_ms"][batch], r[f"{precision}_top1"]), fontsize=7,
+                            xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(f"latency (ms, ONNX Runtime CPU, batch {batch}, measured)")
+        ax.set_title(f"{precision.upper()}")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("top-1 (%) of the exported ONNX file, 95% interval")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Accuracy vs latency: pruning after re-parameterization vs before, vs training small")
+    fig.tight_layout()
+    return fig
+
+
+def log_tensorboard(writer, rows: list[dict], batch: int, fig) -> None:
+    writer.add_figure("study/pareto", fig, 0)
+    layout = {"study": {}}
+    for precision in PRECISIONS:
+        for r in rows:
+            # custom-scalars charts plot value against step: the step is the latency in microseconds
+            step = int(round(r[f"{precision}_ms"][batch] * 1000))
+            writer.add_scalar(f"study/{r['strategy']}/{precision}_top1", r[f"{precision}_top1"], step)
+        layout["study"][f"{precision.upper()} top-1 vs latency (us)"] = ["Multiline", [rf"study/.*/{precision}_top1"]]
+    writer.add_custom_scalars(layout)
+    for r in rows:  # the HParams dashboard: one run per point, sortable and filterable
+        metrics = {"hparam/macs_M": r["macs_M"], "hparam/images_seen": float(r["images_seen"])}
+        for precision in PRECISIONS:
+            metrics[f"hparam/{precision}_top1"] = r[f"{precision}_top1"]
+            metrics[f"hparam/{precision}_ms"] = r[f"{precision}_ms"][batch]
+        writer.add_hparams({"strategy": r["strategy"], "keep": r["keep"]}, metrics,
+                           run_name=f"hparams/{r['strategy']}_{r['keep']:g}")
+    writer.flush()
+
+
+def _pt(v: float) -> str:
+    return f"{v:+.2f}"
+
+
+def _comparison_line(c: dict) -> str:
+    return (f"{c['a']} vs {c['b']}, {c['precision'].upper()} at {c['latency_ms']:.3f} ms (batch {c['batch']}): "
+            f"{c['top1_a']:.2f} vs {c['top1_b']:.2f}% top-1, {_pt(c['diff'])} pt [{c['low']:+.2f}, {c['high']:+.2f}]")
+
+
+def conclusions(result: dict) -> list[str]:
+    """The significant differences at the main batch, then a line on what is not."""
+    batch = result["settings"]["main_batch"]
+    main = [c for c in result["comparisons"] if c["batch"] == batch]
+    lines = ["## Conclusions", ""]
+    significant = [c for c in main if c["significant"]]
+    if significant:
+        lines.append(f"Significant differences at equal measured latency (batch {batch}; 95% paired bootstrap over "
+                     f"test images; + means the first is more accurate):")
+        lines += [f"- {_comparison_line(c)}" for c in significant]
+    else:
+        lines.append(f"No difference at equal measured latency (batch {batch}) is significant at 95%.")
+    counts = {}
+    for c in main:
+        n = counts.setdefault((c["b"], c["precision"].upper()), [0, 0])
+        n[0] += c["significant"]
+        n[1] += 1
+    if counts:
+        lines.append("- Significant of compared latencies: " + "; ".join(
+            f"plain vs {b} {p}: {k} of {n}" for (b, p), (k, n) in counts.items()) + ".")
+    missing = sorted({r["strategy"] for r in result["rows"]} - {c["b"] for c in main} - {"unpruned", "plain"})
+    if missing:
+        lines.append(f"- No shared latency range with plain (no extrapolation): {', '.join(missing)}.")
+    lines += ["", "These intervals cover the sampling of test images only, not training seeds: every point is one "
+              "trained model.", ""]
+    return lines
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def _epochs(n: int) -> str:
+    return f"{n} epoch{'s' * (n != 1)}"
+
+
+def _images(n: int) -> str:
+    return f"{n / 1000:.0f}k"
+
+
+def _widths_cell(stage: list[int]) -> str:
+    return str(stage[0]) if len(set(stage)) == 1 else f"{min(stage)}-{max(stage)}"
+
+
+def study_markdown(recipe: Recipe, result: dict) -> str:
+    d, s, m = recipe.data, result["settings"], result["machine"]
+    ft, q = recipe.finetune, recipe.quantize
+    batch, batches = s["main_batch"], s["batches"]
+    lines = [f"# Study: {recipe.name}", ""]
+    lines += [f"Base: the trained multi-branch model has {result['base']['top1']:.2f}% top-1 on the test set "
+              f"(PyTorch; {result['base']['dir']}).", ""]
+    lines += conclusions(result)
+    lines += [
+        "## Setup", "",
+        f"- Data: {d.kind} {d.root or ''} at {d.image_size}x{d.image_size}; base trained on "
+        f"{d.train_subset or 'all'} training images for {_epochs(recipe.train.epochs)}; test set: "
+        f"{d.test_subset or 'all'} images.",
+        f"- Every pruned point: fine-tuned {_epochs(ft.epochs)} on {ft.train_subset or 'all'} training images"
+        f"{' with distillation from the unpruned plain model' if ft.distill else ''}, then INT8 "
+        f"{q.mode.upper()} ({_epochs(q.epochs)} on {q.train_subset or 'all'} images). Scratch points train from random "
+        f"init on as many images as base plus fine-tune"
+        f"{', distilled from the same teacher' if recipe.study.scratch_distill else ''}, then the same QAT.",
+        "- Top-1: of the exported ONNX files, on the test set, with 95% Wilson intervals.",
+        f"- Latency: ONNX Runtime CPU, batches {', '.join(map(str, batches))}, {s['rounds']} alternating rounds of "
+        f"{s['iters']} timed batches after {s['warmup']} warm-up; {m.get('cpu')}, threads {m.get('threads') or 'all'}, "
+        f"onnxruntime {m.get('onnxruntime')}.",
+        "",
+        "## Points", "",
+        "| strategy | keep | MACs (M) | params (M) | images seen | FP32 top-1 [95%] | INT8 top-1 [95%] | "
+        + " | ".join(f"{p.upper()} ms @{b}" for b in batches for p in PRECISIONS) + " |",
+        "|---|---|---|---|---|---|---|" + "---|" * (2 * len(batches)),
+    ]
+    for r in result["rows"]:
+        cells = [r["strategy"], f"{r['keep']:g}", f"{r['macs_M']:.2f}", f"{r['params_M']:.3f}",
+                 _images(r["images_seen"])]
+        cells += [f"{r[f'{p}_top1']:.2f} [{r[f'{p}_ci'][0]:.1f}, {r[f'{p}_ci'][1]:.1f}]" for p in PRECISIONS]
+        cells += [f"{r[f'{p}_ms'][b]:.3f}" for b in batches for p in PRECISIONS]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## Comparisons at equal measured latency", "",
+              "Each side's per-image correctness interpolated linearly along its own latency curve; 95% paired "
+              "bootstrap over test images (the same resample for both sides).", "",
+              "| compared | precision | batch | latency ms | top-1 a | top-1 b | a - b (pt) | 95% interval "
+              "| significant |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    order = sorted(result["comparisons"], key=lambda c: (c["b"], c["batch"] != batch, c["precision"], c["latency_ms"]))
+    for c in order:
+        lines.append(f"| {c['a']} vs {c['b']} | {c['precision'].upper()} | {c['batch']} | {c['latency_ms']:.3f} | "
+                     f"{c['top1_a']:.2f} | {c['top1_b']:.2f} | {_pt(c['diff'])} | "
+                     f"[{c['low']:+.2f}, {c['high']:+.2f}] | {'yes' if c['significant'] else 'no'} |")
+    coupling = result["coupling"]
+    lines += ["", "## Coupling", "",
+              f"Torch-Pruning's DependencyGraph finds {coupling['groups_training_time']} prunable groups in the "
+              f"training-time model and {coupling['groups_plain']} in the plain model: the identity branches tie "
+              f"every layer of a stage to the same channels.", "",
+              "Widths per stage (a range where the layers of a stage differ):", "",
+              "| strategy | keep | stem | stage 1 | stage 2 | stage 3 | stage 4 |", "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['strategy']} | {r['keep']:g} | " + " | ".join(map(_widths_cell, r["stage_widths"])) + " |")
+    targets = [r for r in result["rows"] if "latency_target" in r]
+    if targets:
+        lines += ["", "## Latency targets", "", "| keep_latency | unpruned ms (table) | budget ms | predicted ms | "
+                  f"measured FP32 ms @{batch} |", "|---|---|---|---|---|"]
+        for r in targets:
+            t = r["latency_target"]
+            lines.append(f"| {r['keep']:g} | {t['before_ms']:.3f} | {t['budget_ms']:.3f} | {t['predicted_ms']:.3f} | "
+                         f"{r['fp32_ms'][batch]:.3f} |")
+    if result["timings"]:
+        lines += ["", "## Wall time per phase (when it last ran)", "", "| phase | wall time |", "|---|---|"]
+        lines += [f"| {phase} | {_duration(sec)} |" for phase, sec in result["timings"].items()]
+        lines.append(f"| all of the above | {_duration(sum(result['timings'].values()))} |")
+    lines.append("")
+    return "\n".join(lines)
