@@ -157,3 +157,29 @@ def test_gpu_study_recipe_covers_all_six_strategies_and_passes_dry_run(capsys):
     assert main(["--recipe", str(ROOT / "recipes" / "study_cifar10_a0_gpu.yaml"), "--dry-run"]) == 0
     plan = capsys.readouterr().out.splitlines()[-1]
     assert all(f"'{s}'" in plan for s in STRATEGIES) and plan.startswith("plan: study over")
+
+
+def test_train_distill_needs_its_teacher_in_one_line(tiny_recipe, tmp_path, capsys):
+    recipe = tiny_recipe(train={"distill": {"alpha": 0.5, "temperature": 4.0}})
+    line = one_line_error(capsys, ["--recipe", str(recipe), "--out", str(tmp_path / "r")])
+    assert "train: distill and teacher go together" in line
+    missing = tiny_recipe(train={"distill": {"alpha": 0.5}, "teacher": str(tmp_path / "none.pt")})
+    line = one_line_error(capsys, ["--recipe", str(missing), "--out", str(tmp_path / "r2")])
+    assert "none.pt" in line and "not found" in line
+
+
+def test_conclusions_flag_a_curve_whose_smaller_model_is_not_faster():
+    from compress.study.report import conclusions
+
+    def row(strategy, keep, fp32_ms, int8_ms):
+        return {"strategy": strategy, "keep": keep, "fp32_ms": {8: fp32_ms}, "int8_ms": {8: int8_ms}}
+
+    result = {"settings": {"main_batch": 8},
+              "rows": [row("unpruned", 1.0, 2.0, 1.0), row("plain", 0.5, 1.0, 0.45), row("plain", 0.3, 0.6, 0.46)],
+              "comparisons": [{"a": "plain", "b": "multibranch", "precision": "fp32", "batch": 8, "latency_ms": 0.8,
+                               "top1_a": 70.0, "top1_b": 65.0, "diff": 5.0, "low": 4.0, "high": 6.0,
+                               "significant": True}]}
+    text = "\n".join(conclusions(result))
+    assert "plain vs multibranch, FP32 at 0.800 ms (batch 8): 70.00 vs 65.00% top-1, +5.00 pt [+4.00, +6.00]" in text
+    assert "Caveat: plain at keep 0.3 is not faster than at keep 0.5 in INT8 (0.460 vs 0.450 ms)" in text
+    assert "in FP32" not in text  # 0.6 ms < 1.0 ms: that curve is fine

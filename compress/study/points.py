@@ -112,16 +112,16 @@ def scratch_widths(recipe: Recipe, keep: float, num_classes: int, example: torch
     def macs(widths: list[int]) -> float:
         return _plain_macs(arch, widths, num_classes, example)
 
+    def scaled(f: float, step: int) -> list[int]:
+        return [max(step, int(round(w * f / step)) * step) for w in full]
+
     best, step = None, unit
     while step >= 1:
-        def scaled(f: float) -> list[int]:
-            return [max(step, int(round(w * f / step)) * step) for w in full]
-
         lo, hi = 0.0, 1.0
         for _ in range(20):  # MACs grow with the factor
             mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if macs(scaled(mid)) < target else (lo, mid)
-        best = min((scaled(lo), scaled(hi)), key=lambda w: abs(macs(w) / target - 1))
+            lo, hi = (mid, hi) if macs(scaled(mid, step)) < target else (lo, mid)
+        best = min((scaled(lo, step), scaled(hi, step)), key=lambda w: abs(macs(w) / target - 1))
         if abs(macs(best) / target - 1) <= MAC_TOLERANCE:
             break
         step //= 2

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import matplotlib
@@ -30,18 +31,21 @@ def write_report(recipe: Recipe, result: dict, out_dir: Path, writer=None) -> No
 
 def pareto_figure(rows: list[dict], batch: int):
     """Top-1 of the exported files against their measured latency at `batch`, FP32 and INT8 side by side, with
-    95% Wilson intervals as error bars."""
+    95% Wilson intervals as error bars; every pruning strategy's curve ends at the unpruned model, as compared."""
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    unpruned = [r for r in rows if r["strategy"] == "unpruned"]
     for ax, precision in zip(axes, PRECISIONS):
         for strategy in dict.fromkeys(r["strategy"] for r in rows):
-            pts = sorted((r for r in rows if r["strategy"] == strategy), key=lambda r: r[f"{precision}_ms"][batch])
+            ends = unpruned if strategy not in ("unpruned", "scratch") else []
+            pts = sorted([r for r in rows if r["strategy"] == strategy] + ends,
+                         key=lambda r: r[f"{precision}_ms"][batch])
             x = [r[f"{precision}_ms"][batch] for r in pts]
             y = [r[f"{precision}_top1"] for r in pts]
             err = [[v - r[f"{precision}_ci"][0] for v, r in zip(y, pts)],
                    [r[f"{precision}_ci"][1] - v for v, r in zip(y, pts)]]
             ax.errorbar(x, y, yerr=err, marker="*" if strategy == "unpruned" else "o", color=STYLE.get(strategy),
                         capsize=3, label=strategy, markersize=9 if strategy == "unpruned" else 5)
-            for r in pts:
+            for r in (r for r in pts if r["strategy"] == strategy):
                 ax.annotate(f"{r['keep']:g}", (r[f"{precision}_ms"][batch], r[f"{precision}_top1"]), fontsize=7,
                             xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel(f"latency (ms, ONNX Runtime CPU, batch {batch}, measured)")
@@ -106,8 +110,23 @@ def conclusions(result: dict) -> list[str]:
     missing = sorted({r["strategy"] for r in result["rows"]} - {c["b"] for c in main} - {"unpruned", "plain"})
     if missing:
         lines.append(f"- No shared latency range with plain (no extrapolation): {', '.join(missing)}.")
+    lines += _non_monotone(result["rows"], batch)
     lines += ["", "These intervals cover the sampling of test images only, not training seeds: every point is one "
               "trained model.", ""]
+    return lines
+
+
+def _non_monotone(rows: list[dict], batch: int) -> list[str]:
+    """A caveat per curve whose smaller model was not measured faster than its larger one: interpolating between
+    the two rests on latency noise (or on layers too narrow for the kernels)."""
+    lines = []
+    for strategy in dict.fromkeys(r["strategy"] for r in rows):
+        pts = sorted((r for r in rows if r["strategy"] == strategy), key=lambda r: r["keep"])
+        for precision, (small, large) in itertools.product(PRECISIONS, zip(pts, pts[1:])):
+            if small[f"{precision}_ms"][batch] >= large[f"{precision}_ms"][batch]:
+                lines.append(f"- Caveat: {strategy} at keep {small['keep']:g} is not faster than at keep "
+                             f"{large['keep']:g} in {precision.upper()} ({small[f'{precision}_ms'][batch]:.3f} vs "
+                             f"{large[f'{precision}_ms'][batch]:.3f} ms): comparisons between them rest on that.")
     return lines
 
 
