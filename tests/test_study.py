@@ -3,12 +3,12 @@ import re
 
 import pytest
 import torch
+from conftest import ROOT, one_line_error
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from compress.cli import main
 from compress.recipe import validate_recipe
 from compress.study.points import scratch_widths
-from tests.conftest import one_line_error
 
 STRATEGIES = ["plain", "plain-uniform", "plain-latency", "plain-rebranch", "multibranch", "scratch"]
 
@@ -152,8 +152,6 @@ def test_compare_interpolates_each_curve_at_the_shared_latencies_on_the_same_ima
 
 
 def test_gpu_study_recipe_covers_all_six_strategies_and_passes_dry_run(capsys):
-    from tests.conftest import ROOT
-
     assert main(["--recipe", str(ROOT / "recipes" / "study_cifar10_a0_gpu.yaml"), "--dry-run"]) == 0
     plan = capsys.readouterr().out.splitlines()[-1]
     assert all(f"'{s}'" in plan for s in STRATEGIES) and plan.startswith("plan: study over")
