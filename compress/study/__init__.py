@@ -93,18 +93,21 @@ class Study:
             return self._reader(base_recipe(self.recipe), checked.out_dir)
         return self._run(base_recipe(self.recipe), self.out_dir / "base")
 
+    def _shared_point(self, recipe: Recipe, name: str) -> Pipeline | None:
+        """`study.base_dir`'s study's point `name`, when it was finished under this recipe's keys."""
+        shared = self.recipe.study.base_dir and Path(self.recipe.study.base_dir) / "points" / name
+        if not shared or not (shared / "summary.json").exists():
+            return None
+        other = self._reader(recipe, shared)
+        return other if all(other.dir.is_done(s) for s in recipe.stages) else None
+
     def _point(self, strategy: str, keep: float, recipe: Recipe, base: Pipeline, images: int) -> dict:
         name = "unpruned" if strategy == "unpruned" else point_name(strategy, keep)
-        shared = self.recipe.study.base_dir and Path(self.recipe.study.base_dir) / "points" / name
-        if shared and (shared / "summary.json").exists():  # the other study's point, when made under these keys
-            other = self._reader(recipe, shared)
-            if all(other.dir.is_done(s) for s in recipe.stages):
-                if self.env.main:
-                    print(f"[study] {name}: reused from {shared}", file=sys.stderr)
-                return {"strategy": strategy, "keep": keep, "tag": name, "run": other, "images_seen": images}
+        run = self._shared_point(recipe, name)
         if self.env.main:
-            print(f"[study] {name}", file=sys.stderr)
-        run = self._run(recipe, self.out_dir / "points" / name, None if strategy == "scratch" else base)
+            print(f"[study] {name}" + (f": reused from {run.out_dir}" if run else ""), file=sys.stderr)
+        if run is None:
+            run = self._run(recipe, self.out_dir / "points" / name, None if strategy == "scratch" else base)
         return {"strategy": strategy, "keep": keep, "tag": name, "run": run, "images_seen": images}
 
     def points(self) -> list[dict]:
@@ -161,7 +164,7 @@ class Study:
         """Benchmark every point, compare the strategies, then write study.md, study.json, pareto.png and the
         TensorBoard figure and HParams table."""
         bench = self.bench(points)
-        latency = {(r["artifact"].split(":")[0], r["artifact"].split(":")[1], r["batch"]): r["median_ms"]
+        latency = {(*r["artifact"].split(":"), r["batch"]): r["median_ms"]  # (point, precision, batch)
                    for r in bench["results"] if r["provider"] == "cpu"}
         rows = []
         for pt in points:

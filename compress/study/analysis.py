@@ -35,8 +35,7 @@ def point_row(point: dict, latency: dict, macs_params: tuple[float, float], num_
     for precision in PRECISIONS:
         name = next(n for n in arts if n.endswith(precision))
         entry = arts[name]
-        correct = int(round(entry["top1"] * entry["n"] / 100))
-        low, high = wilson_interval(correct, entry["n"])
+        low, high = wilson_interval(int(point["correct"][precision].sum()), entry["n"])
         row[f"{precision}_top1"] = entry["top1"]
         row[f"{precision}_ci"] = [100 * low, 100 * high]
         row[f"{precision}_n"] = entry["n"]

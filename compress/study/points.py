@@ -18,13 +18,13 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch_pruning as tp
 
-from repvgg import PlainRepVGG, RepVGG
+from repvgg import PlainRepVGG
 
 from ..data import Data
 from ..models import recipe_architecture
 from ..pipeline import Pipeline
+from ..prune.cost import MacCost
 from ..recipe import PRUNE_TARGETS, Distill, Recipe
 from ..registry import STAGE_NAMES
 from ..rundir import PipelineError, RunDir
@@ -94,12 +94,6 @@ def seed_from_base(base: Pipeline, point: Pipeline) -> None:
     point.dir.write_summary()
 
 
-def _plain_macs(arch: RepVGG, widths: list[int], num_classes: int, example: torch.Tensor) -> float:
-    model = RepVGG(arch.num_blocks, widths=widths, num_classes=num_classes, stem_stride=arch.stem_stride,
-                   override_groups_map=arch.override_groups_map)
-    return tp.utils.count_ops_and_params(PlainRepVGG([b.spec for b in model.blocks()], num_classes), example)[0]
-
-
 def scratch_widths(recipe: Recipe, keep: float, num_classes: int, example: torch.Tensor, unit: int) -> list[int]:
     """Per-stage widths (stem, stages 1-4) of the recipe's architecture whose plain model has `keep` of its MACs,
     within 2% where the widths allow: every stage scaled by one factor (bisected), so the shape stays the
@@ -107,10 +101,15 @@ def scratch_widths(recipe: Recipe, keep: float, num_classes: int, example: torch
     to `unit` misses the target by more than 2%."""
     arch = recipe_architecture(recipe, num_classes)
     full = arch.config()["widths"]
-    target = keep * _plain_macs(arch, full, num_classes, example)
+    with torch.device("meta"):  # only its shapes: the pruner's memoised MAC count sizes each candidate
+        plain = PlainRepVGG([b.spec for b in arch.blocks()], num_classes)
+    cost = MacCost(plain, example)
+    depths = [1, *arch.num_blocks]
 
-    def macs(widths: list[int]) -> float:
-        return _plain_macs(arch, widths, num_classes, example)
+    def macs(widths: list[int]) -> float:  # stage widths -> every plain layer's
+        return cost.cost([w for w, n in zip(widths, depths) for _ in range(n)])
+
+    target = keep * macs(full)
 
     def scaled(f: float, step: int) -> list[int]:
         return [max(step, int(round(w * f / step)) * step) for w in full]
