@@ -148,9 +148,9 @@ def check_quickstart(device: str, run_dir: Path, extra_args: list[str]) -> str:
 
 def check_latency(device: str, run_dir: Path) -> str:
     """Eager latency of the run's plain.pt and finetuned.pt (those that exist) on `device`."""
-    need("compress.bench", "compress.io", "compress.recipe", "onnxruntime")
+    need("compress.bench", "compress.files", "compress.recipe", "onnxruntime")
     from compress.bench import benchmark
-    from compress.io import load_model
+    from compress.files import load_model
     from compress.recipe import BenchCfg
 
     files = {"plain": run_dir / "plain.pt", "pruned": run_dir / "finetuned.pt"}

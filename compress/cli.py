@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import UserError
 from .recipe import Recipe, RecipeError, load_recipe
 from .registry import STAGE_NAMES
 
@@ -134,7 +135,7 @@ def latency_table_main(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["inspect"]:
-        from .inspect import inspect_main
+        from .describe import inspect_main
 
         return inspect_main(argv[1:])
     latency_table = argv[:1] == ["latency-table"]
@@ -143,21 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         _parser().error("--recipe is required")
     try:
         return latency_table_main(args) if latency_table else run(args)
-    except Exception as e:  # expected failures are one line; --debug shows the traceback
-        if args.debug or not _is_user_error(e):
+    except UserError as e:  # expected failures are one line; --debug shows the traceback
+        if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-
-
-def _is_user_error(e: Exception) -> bool:
-    from .data import DataError
-    from .export import ParityError
-    from .io import CheckpointError
-    from .prune.errors import PruneError
-    from .reparam import ReparamError
-    from .rundir import PipelineError
-    from .train import TrainingError
-
-    return isinstance(e, (RecipeError, DataError, CheckpointError, PipelineError, TrainingError, ReparamError,
-                          ParityError, PruneError))

@@ -19,12 +19,13 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, Te
 from torchvision import datasets
 from torchvision.transforms import v2 as T
 
+from .errors import UserError
 from .recipe import DataCfg
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics, as the official code
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data problem, said in one line that names the path."""
 
 

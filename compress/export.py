@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from compress.data import split_batch
-from compress.io import atomic_path
+from compress.errors import UserError
+from compress.files import atomic_path
 from compress.precision import full_fp32_precision, within_tolerance
 
 INPUT_NAME = "input"
@@ -33,7 +34,7 @@ PROVIDERS = {
 }
 
 
-class ParityError(RuntimeError):
+class ParityError(UserError, RuntimeError):
     """An FP32 ONNX file whose logits differ from its PyTorch model's: said in one line."""
 
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from repvgg import PlainRepVGG, RepVGG, create_model, from_state_dict
 
-from .io import CheckpointError, load_model
+from .files import CheckpointError, load_model
 from .recipe import Recipe
 
 

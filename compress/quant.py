@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from compress.data import split_batch
-from compress.io import CheckpointError, build_model, load_checkpoint, torch_save
+from compress.files import CheckpointError, build_model, load_checkpoint, torch_save
 from compress.recipe import QuantCfg
 
 FORMAT = "repvgg-compress-int8/1"
@@ -198,7 +198,7 @@ def is_quantized(model: nn.Module) -> bool:
 
 
 def save_quantized(qmodel: nn.Module, path: str | Path, base_record: dict, **extra) -> None:
-    """Save a quantized model: `base_record` (`compress.io.model_record` of the float model) for the architecture,
+    """Save a quantized model: `base_record` (`compress.files.model_record` of the float model) for the architecture,
     NNCF's quantizer placement config and the quantized model's full state_dict. Written atomically."""
     import nncf.torch
 

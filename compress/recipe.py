@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from repvgg import CONFIGS
 
+from .errors import UserError
 from .registry import STAGE_NAMES
 
 # What a field changes, for the run directory's keys (default: the weights, hence everything downstream):
@@ -18,7 +19,7 @@ NO_EFFECT = {"key": "none"}  # neither weights nor results: never recomputes any
 EVALUATION = {"key": "evaluation"}  # what is measured, not the weights: re-evaluates, reuses training checkpoints
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError, ValueError):
     """A recipe problem, said in one line that names the culprit."""
 
 

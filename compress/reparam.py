@@ -8,11 +8,12 @@ from torch import nn
 from repvgg import PlainRepVGG, RebranchedRepVGG, RepVGG, reparameterize
 
 from .data import Data
+from .errors import UserError
 from .precision import full_fp32_precision, within_tolerance
 from .train import Env, evaluate
 
 
-class ReparamError(RuntimeError):
+class ReparamError(UserError, RuntimeError):
     pass
 
 

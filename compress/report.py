@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .io import write_text
+from .files import write_text
 from .recipe import Recipe
 
 RUNTIMES = {"cpu": "ORT CPU", "openvino": "OpenVINO", "cuda": "ORT CUDA", "tensorrt": "ORT TensorRT",

@@ -18,14 +18,15 @@ import json
 import os
 from pathlib import Path
 
-from .io import write_json
+from .errors import UserError
+from .files import write_json
 from .recipe import Recipe
 from .registry import STAGES
 
 KEY_SCHEME = 2  # bump when keys change meaning: older run directories are refused, not silently reused
 
 
-class PipelineError(RuntimeError):
+class PipelineError(UserError, RuntimeError):
     """A run-level problem (missing or stale input, locked run dir), said in one line."""
 
 

@@ -15,7 +15,7 @@ import torch
 
 from repvgg import PlainRepVGG, RepVGG
 
-from .io import load_model, model_record, write_predictions
+from .files import load_model, model_record, write_predictions
 from .models import initial_model
 from .recipe import OptimCfg
 from .registry import STAGES

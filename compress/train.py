@@ -21,7 +21,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .data import Data
-from .io import load_checkpoint, torch_save
+from .errors import UserError
+from .files import load_checkpoint, torch_save
 from .recipe import Distill, OptimCfg
 
 # where `fit` trains under FP16 autocast + GradScaler when the recipe asks for AMP: on CPUs FP16 is emulated
@@ -29,7 +30,7 @@ from .recipe import Distill, OptimCfg
 AMP_DEVICE_TYPES = {"cuda"}
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """Training cannot go on (non-finite loss, out of memory): said in one line."""
 
 

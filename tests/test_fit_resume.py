@@ -5,7 +5,7 @@ import torch
 
 from compress import train
 from compress.data import build_data
-from compress.io import load_checkpoint
+from compress.files import load_checkpoint
 from compress.recipe import DataCfg, TrainCfg
 from compress.train import Env, evaluate, fit
 from repvgg import RepVGG

@@ -8,7 +8,7 @@ from torch import nn
 
 from compress.cli import main
 from compress.data import build_data
-from compress.io import CheckpointError, atomic_path, load_model, model_record, save_model
+from compress.files import CheckpointError, atomic_path, load_model, model_record, save_model
 from compress.recipe import DataCfg, TrainCfg
 from compress.rundir import RunLock
 from compress.train import Env, TrainingError, fit

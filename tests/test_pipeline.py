@@ -10,7 +10,7 @@ import torch
 from conftest import ROOT, one_line_error, run_cli
 
 from compress.cli import main
-from compress.io import load_checkpoint, load_model
+from compress.files import load_checkpoint, load_model
 from compress.recipe import RecipeError, load_recipe
 
 # The shipped recipes that need a user's data path, and the override that gives it.

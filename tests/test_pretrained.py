@@ -7,7 +7,7 @@ import torchvision
 from safetensors.torch import save_file
 from test_model import assert_equivalent, official_layout_state_dict, randomize_bn, small_groupwise
 
-from compress.io import CheckpointError, load_model
+from compress.files import CheckpointError, load_model
 from repvgg import CONFIGS, PlainRepVGG, RepVGG, from_state_dict, reparameterize
 from repvgg.model import stage_widths
 

@@ -10,7 +10,7 @@ import torch
 from conftest import ROOT, TINY, one_line_error
 
 from compress.cli import main
-from compress.io import load_checkpoint
+from compress.files import load_checkpoint
 from compress.recipe import validate_recipe
 from compress.registry import STAGE_NAMES, STAGES
 from compress.rundir import RunDir

@@ -7,7 +7,7 @@ import torch_pruning as tp
 from pydantic import ValidationError
 from torch import nn
 
-from compress.io import load_model, save_model
+from compress.files import load_model, save_model
 from compress.prune import TOLERANCE, prune_model
 from compress.prune.importance import HessianImportance
 from compress.recipe import PruneCfg

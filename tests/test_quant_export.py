@@ -18,7 +18,7 @@ from compress.export import (
     onnx_session,
     op_counts,
 )
-from compress.io import CheckpointError, model_record, save_model
+from compress.files import CheckpointError, model_record, save_model
 from compress.quant import is_quantized, load_quantized, quantize_model, save_quantized, use_reference_kernels
 from compress.recipe import QuantCfg
 from repvgg import RepVGG, reparameterize

@@ -16,7 +16,7 @@ from test_model import randomize_bn
 from test_pipeline import _wait_for_epoch
 
 from compress.data import build_data
-from compress.io import build_model, load_checkpoint, load_model, model_record, save_model
+from compress.files import build_model, load_checkpoint, load_model, model_record, save_model
 from compress.precision import within_tolerance
 from compress.prune import prune_model
 from compress.recipe import DataCfg, PruneCfg

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from compress.io import atomic_path
+from compress.files import atomic_path
 
 
 def accuracy_latency_figure(points: list[dict], title: str = "Accuracy vs latency"):

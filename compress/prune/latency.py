@@ -43,7 +43,7 @@ import onnx
 from torch import nn
 
 from compress.bench import machine_info, openvino_unavailable
-from compress.io import write_json
+from compress.files import write_json
 from compress.recipe import LatencyCfg, PruneCfg, Recipe, default_round_to
 from repvgg import LayerSpec
 

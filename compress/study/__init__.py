@@ -24,7 +24,7 @@ from repvgg import channel_groups
 
 from ..bench import benchmark
 from ..data import Data
-from ..io import write_json
+from ..files import write_json
 from ..models import recipe_architecture
 from ..pipeline import Pipeline
 from ..recipe import Recipe, default_round_to

@@ -7,7 +7,7 @@ import itertools
 
 import numpy as np
 
-from ..io import read_predictions
+from ..files import read_predictions
 from ..stats import interpolate, paired_bootstrap, shared_latencies, wilson_interval
 
 PRECISIONS = ("fp32", "int8")

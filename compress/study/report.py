@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ..io import write_json, write_text  # noqa: E402
+from ..files import write_json, write_text  # noqa: E402
 from ..recipe import Recipe  # noqa: E402
 from .analysis import PRECISIONS  # noqa: E402
 

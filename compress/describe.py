@@ -12,7 +12,7 @@ import torch_pruning as tp
 
 from repvgg import PlainRepVGG
 
-from .io import FORMAT, CheckpointError, build_model, load_checkpoint, load_model
+from .files import FORMAT, CheckpointError, build_model, load_checkpoint, load_model
 
 
 def describe_torch(path: Path, image_size: int) -> list[str]:

@@ -20,10 +20,12 @@ from torch import nn
 from repvgg import PlainRepVGG, RebranchedRepVGG, RepVGG, from_state_dict
 from repvgg.checkpoint import load_strict
 
+from .errors import UserError
+
 FORMAT = "repvgg-compress/1"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be used, said in one line."""
 
 
