@@ -13,12 +13,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .model import LayerSpec, RepVGG
+from .model import LayerSpec
 
 if TYPE_CHECKING:
     from typing_extensions import Self
-
-    from .rebranch import RebranchedRepVGG
 
 
 class PlainLayer(nn.Module):
@@ -85,19 +83,3 @@ class PlainRepVGG(LayerStack):
     """The inference-time model: one `PlainLayer` per spec."""
 
     make_layer = PlainLayer
-
-
-@torch.no_grad()
-def reparameterize(model: RepVGG | RebranchedRepVGG) -> PlainRepVGG:
-    """A new plain model computing exactly what `model` (any model of RepVGGBlocks with a Linear head) computes in
-    eval mode; `model` is left untouched."""
-    blocks = model.blocks()
-    plain = PlainRepVGG([b.spec for b in blocks], model.linear.out_features)
-    ref = model.linear.weight
-    plain.to(device=ref.device, dtype=ref.dtype)
-    for block, layer in zip(blocks, plain.layers):
-        kernel, bias = block.equivalent_kernel_bias()
-        layer.conv.weight.copy_(kernel)
-        layer.conv.bias.copy_(bias)
-    plain.linear.load_state_dict(model.linear.state_dict())
-    return plain.train(model.training)
