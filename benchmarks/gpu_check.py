@@ -81,12 +81,13 @@ def check_train_step(device: str, work: Path) -> str:
     """One epoch of `fit` on 256 digits images; a forward hook on the first conv records, per training step, the
     dtype autocast gave its output and whether its input was channels_last. fit promises both on CUDA, neither on
     CPU."""
-    need("compress.train", "compress.data", "compress.recipe", "repvgg")
+    need("compress.train", "compress.env", "compress.data", "compress.recipe", "repvgg")
     import torch
 
     from compress.data import build_data
+    from compress.env import Env
     from compress.recipe import DataCfg, OptimCfg
-    from compress.train import Env, TrainingError, fit
+    from compress.train import TrainingError, fit
     from repvgg import RepVGG
 
     data = build_data(DataCfg(kind="digits", image_size=32, batch_size=64, augment="none", train_subset=256), seed=0)
@@ -148,17 +149,16 @@ def check_quickstart(device: str, run_dir: Path, extra_args: list[str]) -> str:
 
 def check_latency(device: str, run_dir: Path) -> str:
     """Eager latency of the run's plain.pt and finetuned.pt (those that exist) on `device`."""
-    need("compress.bench", "compress.files", "compress.recipe", "onnxruntime")
-    from compress.bench import benchmark
+    need("compress.bench", "compress.files", "onnxruntime")
+    from compress.bench import BenchOptions, benchmark
     from compress.files import load_model
-    from compress.recipe import BenchCfg
 
     files = {"plain": run_dir / "plain.pt", "pruned": run_dir / "finetuned.pt"}
     models = {name: load_model(path) for name, path in files.items() if path.exists()}
     if not models:
         raise Skip("no plain.pt or finetuned.pt: check (b) made none")
-    cfg = BenchCfg(batch_sizes=[1, 64], warmup=10, iters=30, rounds=3, providers=["torch"])
-    result = benchmark({}, cfg, 32, torch_models=models, reference="plain", torch_device=device)
+    options = BenchOptions(batch_sizes=(1, 64), warmup=10, iters=30, rounds=3, runtimes=("torch",))
+    result = benchmark({}, options, 32, torch_models=models, reference="plain", torch_device=device)
     (run_dir / "torch_latency.json").write_text(json.dumps(result, indent=1))
     rows = [r for r in result["results"] if r["provider"] == "torch"]
     if not rows:

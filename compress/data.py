@@ -29,18 +29,6 @@ class DataError(UserError, ValueError):
     """A data problem, said in one line that names the path."""
 
 
-def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(images, labels or None) of one loader batch: an image tensor, an (images, labels, ...) sequence or an
-    {'image': ..., 'label': ...} dict."""
-    if isinstance(batch, torch.Tensor):
-        return batch, None
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
-        return batch[0], (batch[1] if len(batch) > 1 else None)
-    if isinstance(batch, dict) and isinstance(batch.get("image"), torch.Tensor):
-        return batch["image"], batch.get("label")
-    raise TypeError(f"a loader batch is {type(batch).__name__}; expected images or (images, labels)")
-
-
 def _augment(preset: str, size: int) -> list:
     if preset == "cifar":  # pad-4 crop + flip
         return [T.RandomCrop(size, padding=4), T.RandomHorizontalFlip()]

@@ -1,4 +1,5 @@
-"""ONNX export and ONNX Runtime evaluation.
+"""ONNX export, and the exported file's evaluation on a runtime of `compress.runtime` (ONNX Runtime's CPU provider
+by default).
 
 FP32 models are exported as they are. An NNCF-quantized model is first stripped to PyTorch-native fake-quantize
 modules (`nncf.strip(..., strip_format=StripFormat.NATIVE)`), which the TorchScript exporter writes as
@@ -16,22 +17,17 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
+from onnx import numpy_helper
 from torch import nn
 
-from compress.data import split_batch
+from compress.batches import split_batch
 from compress.errors import UserError
 from compress.files import atomic_path
 from compress.precision import full_fp32_precision, within_tolerance
-
-INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
-MIN_OPSET = 17
-PROVIDERS = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-}
+from compress.quant import is_quantized, quiet_third_party_notices
+from compress.runtime import INPUT_NAME, MIN_OPSET, OUTPUT_NAME, Session, open_onnx
 
 
 class ParityError(UserError, RuntimeError):
@@ -50,12 +46,6 @@ def _check_widths(model: nn.Module) -> None:
             )
 
 
-def _is_quantized(model: nn.Module) -> bool:
-    from compress.quant import is_quantized
-
-    return is_quantized(model)
-
-
 def export_onnx(
     model: nn.Module,
     path: str | Path,
@@ -69,21 +59,17 @@ def export_onnx(
     axis; check it with `onnx.checker` and return the path. `int8=True` (or an NNCF-quantized model) strips the
     NNCF quantizers to QuantizeLinear/DequantizeLinear first, and with `fold_weights` stores the weights as INT8
     (`fold_weight_quantizers`). `metadata` goes into the file's metadata_props (e.g. its provenance)."""
-    import onnx
-
     if opset < MIN_OPSET:
         raise ValueError(f"export: opset must be >= {MIN_OPSET}, got {opset}")
     _check_widths(model)
     path = Path(path)
     example_input = example_input.detach().to("cpu", torch.float32)
-    quantized = _is_quantized(model)
+    quantized = is_quantized(model)
     if int8 and not quantized:
         raise ValueError("export: int8=True needs a model quantized by compress.quant.quantize_model")
     model = copy.deepcopy(model).to("cpu").eval()
     if quantized:
         import nncf
-
-        from compress.quant import quiet_third_party_notices
 
         with quiet_third_party_notices():  # nncf.strip imports torchao
             model = nncf.strip(model, do_copy=False, strip_format=nncf.StripFormat.NATIVE, example_input=example_input)
@@ -114,8 +100,6 @@ def export_onnx(
 
 def _constants(graph) -> dict[str, np.ndarray]:
     """Every constant tensor of `graph` by name: initializers, Constant nodes, and Identity nodes over either."""
-    from onnx import numpy_helper
-
     values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
     for node in graph.node:  # topological order: an Identity's input is resolved before it
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
@@ -142,8 +126,6 @@ def fold_weight_quantizers(model) -> int:
     scales and zero points) by the integer tensor it computes, and drop the FP32 weights and nodes left unused.
     The DequantizeLinear after it then reads INT8 straight from the file, as ORT's own quantizer writes it.
     Returns how many QuantizeLinear nodes were folded."""
-    from onnx import numpy_helper
-
     graph = model.graph
     values = _constants(graph)
     folded, keep = [], []
@@ -171,52 +153,10 @@ def fold_weight_quantizers(model) -> int:
 
 def op_counts(path: str | Path) -> dict[str, int]:
     """How many nodes of each op type the ONNX graph holds (e.g. to see QuantizeLinear/DequantizeLinear)."""
-    import onnx
-
     counts: dict[str, int] = {}
     for node in onnx.load(str(path)).graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return counts
-
-
-def available_providers() -> list[str]:
-    """Our provider names ('cpu', 'cuda', 'tensorrt') that can actually run here.
-
-    ORT lists CUDA/TensorRT whenever it was built with them; a GPU is needed too, and TensorRT's libraries
-    (checked when a session starts: see `onnx_session`)."""
-    import onnxruntime as ort
-
-    built = set(ort.get_available_providers())
-    names = ["cpu"]
-    if torch.cuda.is_available():
-        names += [n for n in ("cuda", "tensorrt") if PROVIDERS[n] in built]
-    return names
-
-
-def onnx_session(path: str | Path, provider: str = "cpu", threads: int | None = None):
-    """An ONNX Runtime InferenceSession on `provider` ('cpu', 'cuda' or 'tensorrt'), `threads` intra-op threads
-    (None: ORT's default, all physical cores). A provider that cannot run here is a ValueError, never a silent
-    fallback to CPU."""
-    import onnxruntime as ort
-
-    if provider not in PROVIDERS:
-        raise ValueError(f"unknown provider '{provider}'; valid: {', '.join(PROVIDERS)}")
-    if provider not in available_providers():
-        raise ValueError(f"provider '{provider}' is not available here (have: {', '.join(available_providers())})")
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.log_severity_level = 3
-    if threads is not None:
-        opts.intra_op_num_threads = int(threads)
-        opts.inter_op_num_threads = 1
-    chain = [PROVIDERS[provider]] + (["CUDAExecutionProvider"] if provider == "tensorrt" else [])
-    if provider != "cpu":
-        chain.append("CPUExecutionProvider")
-    session = ort.InferenceSession(str(path), sess_options=opts, providers=chain)
-    if session.get_providers()[0] != PROVIDERS[provider]:
-        raise ValueError(f"provider '{provider}' failed to start (ORT fell back to {session.get_providers()[0]})")
-    return session
 
 
 def _batches(loader_or_batch) -> Iterable[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -240,8 +180,8 @@ def _is_labelled_batch(obj) -> bool:
     )
 
 
-def onnx_logits(session, images: torch.Tensor) -> np.ndarray:
-    return session.run([OUTPUT_NAME], {INPUT_NAME: images.detach().cpu().float().numpy()})[0]
+def _logits(session: Session, images: torch.Tensor) -> np.ndarray:
+    return session.logits(images.detach().cpu().float().numpy())
 
 
 def _torch_logits(model: nn.Module, images: torch.Tensor) -> np.ndarray:
@@ -251,20 +191,21 @@ def _torch_logits(model: nn.Module, images: torch.Tensor) -> np.ndarray:
 
 
 def evaluate_onnx(
-    path: str | Path, loader, provider: str = "cpu", threads: int | None = None, reference: nn.Module | None = None
+    path: str | Path, loader, runtime: str = "cpu", threads: int | None = None, reference: nn.Module | None = None
 ) -> dict:
-    """Top-1/top-5 accuracy (percent) of an ONNX classifier over `loader`'s (images, labels) batches, with the
-    per-image predicted classes and the logits. With a `reference` PyTorch model, the same pass also measures
-    `max_abs_diff`, the largest |ONNX logit - PyTorch logit|, and `max_abs_logit`, the largest |PyTorch logit|
-    (reference run in eval mode on CPU, a copy): what `check_parity` judges."""
-    session = onnx_session(path, provider, threads)
+    """Top-1/top-5 accuracy (percent) of an ONNX classifier over `loader`'s (images, labels) batches, run on
+    `runtime` (a name in compress.runtime.RUNTIMES that runs ONNX files), with the per-image predicted classes and
+    the logits. With a `reference` PyTorch model, the same pass also measures `max_abs_diff`, the largest |ONNX
+    logit - PyTorch logit|, and `max_abs_logit`, the largest |PyTorch logit| (reference run in eval mode on CPU, a
+    copy): what `check_parity` judges."""
+    session = open_onnx(path, runtime, threads)
     reference = copy.deepcopy(reference).to("cpu").eval() if reference is not None else None
     logits, labels = [], []
     worst = scale = np.float32(0)  # np.maximum, not max(): a NaN logit must surface, not be skipped
     for images, target in _batches(loader):
         if target is None:
             raise ValueError("evaluate_onnx: the loader must yield (images, labels)")
-        logits.append(onnx_logits(session, images))
+        logits.append(_logits(session, images))
         labels.append(target.detach().cpu().numpy())
         if reference is not None:
             expected = _torch_logits(reference, images)
@@ -301,12 +242,13 @@ def check_parity(path: str | Path, result: dict, tolerance: float = 1e-4) -> Non
         )
 
 
-def max_abs_logit_diff(path: str | Path, model: nn.Module, loader_or_batch, provider: str = "cpu") -> float:
-    """Largest |ONNX logit - PyTorch logit| over a batch or a loader, `model` run in eval mode on CPU (a copy)."""
-    session = onnx_session(path, provider)
+def max_abs_logit_diff(path: str | Path, model: nn.Module, loader_or_batch, runtime: str = "cpu") -> float:
+    """Largest |ONNX logit - PyTorch logit| over a batch or a loader, the ONNX file run on `runtime`, `model` in
+    eval mode on CPU (a copy)."""
+    session = open_onnx(path, runtime)
     model = copy.deepcopy(model).to("cpu").eval()
     worst = np.float32(0)
     for images, _ in _batches(loader_or_batch):
-        worst = np.maximum(worst, np.abs(onnx_logits(session, images) - _torch_logits(model, images)).max())
+        worst = np.maximum(worst, np.abs(_logits(session, images) - _torch_logits(model, images)).max())
     del session
     return float(worst)

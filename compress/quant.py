@@ -29,9 +29,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compress.data import split_batch
+from compress.batches import split_batch
 from compress.files import CheckpointError, build_model, load_checkpoint, torch_save
-from compress.recipe import QuantCfg
 
 FORMAT = "repvgg-compress-int8/1"
 OVERFLOW_FIX = ("enable", "first_layer_only", "disable")
@@ -138,15 +137,17 @@ def fp32_node_names(model: nn.Module, example_input: torch.Tensor) -> list[str]:
 
 def quantize_model(
     model: nn.Module,
-    cfg: QuantCfg,
     calibration_loader: Iterable,
     example_input: torch.Tensor,
+    *,
+    calibration_size: int,
     train_fn: Callable[[nn.Module], nn.Module | None] | None = None,
+    fp32_first_last: bool = False,
     overflow_fix: str = "enable",
 ) -> nn.Module:
-    """INT8 fake-quantized copy of `model` (left untouched), calibrated on the first `cfg.calibration_size`
-    images of `calibration_loader`; for `cfg.mode == "qat"` then trained by `train_fn(qmodel)` (which may return
-    the model or train it in place).
+    """INT8 fake-quantized copy of `model` (left untouched), calibrated on the first `calibration_size` images of
+    `calibration_loader` (PTQ); with `train_fn`, then trained by `train_fn(qmodel)` (QAT; it may return the model
+    or train it in place). `fp32_first_last` keeps the first conv and the head in FP32.
 
     `overflow_fix` is NNCF's OverflowFix: "enable" (default) quantizes every conv/linear weight to half the
     8-bit range ([-64, 64]) so that x86 CPUs without VNNI (AVX2, plain AVX-512) cannot saturate the int16 intermediate sums
@@ -167,9 +168,9 @@ def quantize_model(
     device = _model_device(model)
     model = copy.deepcopy(model).eval()
     example_input = example_input.to(device)
-    data = _CalibrationImages(calibration_loader, cfg.calibration_size, device)
+    data = _CalibrationImages(calibration_loader, calibration_size, device)
     ignored = None
-    if cfg.fp32_first_last:
+    if fp32_first_last:
         ignored = nncf.IgnoredScope(names=fp32_node_names(model, example_input))
     advanced = AdvancedQuantizationParameters(
         weights_quantization_params=QuantizationParameters(mode=QuantizationScheme.SYMMETRIC, per_channel=True),
@@ -183,7 +184,7 @@ def quantize_model(
         ignored_scope=ignored,
         advanced_parameters=advanced,
     )
-    if cfg.mode == "qat" and train_fn is not None:
+    if train_fn is not None:
         trained = train_fn(qmodel)
         qmodel = trained if isinstance(trained, nn.Module) else qmodel
     return qmodel.eval()

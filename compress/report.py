@@ -8,10 +8,14 @@ from pathlib import Path
 
 from .files import write_text
 from .recipe import Recipe
+from .runtime import RUNTIMES
 
-RUNTIMES = {"cpu": "ORT CPU", "openvino": "OpenVINO", "cuda": "ORT CUDA", "tensorrt": "ORT TensorRT",
-            "torch": "PyTorch"}
 REFERENCE = "plain_fp32"
+
+
+def _label(runtime: str) -> str:
+    """The runtime's column name (e.g. "ORT CPU"); a name no runtime has (an older summary's) as it is."""
+    return RUNTIMES[runtime].label if runtime in RUNTIMES else runtime
 
 
 def _fmt(value, spec: str) -> str:
@@ -42,7 +46,7 @@ def artifact_table(artifacts: dict, bench: dict | None) -> list[str]:
     batch = bench["main_batch"] if bench else None
     header = ["artifact", "top-1 %", "images", "MACs (M)", "params (M)", "file MB"]
     for p in providers:
-        header += [f"{RUNTIMES.get(p, p)} ms @{batch}", f"x vs {REFERENCE} ({RUNTIMES.get(p, p)})"]
+        header += [f"{_label(p)} ms @{batch}", f"x vs {REFERENCE} ({_label(p)})"]
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, a in artifacts.items():
         macs, params = a.get("macs"), a.get("params")
@@ -83,7 +87,7 @@ def run_report(recipe: Recipe, summary: dict, out_dir: Path) -> str:
     check = (stages.get("bench") or {}).get("prune_latency")
     if check:
         measured = _fmt(check["measured_ms"], ".2f") if check["measured_ms"] is not None else "not timed by bench"
-        lines += [f"Latency target ({check['artifact']}, {RUNTIMES.get(check['provider'], check['provider'])}, batch "
+        lines += [f"Latency target ({check['artifact']}, {_label(check['provider'])}, batch "
                   f"{check['batch']}): budget {check['budget_ms']:.2f} ms, predicted {check['predicted_ms']:.2f} ms, "
                   f"measured {measured} ms", ""]
     prune = stages.get("prune")

@@ -3,24 +3,18 @@
 The GPU providers' IOBinding path runs here on ORT's CPU device: same code, 'cpu' OrtValues."""
 
 import weakref
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-import compress.bench.runner as runner
-import compress.bench.runtimes as runtimes
-from compress.bench import (
-    accuracy_latency_figure,
-    benchmark,
-    iobinding_step,
-    openvino_unavailable,
-    save_figure,
-    torch_step,
-)
-from compress.bench.runtimes import TIMING_HOST, TIMING_IOBINDING
-from compress.export import INPUT_NAME, OUTPUT_NAME, export_onnx, onnx_session
-from compress.recipe import BenchCfg
+import compress.runtime.onnxruntime_ep as onnxruntime_ep
+from compress.bench import BenchOptions, benchmark
+from compress.export import export_onnx
+from compress.figures import accuracy_latency_figure, save_figure
+from compress.runtime import RUNTIMES, open_onnx
+from compress.runtime.onnxruntime_ep import TIMING_HOST, TIMING_IOBINDING, OrtRuntime
 from repvgg import LayerSpec, PlainRepVGG
 
 SIZE = 32
@@ -47,12 +41,12 @@ def artifacts(models, tmp_path_factory):
     return {name: export_onnx(m, d / f"{name}.onnx", x) for name, m in models.items()}
 
 
-def fast_cfg(**kw):
-    return BenchCfg(**{"batch_sizes": [1, 4], "threads": 1, "warmup": 1, "iters": 3, "rounds": 2, **kw})
+def fast_options(**kw) -> BenchOptions:
+    return BenchOptions(**{"batch_sizes": (1, 4), "threads": 1, "warmup": 1, "iters": 3, "rounds": 2, **kw})
 
 
 def test_benchmark_reports_every_artifact_batch_and_ratio(artifacts, models):
-    out = benchmark(artifacts, fast_cfg(providers=["torch", "cpu"]), SIZE, torch_models=models)
+    out = benchmark(artifacts, fast_options(runtimes=["torch", "cpu"]), SIZE, torch_models=models)
     rows = {(r["artifact"], r["provider"], r["batch"]): r for r in out["results"]}
     expected = {(a, p, b) for a in artifacts for p in ("cpu", "torch") for b in (1, 4)}
     assert set(rows) == expected
@@ -72,38 +66,40 @@ def test_benchmark_reports_every_artifact_batch_and_ratio(artifacts, models):
     assert "cpu" in m["providers"] and "torch" in m["providers"]
 
 
+class Tracked:
+    """A registered runtime, opened through the real one: logs each model it opens as (runtime, name) in `log`,
+    and the most sessions alive at once."""
+
+    def __init__(self, inner, log: dict, live: weakref.WeakSet):
+        self.inner, self.log, self.live = inner, log, live
+        self.name, self.label, self.opens = inner.name, inner.label, inner.opens
+
+    def unavailable(self, *args, **kwargs):
+        return self.inner.unavailable(*args, **kwargs)
+
+    def version(self):
+        return self.inner.version()
+
+    def open(self, model, threads=None, device="cpu"):
+        session = self.inner.open(model, threads, device)
+        self.live.add(session)
+        self.log["peak"] = max(self.log["peak"], len(self.live))
+        self.log["order"].append((self.name, Path(model).stem))
+        return session
+
+
 @pytest.fixture
 def opened(monkeypatch):
-    """Spies on the benchmark loop's ORT sessions and OpenVINO compiled models (the real ones, wrapped): `order` lists each
-    opened as (runtime, artifact), `peak` is the most alive at once."""
+    """Spies on the sessions the benchmark loop opens on ORT's CPU provider and OpenVINO (the real ones):
+    `order` lists each opened as (runtime, artifact), `peak` is the most alive at once."""
     live, log = weakref.WeakSet(), {"order": [], "peak": 0}
-
-    class Tracked:
-        def __init__(self, inner):
-            self.inner = inner
-
-        def __getattr__(self, name):
-            return getattr(self.inner, name)
-
-    def track(factory: str, runtime: str):
-        real = getattr(runtimes, factory)
-
-        def tracked(path, *args, **kwargs):
-            opened = Tracked(real(path, *args, **kwargs))
-            live.add(opened)
-            log["peak"] = max(log["peak"], len(live))
-            log["order"].append((runtime, path.stem))
-            return opened
-
-        monkeypatch.setattr(runtimes, factory, tracked)
-
-    track("onnx_session", "ort")
-    track("openvino_model", "openvino")
+    for name in ("cpu", "openvino"):
+        monkeypatch.setitem(RUNTIMES, name, Tracked(RUNTIMES[name], log, live))
     return log
 
 
 def test_one_session_at_a_time_round_robin(artifacts, opened):
-    out = benchmark(artifacts, fast_cfg(rounds=3, providers=["cpu"]), SIZE, reference="plain_fp32")
+    out = benchmark(artifacts, fast_options(rounds=3, runtimes=["cpu"]), SIZE, reference="plain_fp32")
     assert opened["peak"] == 1
     assert [name for _, name in opened["order"]] == [
         "plain_fp32", "pruned_fp32", "pruned_fp32", "plain_fp32", "plain_fp32", "pruned_fp32"
@@ -111,27 +107,29 @@ def test_one_session_at_a_time_round_robin(artifacts, opened):
     assert set(out["ratios"]) == {"pruned_fp32/plain_fp32"}
 
 
-@pytest.mark.skipif(openvino_unavailable() is not None, reason=str(openvino_unavailable()))
+@pytest.mark.skipif(RUNTIMES["openvino"].unavailable() is not None, reason=str(RUNTIMES["openvino"].unavailable()))
 def test_one_runtime_at_a_time_across_ort_and_openvino(artifacts, opened):
-    benchmark(artifacts, fast_cfg(rounds=2, providers=["cpu", "openvino"]), SIZE)
+    benchmark(artifacts, fast_options(rounds=2, runtimes=["cpu", "openvino"]), SIZE)
     assert opened["peak"] == 1
-    jobs = [(runtime, name) for runtime in ("ort", "openvino") for name in ("plain_fp32", "pruned_fp32")]
+    jobs = [(runtime, name) for runtime in ("cpu", "openvino") for name in ("plain_fp32", "pruned_fp32")]
     assert opened["order"] == jobs + jobs[1:] + jobs[:1]  # the second round starts one job later
 
 
 def test_unavailable_provider_is_skipped_and_said(artifacts, monkeypatch):
-    monkeypatch.setattr(runner, "available_providers", lambda: ["cpu"])
-    out = benchmark(artifacts, fast_cfg(batch_sizes=[1], rounds=1, providers=["cuda", "cpu"]), SIZE)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # ORT's CUDA provider needs a CUDA device
+    out = benchmark(artifacts, fast_options(batch_sizes=[1], rounds=1, runtimes=["cuda", "cpu"]), SIZE)
     assert {r["provider"] for r in out["results"]} == {"cpu"}
     assert out["machine"]["skipped_providers"] == {"cuda": "not available here"}
     assert out["machine"]["providers"] == ["cpu"]
 
 
 def test_iobinding_step_equals_session_run(artifacts):
-    session = onnx_session(artifacts["plain_fp32"], "cpu", threads=1)
+    bound = OrtRuntime("cpu", "ORT CPU", ("CPUExecutionProvider",), iobinding_device="cpu")
+    session = bound.open(artifacts["plain_fp32"], threads=1)
     batch = np.random.default_rng(1).standard_normal((4, 3, SIZE, SIZE), dtype=np.float32)
-    step = iobinding_step(session, batch, "cpu")
-    expected = session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+    step = session.step(batch)
+    expected = open_onnx(artifacts["plain_fp32"], "cpu", threads=1).logits(batch)
+    assert session.timing == TIMING_IOBINDING
     for _ in range(2):  # the bound input and output are reused from one call to the next
         out = step()
         assert out.device_name() == "cpu" and out.shape() == [4, 10]
@@ -141,24 +139,28 @@ def test_iobinding_step_equals_session_run(artifacts):
 def test_torch_step_equals_eager_forward(models):
     batch = np.random.default_rng(2).standard_normal((2, 3, SIZE, SIZE), dtype=np.float32)
     model = models["pruned_fp32"]
-    out = torch_step(model, batch, torch.device("cpu"))()
+    session = RUNTIMES["torch"].open(model)
+    assert session.model is not model  # a copy: the caller's model is left as it is
+    out = session.step(batch)()
     with torch.no_grad():
-        assert torch.equal(out, model(torch.from_numpy(batch)))
+        expected = model(torch.from_numpy(batch))
+    assert torch.equal(out, expected)
+    np.testing.assert_array_equal(session.logits(batch), expected.numpy())
 
 
 def test_iobinding_providers_are_timed_through_iobinding_and_say_so(artifacts, monkeypatch):
-    """A provider listed in IOBINDING_DEVICE (CUDA and TensorRT; here CPU, which ORT also binds) is timed with
-    `iobinding_step`, once per (artifact, batch, round), and its results say so."""
+    """A runtime bound on a device (CUDA and TensorRT; here ORT's CPU, which ORT also binds) is timed through
+    IOBinding, once per (artifact, batch, round), and its results say so."""
     bound = []
-    real = runtimes.iobinding_step
+    real = onnxruntime_ep._iobinding_step
 
     def spy(session, batch, device):
         bound.append((batch.shape[0], device))
         return real(session, batch, device)
 
-    monkeypatch.setattr(runtimes, "IOBINDING_DEVICE", {"cpu": "cpu"})
-    monkeypatch.setattr(runtimes, "iobinding_step", spy)
-    out = benchmark(artifacts, fast_cfg(providers=["cpu"]), SIZE)
+    monkeypatch.setitem(RUNTIMES, "cpu", OrtRuntime("cpu", "ORT CPU", ("CPUExecutionProvider",), iobinding_device="cpu"))
+    monkeypatch.setattr(onnxruntime_ep, "_iobinding_step", spy)
+    out = benchmark(artifacts, fast_options(runtimes=["cpu"]), SIZE)
     assert sorted(bound) == sorted([(b, "cpu") for b in (1, 4) for _ in artifacts for _ in range(2)])
     assert {r["timing"] for r in out["results"]} == {TIMING_IOBINDING}
     assert all(r["median_ms"] > 0 for r in out["results"])
@@ -166,7 +168,7 @@ def test_iobinding_providers_are_timed_through_iobinding_and_say_so(artifacts, m
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the skip where CUDA is absent")
 def test_torch_on_cuda_without_cuda_is_skipped_and_said(artifacts, models):
-    out = benchmark(artifacts, fast_cfg(batch_sizes=[1], rounds=1, providers=["torch", "cpu"]), SIZE,
+    out = benchmark(artifacts, fast_options(batch_sizes=[1], rounds=1, runtimes=["torch", "cpu"]), SIZE,
                     torch_models=models, torch_device="cuda")
     assert {r["provider"] for r in out["results"]} == {"cpu"}
     assert "CUDA is not available" in out["machine"]["skipped_providers"]["torch"]
@@ -174,9 +176,18 @@ def test_torch_on_cuda_without_cuda_is_skipped_and_said(artifacts, models):
 
 def test_benchmark_errors(artifacts, tmp_path):
     with pytest.raises(FileNotFoundError, match="artifact 'gone' not found"):
-        benchmark({"gone": tmp_path / "gone.onnx"}, fast_cfg(providers=["cpu"]), SIZE)
+        benchmark({"gone": tmp_path / "gone.onnx"}, fast_options(runtimes=["cpu"]), SIZE)
     with pytest.raises(ValueError, match="main_batch=2 is not one of"):
-        benchmark(artifacts, fast_cfg(main_batch=2, providers=["cpu"]), SIZE)
+        benchmark(artifacts, fast_options(main_batch=2, runtimes=["cpu"]), SIZE)
+    with pytest.raises(ValueError, match=r"^unknown runtime 'ort'; valid: cpu, cuda, tensorrt, openvino, torch$"):
+        benchmark(artifacts, fast_options(runtimes=["ort"]), SIZE)
+
+
+def test_options_hold_tuples():
+    options = BenchOptions(batch_sizes=[1, 4], runtimes=["cpu"])
+    assert options.batch_sizes == (1, 4) and options.runtimes == ("cpu",)
+    assert BenchOptions().runtimes is None and BenchOptions().batch_sizes == (8,)
+    hash(options)  # frozen, and every field hashable
 
 
 def test_accuracy_latency_figure(tmp_path):

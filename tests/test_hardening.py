@@ -8,10 +8,11 @@ from torch import nn
 
 from compress.cli import main
 from compress.data import build_data
+from compress.env import Env
 from compress.files import CheckpointError, atomic_path, load_model, model_record, save_model
 from compress.recipe import DataCfg, TrainCfg
 from compress.rundir import RunLock
-from compress.train import Env, TrainingError, fit
+from compress.train import TrainingError, fit
 from repvgg import RepVGG, reparameterize
 
 
@@ -154,7 +155,6 @@ def test_inspect_describes_checkpoints(tmp_path, capsys):
 def test_inspect_describes_onnx_and_int8(tmp_path, capsys):
     from compress.export import export_onnx
     from compress.quant import quantize_model, save_quantized
-    from compress.recipe import QuantCfg
 
     plain = reparameterize(RepVGG([1, 1, 1, 1], widths=[8, 8, 16, 16, 32], num_classes=10).eval())
     x = torch.randn(16, 3, 32, 32)
@@ -162,7 +162,7 @@ def test_inspect_describes_onnx_and_int8(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "plain.onnx")]) == 0
     out = capsys.readouterr().out
     assert "conv layers: 5   widths: [8, 8, 16, 16, 32]" in out and "precision: FP32" in out
-    qmodel = quantize_model(plain, QuantCfg(mode="ptq", calibration_size=16), [(x, None)], x[:1])
+    qmodel = quantize_model(plain, [(x, None)], x[:1], calibration_size=16)
     export_onnx(qmodel, tmp_path / "int8.onnx", x[:1], int8=True)
     save_quantized(qmodel, tmp_path / "int8.pt", model_record(plain))
     assert main(["inspect", str(tmp_path / "int8.onnx")]) == 0

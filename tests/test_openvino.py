@@ -11,17 +11,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from compress.bench import benchmark, openvino_logits, openvino_model, openvino_unavailable
-from compress.bench.runtimes import TIMING_HOST, TIMING_OPENVINO
+from compress.bench import BenchOptions, benchmark
 from compress.data import build_data
-from compress.export import export_onnx, onnx_logits, onnx_session
+from compress.export import export_onnx
 from compress.quant import quantize_model, use_reference_kernels
-from compress.recipe import BenchCfg, DataCfg, QuantCfg
-from compress.stages import _int8_speedups
+from compress.recipe import DataCfg
+from compress.runtime import RUNTIMES, open_onnx
+from compress.runtime.onnxruntime_ep import TIMING_HOST
+from compress.runtime.openvino_cpu import TIMING_OPENVINO
+from compress.stages.bench import int8_speedups
 from repvgg import LayerSpec, PlainRepVGG
 
 SIZE = 16
-needs_openvino = pytest.mark.skipif(openvino_unavailable() is not None, reason=str(openvino_unavailable()))
+OPENVINO_MISSING = RUNTIMES["openvino"].unavailable()
+needs_openvino = pytest.mark.skipif(OPENVINO_MISSING is not None, reason=str(OPENVINO_MISSING))
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +61,7 @@ def exported(digits, tmp_path_factory):
         torch.set_num_threads(threads)
     model.eval()
     example = digits.example_input()
-    int8 = quantize_model(model, QuantCfg(mode="ptq", calibration_size=128), digits.calibration_loader(128), example)
+    int8 = quantize_model(model, digits.calibration_loader(128), example, calibration_size=128)
     d = tmp_path_factory.mktemp("ov_onnx")
     return {
         "plain_fp32": export_onnx(model, d / "plain_fp32.onnx", example),
@@ -72,15 +75,16 @@ def conv_precisions(compiled) -> set[str]:
     return {i["runtimePrecision"].astype(str) for i in infos if i["layerType"].astype(str) == "Convolution"}
 
 
-def fast_cfg(**kw) -> BenchCfg:
-    return BenchCfg(**{"batch_sizes": [1, 4], "threads": 1, "warmup": 1, "iters": 3, "rounds": 2, **kw})
+def fast_options(**kw) -> BenchOptions:
+    return BenchOptions(**{"batch_sizes": (1, 4), "threads": 1, "warmup": 1, "iters": 3, "rounds": 2, **kw})
 
 
 @needs_openvino
 def test_our_fp32_and_int8_files_run_in_openvino_as_in_onnx_runtime(exported, test_images):
-    ort = {name: onnx_logits(onnx_session(p, "cpu", threads=1), test_images) for name, p in exported.items()}
-    compiled = {name: openvino_model(p, threads=1) for name, p in exported.items()}
-    ov = {name: openvino_logits(c, test_images) for name, c in compiled.items()}
+    images = test_images.numpy()
+    ort = {name: open_onnx(p, "cpu", threads=1).logits(images) for name, p in exported.items()}
+    compiled = {name: open_onnx(p, "openvino", threads=1) for name, p in exported.items()}
+    ov = {name: session.logits(images) for name, session in compiled.items()}
     fp32, int8 = "plain_fp32", "plain_int8"
     assert ov[fp32].shape == ov[int8].shape == (len(test_images), 10)
     scale = max(1.0, float(np.abs(ort[fp32]).max()))
@@ -90,15 +94,15 @@ def test_our_fp32_and_int8_files_run_in_openvino_as_in_onnx_runtime(exported, te
     assert np.abs(ov[int8] - ort[int8]).max() <= 0.02 * scale
     assert (ov[int8].argmax(1) == ort[int8].argmax(1)).mean() >= 0.99
     # the FP32 file runs at FP32 even where the CPU plugin defaults to BF16; the QDQ file runs INT8 kernels
-    assert conv_precisions(compiled[fp32]) == {"f32"}
-    assert conv_precisions(compiled[int8]) <= {"u8", "i8"}
+    assert conv_precisions(compiled[fp32].compiled) == {"f32"}
+    assert conv_precisions(compiled[int8].compiled) <= {"u8", "i8"}
 
 
 @needs_openvino
 def test_openvino_is_timed_beside_onnx_runtime_cpu(exported):
     import openvino
 
-    out = benchmark(exported, fast_cfg(providers=["cpu", "openvino"]), SIZE)
+    out = benchmark(exported, fast_options(runtimes=["cpu", "openvino"]), SIZE)
     rows = {(r["artifact"], r["provider"], r["batch"]): r for r in out["results"]}
     assert set(rows) == {(a, p, b) for a in exported for p in ("cpu", "openvino") for b in (1, 4)}
     assert all(r["median_ms"] > 0 and len(r["round_medians_ms"]) == 2 for r in rows.values())
@@ -109,7 +113,7 @@ def test_openvino_is_timed_beside_onnx_runtime_cpu(exported):
     assert {(d["provider"], d["batch"]) for d in out["ratio_details"]} == {
         (p, b) for p in ("cpu", "openvino") for b in (1, 4)
     }
-    assert set(_int8_speedups(out["results"], 1)) == {"plain_int8@cpu", "plain_int8@openvino"}
+    assert set(int8_speedups(out["results"], 1)) == {"plain_int8@cpu", "plain_int8@openvino"}
     assert out["machine"]["providers"] == ["cpu", "openvino"]
     assert out["machine"]["openvino"] == openvino.__version__
     assert out["machine"]["skipped_providers"] == {}
@@ -117,21 +121,21 @@ def test_openvino_is_timed_beside_onnx_runtime_cpu(exported):
 
 @needs_openvino
 def test_all_providers_include_openvino_where_installed(exported):
-    out = benchmark(exported, fast_cfg(batch_sizes=[1], rounds=1, providers=None), SIZE)
+    out = benchmark(exported, fast_options(batch_sizes=[1], rounds=1, runtimes=None), SIZE)
     assert "openvino" in out["machine"]["providers"]
     assert {r["artifact"] for r in out["results"] if r["provider"] == "openvino"} == set(exported)
 
 
 def test_without_openvino_it_is_skipped_and_said(exported, monkeypatch):
     monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` now raises ImportError
-    out = benchmark(exported, fast_cfg(batch_sizes=[1], rounds=1, providers=["cpu", "openvino"]), SIZE)
+    out = benchmark(exported, fast_options(batch_sizes=[1], rounds=1, runtimes=["cpu", "openvino"]), SIZE)
     assert {r["provider"] for r in out["results"]} == {"cpu"}
     assert out["machine"]["skipped_providers"] == {
         "openvino": "the openvino package is not installed (pip install openvino)"
     }
     assert "openvino" not in out["machine"]
     # asked for all providers: left out without a word, it was never asked for by name
-    out = benchmark(exported, fast_cfg(batch_sizes=[1], rounds=1, providers=None), SIZE)
+    out = benchmark(exported, fast_options(batch_sizes=[1], rounds=1, runtimes=None), SIZE)
     assert "openvino" not in out["machine"]["providers"] and out["machine"]["skipped_providers"] == {}
     with pytest.raises(ModuleNotFoundError, match="pip install openvino"):
-        openvino_model(exported["plain_fp32"])
+        open_onnx(exported["plain_fp32"], "openvino")

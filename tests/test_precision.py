@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from compress.data import build_data
+from compress.env import Env
 from compress.export import ParityError, check_parity, evaluate_onnx, export_onnx
 from compress.precision import full_fp32_precision
 from compress.recipe import DataCfg
 from compress.reparam import reparam_stage
-from compress.train import Env
 from repvgg import RepVGG, reparameterize
 
 

@@ -14,13 +14,11 @@ from compress.export import (
     evaluate_onnx,
     export_onnx,
     max_abs_logit_diff,
-    onnx_logits,
-    onnx_session,
     op_counts,
 )
 from compress.files import CheckpointError, model_record, save_model
 from compress.quant import is_quantized, load_quantized, quantize_model, save_quantized, use_reference_kernels
-from compress.recipe import QuantCfg
+from compress.runtime import open_onnx
 from repvgg import RepVGG, reparameterize
 
 # NNCF's compiled fake-quant extension takes minutes to build on a fresh 2-core machine; same numbers without it.
@@ -79,7 +77,7 @@ def example():
 
 @pytest.fixture(scope="module")
 def ptq(fp32, loaders, example):
-    return quantize_model(fp32, QuantCfg(mode="ptq", calibration_size=256), loaders[0], example)
+    return quantize_model(fp32, loaders[0], example, calibration_size=256)
 
 
 def mean_loss(model, loader):
@@ -106,7 +104,7 @@ def qat(fp32, loaders, example):
             opt.step()
         log["loss_after"] = mean_loss(qmodel, probe)
 
-    qmodel = quantize_model(fp32, QuantCfg(mode="qat", calibration_size=128), train, example, train_fn=train_fn)
+    qmodel = quantize_model(fp32, train, example, calibration_size=128, train_fn=train_fn)
     return qmodel, log
 
 
@@ -127,9 +125,9 @@ def test_fp32_export_parity_and_eval(fp32, loaders, example, tmp_path):
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic batch axis
     assert not list(tmp_path.glob(".*.tmp"))  # written through a temp file
     assert max_abs_logit_diff(path, fp32, test) <= 1e-4
-    session = onnx_session(path, "cpu", threads=1)
+    session = open_onnx(path, "cpu", threads=1)
     for b in (1, 7):  # dynamic batch
-        assert onnx_logits(session, torch.randn(b, 3, 32, 32)).shape == (b, 10)
+        assert session.logits(torch.randn(b, 3, 32, 32).numpy()).shape == (b, 10)
     metrics = evaluate_onnx(path, test)
     assert metrics["top1"] == pytest.approx(accuracy(fp32, test), abs=0.3)
     assert metrics["top1"] <= metrics["top5"] <= 100
@@ -165,7 +163,7 @@ def test_int8_file_stores_int8_weights(ptq, example, tmp_path):
     assert not any(init.data_type == onnx.TensorProto.FLOAT and init.name.endswith(".weight") for init in graph.initializer)
     assert folded.stat().st_size < 0.5 * raw.stat().st_size
     x = torch.randn(16, 3, 32, 32)  # the same numbers, bit for bit
-    np.testing.assert_array_equal(onnx_logits(onnx_session(raw), x), onnx_logits(onnx_session(folded), x))
+    np.testing.assert_array_equal(open_onnx(raw).logits(x.numpy()), open_onnx(folded).logits(x.numpy()))
 
 
 def test_qat_trains_and_exports(qat, loaders, example, tmp_path):
@@ -184,7 +182,7 @@ def test_qat_trains_and_exports(qat, loaders, example, tmp_path):
 
 
 def test_fp32_first_last_keeps_first_conv_and_head_float(fp32, loaders, example, tmp_path):
-    qmodel = quantize_model(fp32, QuantCfg(mode="ptq", calibration_size=64, fp32_first_last=True), loaders[0], example)
+    qmodel = quantize_model(fp32, loaders[0], example, calibration_size=64, fp32_first_last=True)
     path = export_onnx(qmodel, tmp_path / "mixed.onnx", example, int8=True)
     graph = int8_graph_ok(path).graph
     producer = {out: node.op_type for node in graph.node for out in node.output}
@@ -209,7 +207,7 @@ def test_save_load_quantized_round_trip(qat, fp32, example, tmp_path):
     # the loaded model exports like the original
     a = export_onnx(qmodel, tmp_path / "a.onnx", example, int8=True)
     b = export_onnx(loaded, tmp_path / "b.onnx", example, int8=True)
-    np.testing.assert_array_equal(onnx_logits(onnx_session(a), x), onnx_logits(onnx_session(b), x))
+    np.testing.assert_array_equal(open_onnx(a).logits(x.numpy()), open_onnx(b).logits(x.numpy()))
 
 
 def test_load_quantized_rejects_float_checkpoint(fp32, tmp_path):

@@ -1,12 +1,12 @@
-"""Latency benchmark of exported ONNX artifacts (ONNX Runtime, and OpenVINO on CPU when installed) and PyTorch eager
-models, and the accuracy-latency figure.
+"""Latency benchmark of exported ONNX artifacts and PyTorch eager models on the runtimes of `compress.runtime`
+(ONNX Runtime, OpenVINO on CPU when installed, PyTorch eager), and the accuracy-latency figure.
 
 Measurement rules, so that two artifacts are compared fairly on a shared machine:
 - one ORT session (or OpenVINO compiled model, or torch model) is alive at a time: created, warmed up, timed, then
   deleted;
-- artifacts are alternated round-robin over `cfg.rounds` rounds (the starting artifact rotates each round),
+- artifacts are alternated round-robin over `options.rounds` rounds (the starting artifact rotates each round),
   so slow drifts of the machine (thermal, other jobs) hit every artifact alike;
-- each round gives one median per (artifact, provider, batch); the reported median is the median over rounds,
+- each round gives one median per (artifact, runtime, batch); the reported median is the median over rounds,
   p90 is over every timed batch of every round;
 - `ratios` are latency ratios artifact / reference (below 1: faster than the reference), computed within each
   round and then reduced to their median over rounds.
@@ -20,19 +20,6 @@ torch model runs eagerly on `torch_device`, its input moved there once, and on C
 synchronize (kernels are asynchronous).
 """
 
-from .figures import accuracy_latency_figure, save_figure
-from .machine import machine_info
-from .runner import benchmark
-from .runtimes import (
-    iobinding_step,
-    onnx_runner,
-    openvino_logits,
-    openvino_model,
-    openvino_step,
-    openvino_unavailable,
-    time_runs,
-    torch_step,
-)
+from .runner import BenchOptions, benchmark
 
-__all__ = ["accuracy_latency_figure", "benchmark", "iobinding_step", "machine_info", "onnx_runner", "openvino_logits",
-           "openvino_model", "openvino_step", "openvino_unavailable", "save_figure", "time_runs", "torch_step"]
+__all__ = ["BenchOptions", "benchmark"]

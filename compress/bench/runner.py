@@ -3,152 +3,118 @@ rounds, medians and per-round ratios."""
 
 from __future__ import annotations
 
-import copy
 import gc
 import statistics
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from compress.export import available_providers, onnx_session
-from compress.recipe import BenchCfg
+from compress.runtime import RUNTIMES, Runtime, get_runtime, machine_info, time_runs
 
-from .machine import machine_info
-from .runtimes import onnx_runner, onnx_timing, openvino_unavailable, time_runs, torch_step
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What `benchmark` times: every batch size of `batch_sizes` (`main_batch`, default the first, is the one the
+    ratios are read at), on `threads` threads (None: all cores), `warmup` untimed and `iters` timed calls per
+    (artifact, runtime, batch) in each of `rounds` rounds, on `runtimes` (names in compress.runtime.RUNTIMES; None:
+    every one that can run here)."""
+
+    batch_sizes: tuple[int, ...] = (8,)
+    main_batch: int | None = None
+    threads: int | None = None
+    warmup: int = 10
+    iters: int = 20
+    rounds: int = 3
+    runtimes: tuple[str, ...] | None = None
+
+    def __post_init__(self):  # lists, as a recipe gives them, become tuples: the options stay immutable
+        object.__setattr__(self, "batch_sizes", tuple(self.batch_sizes))
+        if self.runtimes is not None:
+            object.__setattr__(self, "runtimes", tuple(self.runtimes))
 
 
 def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
-class _Job:
-    """One thing to time: an ONNX artifact on an ORT provider or on OpenVINO, or a torch model run eagerly on
-    `device`."""
-
-    def __init__(
-        self,
-        name: str,
-        provider: str,
-        path: Path | None = None,
-        model: nn.Module | None = None,
-        device: torch.device | None = None,
-    ):
-        self.name, self.provider, self.path, self.model, self.device = name, provider, path, model, device
-
-    @property
-    def timing(self) -> str:
-        if self.model is not None:
-            sync = ", synchronized" if self.device.type == "cuda" else ""
-            return f"torch eager, input on {self.device}{sync}"
-        return onnx_timing(self.provider)
-
-    def open(self, threads: int | None) -> Callable[[np.ndarray], Callable[[], object]]:
-        """Start the ORT session, OpenVINO model or torch model: returns `prepare(batch) -> step`, `step()` being
-        one timed call."""
-        if self.model is None:
-            return onnx_runner(self.path, self.provider, threads)
-        return lambda x: torch_step(self.model, x, self.device)
-
-
-def _resolve_providers(
-    cfg: BenchCfg, artifacts: dict[str, Path], torch_models: dict, threads: int | None, torch_device: torch.device
-) -> tuple[list[str], dict[str, str]]:
-    """The providers to time, and {provider: why skipped} for those asked for that cannot run here. A GPU
-    provider is tried once on the first artifact: ORT lists CUDA/TensorRT whenever it was built with them.
-    With `cfg.providers` None, OpenVINO is in only where it can run."""
-    here = available_providers()
-    if cfg.providers is None:
-        wanted = list(here) + ([] if openvino_unavailable() else ["openvino"]) + (["torch"] if torch_models else [])
-    else:
-        wanted = list(dict.fromkeys(cfg.providers))
-    providers, skipped = [], {}
-    for p in wanted:
-        if p == "torch" and torch_device.type == "cuda" and not torch.cuda.is_available():
-            skipped[p] = "torch_device is cuda, and CUDA is not available here"
-        elif p == "torch":
-            providers.append(p)
-        elif p == "openvino":
-            why = openvino_unavailable()
-            if why:
-                skipped[p] = why
-            else:
-                providers.append(p)
-        elif p not in here:
-            skipped[p] = "not available here"
-        elif p != "cpu" and artifacts:
-            try:
-                probe = onnx_session(next(iter(artifacts.values())), p, threads)
-                del probe
-                providers.append(p)
-            except (ValueError, RuntimeError) as e:
-                skipped[p] = str(e).splitlines()[0] if str(e) else type(e).__name__
+def _resolve_runtimes(
+    options: BenchOptions, sources: dict[str, dict], torch_device: torch.device
+) -> tuple[list[Runtime], dict[str, str]]:
+    """The runtimes to time, and {runtime: why skipped} for those asked for that cannot run here. `sources` gives
+    what each kind of runtime opens ({"onnx": artifacts, "torch": torch models}); a runtime that may list a device
+    it cannot start tries it on its first one. With `options.runtimes` None: every runtime that has something to
+    run, those that cannot run on this machine at all left out without a word."""
+    asked = options.runtimes is not None
+    names = list(dict.fromkeys(options.runtimes)) if asked else list(RUNTIMES)
+    runtimes, skipped = [], {}
+    for name in names:
+        runtime = get_runtime(name)
+        mine = sources[runtime.opens]
+        if not asked and (not mine or runtime.unavailable() is not None):
+            continue
+        why = runtime.unavailable(torch_device, next(iter(mine.values()), None))
+        if why:
+            skipped[name] = why
         else:
-            providers.append(p)
-    return providers, skipped
+            runtimes.append(runtime)
+    return runtimes, skipped
 
 
 def benchmark(
     artifacts: dict[str, Path],
-    cfg: BenchCfg,
+    options: BenchOptions,
     image_size: int,
     torch_models: dict[str, nn.Module] | None = None,
     reference: str | None = None,
     torch_device: str | torch.device = "cpu",
 ) -> dict:
-    """Latency of each ONNX artifact on each ORT provider asked for in `cfg.providers` and available here (CPU
-    always) and on OpenVINO's CPU device (provider 'openvino', where the package is installed), and of each torch
-    model (provider 'torch', eager on `torch_device`), for every batch size of `cfg.batch_sizes`. What a timed call
-    covers is in each result's `timing` (see the module's docstring).
+    """Latency of each ONNX artifact on each runtime of `options.runtimes` that opens ONNX files and can run here
+    (ONNX Runtime's providers, OpenVINO's CPU device), and of each torch model on PyTorch eager ('torch', on
+    `torch_device`), for every batch size of `options.batch_sizes`, on random images of `image_size`. What a timed
+    call covers is in each result's `timing` (see the package's docstring).
 
     `reference` names the artifact the ratios divide by (default: the first artifact, else the first torch model).
     Returns {"results": [{artifact, provider, batch, median_ms, p90_ms, images_per_s, round_medians_ms, timing}],
-    "ratios": {"<name>/<reference>": median ratio at the main batch on CPU (else the first provider); others get
-    an "@provider" suffix}, "ratio_details": [...], "machine": {..., "skipped_providers": {provider: why}}}.
-    A provider asked for but unable to run here is skipped (and said so in machine.skipped_providers), not an
-    error; without GPU providers an ONNX session is always on CPU.
+    "ratios": {"<name>/<reference>": median ratio at the main batch on CPU (else the first runtime); others get
+    an "@runtime" suffix}, "ratio_details": [...], "machine": {..., "skipped_providers": {runtime: why}}}.
+    A runtime asked for but unable to run here is skipped (and said so in machine.skipped_providers), not an
+    error; without GPU runtimes an ONNX session is always on CPU.
     """
-    torch_models = dict(torch_models or {})
     torch_device = torch.device(torch_device)
     artifacts = {name: Path(p) for name, p in artifacts.items()}
     for name, p in artifacts.items():
         if not p.is_file():
             raise FileNotFoundError(f"benchmark: artifact '{name}' not found: {p}")
-    providers, skipped = _resolve_providers(cfg, artifacts, torch_models, cfg.threads, torch_device)
-    jobs: list[_Job] = []
-    for provider in providers:
-        if provider == "torch":
-            jobs += [
-                _Job(name, "torch", model=copy.deepcopy(m).to(torch_device).eval(), device=torch_device)
-                for name, m in torch_models.items()
-            ]
-        else:
-            jobs += [_Job(name, provider, path=p) for name, p in artifacts.items()]
+    sources = {"onnx": artifacts, "torch": dict(torch_models or {})}
+    runtimes, skipped = _resolve_runtimes(options, sources, torch_device)
+    jobs = [(name, runtime, model) for runtime in runtimes for name, model in sources[runtime.opens].items()]
     if not jobs:
-        raise ValueError("benchmark: nothing to measure (no artifacts or torch models for the asked providers)")
-    batch_sizes = list(dict.fromkeys(cfg.batch_sizes))
-    main_batch = cfg.main_batch if cfg.main_batch is not None else batch_sizes[0]
+        raise ValueError("benchmark: nothing to measure (no artifacts or torch models for the asked runtimes)")
+    batch_sizes = list(dict.fromkeys(options.batch_sizes))
+    main_batch = options.main_batch if options.main_batch is not None else batch_sizes[0]
     if main_batch not in batch_sizes:
         raise ValueError(f"bench.main_batch={main_batch} is not one of bench.batch_sizes={batch_sizes}")
     rng = np.random.default_rng(0)
     inputs = {b: rng.standard_normal((b, 3, image_size, image_size), dtype=np.float32) for b in batch_sizes}
 
     torch_threads = torch.get_num_threads()
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
+    if options.threads is not None:
+        torch.set_num_threads(options.threads)  # torch eager's threads are the process's
     times: dict[tuple[str, str, int], list[list[float]]] = {}
-    timing = {(job.name, job.provider): job.timing for job in jobs}
+    timing: dict[tuple[str, str], str] = {}
     try:
-        for rnd in range(cfg.rounds):
+        for rnd in range(options.rounds):
             shift = rnd % len(jobs)
-            for job in jobs[shift:] + jobs[:shift]:
-                prepare = job.open(cfg.threads)
+            for name, runtime, model in jobs[shift:] + jobs[:shift]:
+                session = runtime.open(model, options.threads, torch_device)
+                timing[(name, runtime.name)] = session.timing
                 for b in batch_sizes:
-                    t = time_runs(prepare(inputs[b]), cfg.warmup, cfg.iters)
-                    times.setdefault((job.name, job.provider, b), []).append(t)
-                del prepare  # the only reference to the session: it is freed before the next one starts
+                    t = time_runs(session.step(inputs[b]), options.warmup, options.iters)
+                    times.setdefault((name, runtime.name, b), []).append(t)
+                del session  # the only reference to the session: it is freed before the next one starts
                 gc.collect()
     finally:
         torch.set_num_threads(torch_threads)
@@ -168,28 +134,31 @@ def benchmark(
                 "timing": timing[(name, provider)],
             }
         )
-    ratios, details = _ratios(times, providers, batch_sizes, main_batch, artifacts, torch_models, reference)
+    names = {runtime.name: list(sources[runtime.opens]) for runtime in runtimes}
+    ratios, details = _ratios(times, names, batch_sizes, main_batch, reference)
     return {
         "results": results,
         "ratios": ratios,
         "ratio_details": details,
         "main_batch": main_batch,
-        "machine": {**machine_info(cfg.threads, providers), "skipped_providers": skipped},
-        "settings": {"warmup": cfg.warmup, "iters": cfg.iters, "rounds": cfg.rounds, "image_size": image_size},
+        "machine": {**machine_info(options.threads, list(names)), "skipped_providers": skipped},
+        "settings": {"warmup": options.warmup, "iters": options.iters, "rounds": options.rounds,
+                     "image_size": image_size},
     }
 
 
-def _ratios(times, providers, batch_sizes, main_batch, artifacts, torch_models, reference):
+def _ratios(times: dict, names: dict[str, list[str]], batch_sizes: list[int], main_batch: int,
+            reference: str | None) -> tuple[dict, list]:
+    """Per-round latency ratios of each runtime's models (`names`: {runtime: its models}) against its reference."""
     ratios, details = {}, []
-    primary = "cpu" if "cpu" in providers else providers[0]
-    for provider in providers:
-        names = list(torch_models) if provider == "torch" else list(artifacts)
-        ref = reference if reference in names else (names[0] if names else None)
+    primary = "cpu" if "cpu" in names else next(iter(names))
+    for provider, models in names.items():
+        ref = reference if reference in models else (models[0] if models else None)
         if ref is None:
             continue
         for b in batch_sizes:
             ref_rounds = [statistics.median(r) for r in times[(ref, provider, b)]]
-            for name in names:
+            for name in models:
                 if name == ref:
                     continue
                 per_round = [

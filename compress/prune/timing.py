@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from compress.bench import onnx_runner, time_runs
-from compress.recipe import LatencyCfg
+from compress.runtime import open_onnx, time_runs
 
 WARMUP, ITERS = 2, 5  # runs per model and round: rounds, not long runs, spread the machine's moods over all
 SUSPECT = 1.25  # a timing this many times its peers' trend is timed again (see above_trend)
@@ -33,12 +32,13 @@ class Timing:
         return min(self.runs)
 
 
-def time_round(timings: list[Timing], cfg: LatencyCfg, shift: int, rng: np.random.Generator) -> None:
-    """Time each model once, round-robin from `timings[shift]`, one session alive at a time."""
+def time_round(timings: list[Timing], runtime: str, threads: int | None, shift: int, rng: np.random.Generator) -> None:
+    """Time each model once on `runtime` (a name in compress.runtime.RUNTIMES that runs ONNX files) with `threads`
+    threads (None: all cores), round-robin from `timings[shift]`, one session alive at a time."""
     for t in timings[shift:] + timings[:shift]:
-        prepare = onnx_runner(t.path, cfg.provider, cfg.threads)
-        t.runs += time_runs(prepare(t.input(rng)), WARMUP, ITERS)
-        del prepare  # the only reference to the session: freed before the next one starts
+        session = open_onnx(t.path, runtime, threads)
+        t.runs += time_runs(session.step(t.input(rng)), WARMUP, ITERS)
+        del session  # the only reference to the session: freed before the next one starts
 
 
 def above_trend(ms: np.ndarray, features: np.ndarray) -> np.ndarray:
