@@ -14,8 +14,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from compress.prune import prune_model
-from compress.recipe import PruneCfg
+from compress.prune import PruneOptions, Target, prune_model
 from repvgg import create_model, insert_bn, rebranch, reparameterize
 
 
@@ -39,7 +38,7 @@ def main() -> None:
     torch.manual_seed(0)
     size = args.image_size
     plain = reparameterize(create_model(args.model, num_classes=10).eval())
-    prune_model(plain, PruneCfg(keep_macs=args.keep_macs, round_to=16), torch.randn(1, 3, size, size))
+    prune_model(plain, PruneOptions(target=Target("keep_macs", args.keep_macs), round_to=16), torch.randn(1, 3, size, size))
     calibration = [torch.randn(args.batch, 3, size, size) for _ in range(2)]
     models = {
         "bn": insert_bn(copy.deepcopy(plain), calibration).train(),

@@ -1,5 +1,6 @@
 """Channel pruning: MAC targets for every criterion and scope, coupling, grouped convs, exact re-parameterization,
-checkpoint round trips, iterative steps, and the BN insert/fold helpers for fine-tuning a plain stack."""
+checkpoint round trips, iterative steps, the BN insert/fold helpers for fine-tuning a plain stack, and the options
+and importance table the pruner reads."""
 
 import pytest
 import torch
@@ -8,8 +9,8 @@ from pydantic import ValidationError
 from torch import nn
 
 from compress.files import load_model, save_model
-from compress.prune import TOLERANCE, prune_model
-from compress.prune.importance import HessianImportance
+from compress.prune import LATENCY_KINDS, TARGET_KINDS, TOLERANCE, PruneError, PruneOptions, Target, prune_model
+from compress.prune.importance import IMPORTANCES, Criterion, HessianImportance, gradient_batches, make_importance
 from compress.recipe import PruneCfg
 from repvgg import PlainRepVGG, RepVGG, fold_bn, insert_bn, reparameterize
 
@@ -47,8 +48,8 @@ def data(n: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g)) for _ in range(n)]
 
 
-def cfg(**kwargs) -> PruneCfg:
-    return PruneCfg(**{"round_to": 8, "gradient_batches": 2, **kwargs})
+def options(kind: str = "keep_macs", value: float = 0.5, **kwargs) -> PruneOptions:
+    return PruneOptions(**{"target": Target(kind, value), "round_to": 8, "gradient_batches": 2, **kwargs})
 
 
 def specs(model):
@@ -66,7 +67,7 @@ def assert_exact_reparam(model: RepVGG) -> None:
 @pytest.mark.parametrize("importance", ["l1", "l2", "taylor", "hessian", "lamp", "random"])
 def test_every_criterion_and_scope_reaches_keep_macs(importance, scope):
     model = reparameterize(tiny())
-    report = prune_model(model, cfg(importance=importance, scope=scope, keep_macs=0.5), IMAGE, batches=data())
+    report = prune_model(model, options(importance=importance, scope=scope), IMAGE, batches=data())
     assert abs(report["macs_after"] / report["macs_before"] - 0.5) <= TOLERANCE == 0.02
     assert report["keep_macs_achieved"] == report["macs_after"] / report["macs_before"]
     assert (report["macs_after"], report["params_after"]) == tp.utils.count_ops_and_params(model, IMAGE)
@@ -88,7 +89,7 @@ def test_global_plain_prunes_layers_of_a_stage_differently():
         model.layers[3].conv.weight[weak] *= 1e-3
         model.layers[3].conv.bias[weak] *= 1e-3
         model.layers[4].conv.weight[:, weak] *= 1e-3
-    report = prune_model(model, cfg(importance="l2", scope="global", keep_macs=0.6), IMAGE)
+    report = prune_model(model, options("keep_macs", 0.6, importance="l2", scope="global"), IMAGE)
     widths = report["widths_after"]
     assert widths[3] <= 32 < widths[4]
     assert abs(report["keep_macs_achieved"] - 0.6) <= TOLERANCE
@@ -96,7 +97,7 @@ def test_global_plain_prunes_layers_of_a_stage_differently():
 
 def test_multibranch_keeps_one_width_per_stage_and_exact_reparam():
     model = tiny()
-    report = prune_model(model, cfg(mode="multibranch", importance="l1", keep_macs=0.6), IMAGE)
+    report = prune_model(model, options("keep_macs", 0.6, mode="multibranch", importance="l1"), IMAGE)
     widths = report["widths_after"]
     assert widths == [b.spec.out_channels for b in model.blocks()] and report["groups"] == 5
     assert all(len({widths[i] for i in stage}) == 1 for stage in STAGES)
@@ -118,7 +119,7 @@ def test_groupwise_pruning_keeps_divisibility_and_is_a_subnetwork(mode):
         model = reparameterize(model)
     original = [(s.conv.weight.clone(), s.conv.bias.clone()) for s in getattr(model, "layers", [])]
     groups_before = [s.groups for s in specs(model)]
-    report = prune_model(model, cfg(mode=mode, scope="global", keep_macs=0.5), IMAGE)
+    report = prune_model(model, options(mode=mode, scope="global"), IMAGE)
     assert abs(report["keep_macs_achieved"] - 0.5) <= TOLERANCE
     for i, spec in enumerate(specs(model)):
         spec.check(f"layer {i}")  # in and out channels divisible by the groups
@@ -143,7 +144,7 @@ def test_groupwise_pruning_keeps_divisibility_and_is_a_subnetwork(mode):
 @pytest.mark.parametrize("mode", ["plain", "multibranch"])
 def test_pruned_model_checkpoint_round_trip_is_bit_exact(mode, tmp_path):
     model = tiny(GROUPWISE) if mode == "multibranch" else reparameterize(tiny())
-    report = prune_model(model, cfg(mode=mode, scope="local", keep_macs=None, channel_ratio=0.25), IMAGE)
+    report = prune_model(model, options("channel_ratio", 0.25, mode=mode, scope="local"), IMAGE)
     assert report["channel_ratio"] == 0.25
     if mode == "plain":  # uniform ratio: int(w * 0.75) floored to round_to
         assert report["widths_after"] == [16, 24, 24, 48, 48, 96, 96, 192]
@@ -164,7 +165,7 @@ def test_iterative_steps_call_between_steps_and_reach_the_target():
             for p in m.parameters():
                 p.add_(torch.randn_like(p) * 1e-3)
 
-    report = prune_model(model, cfg(importance="taylor", keep_macs=0.5, steps=3), IMAGE, data(), finetune)
+    report = prune_model(model, options(importance="taylor", steps=3), IMAGE, data(), finetune)
     assert [step for step, _ in seen] == [0, 1]
     first, second, final = seen[0][1], seen[1][1], report["widths_after"]
     assert all(a >= b >= c for a, b, c in zip(first, second, final))
@@ -202,21 +203,20 @@ def test_hessian_accumulates_every_sample():
 @pytest.mark.parametrize("importance", ["taylor", "hessian"])
 def test_gradient_criteria_without_data_fail_in_one_line(importance):
     with pytest.raises(ValueError, match=rf"^prune\.importance={importance} needs training batches$"):
-        prune_model(reparameterize(tiny()), cfg(importance=importance), IMAGE)
+        prune_model(reparameterize(tiny()), options(importance=importance), IMAGE)
 
 
 def test_mode_mismatch_and_unreachable_target_fail_in_one_line():
     with pytest.raises(ValueError, match=r"^prune\.mode=multibranch needs a RepVGG, got a PlainRepVGG$"):
-        prune_model(reparameterize(tiny()), cfg(mode="multibranch"), IMAGE)
+        prune_model(reparameterize(tiny()), options(mode="multibranch"), IMAGE)
     with pytest.raises(ValueError, match=r"^prune\.keep_macs=0\.05 is not reachable within ±2%: [^\n]*$"):
-        prune_model(reparameterize(tiny()), cfg(keep_macs=0.05, max_layer_ratio=0.5), IMAGE)
+        prune_model(reparameterize(tiny()), options("keep_macs", 0.05, max_layer_ratio=0.5), IMAGE)
 
 
 def test_min_width_keeps_every_pruned_layer_at_least_that_wide():
-    report = prune_model(reparameterize(tiny()), cfg(scope="global", keep_macs=None, channel_ratio=0.7, min_width=20),
-                         IMAGE)
+    report = prune_model(reparameterize(tiny()), options("channel_ratio", 0.7, scope="global", min_width=20), IMAGE)
     assert min(report["widths_after"][1:]) == 24  # 20 rounded up to round_to (the unpruned first layer has 16)
-    free = prune_model(reparameterize(tiny()), cfg(scope="global", keep_macs=None, channel_ratio=0.7), IMAGE)
+    free = prune_model(reparameterize(tiny()), options("channel_ratio", 0.7, scope="global"), IMAGE)
     assert min(free["widths_after"][1:]) == 8
 
 
@@ -224,3 +224,42 @@ def test_min_width_keeps_every_pruned_layer_at_least_that_wide():
 def test_recipe_rejects_bad_prune_settings(bad):
     with pytest.raises(ValidationError):
         PruneCfg(**bad)
+
+
+def test_the_target_alone_decides_whether_it_is_a_latency_target():
+    assert set(LATENCY_KINDS) < set(TARGET_KINDS)
+    assert {kind: Target(kind, 0.5).latency for kind in TARGET_KINDS} == {
+        "keep_macs": False, "channel_ratio": False, "keep_latency": True, "target_ms": True}
+    assert PruneOptions().target == Target("keep_macs", 0.5) and Target("target_ms", 5).name == "prune.target_ms=5.0"
+
+
+@pytest.mark.parametrize("kind, value, message", [
+    ("keep_macs", 1.0, r"prune\.keep_macs: 1\.0 is not in \(0, 1\)"),
+    ("channel_ratio", 0, r"prune\.channel_ratio: 0\.0 is not in \(0, 1\)"),
+    ("target_ms", -1, r"prune\.target_ms: -1\.0 is not above 0"),
+    ("keep_params", 0.5, r"prune: unknown target 'keep_params'; give one of keep_macs, [^\n]*"),
+])
+def test_a_bad_target_fails_in_one_line(kind, value, message):
+    with pytest.raises(PruneError, match=rf"^{message}$"):
+        Target(kind, value)
+
+
+def test_the_importance_table_drives_make_importance_and_the_gradient_check(monkeypatch):
+    made = []
+
+    def factory():
+        made.append(tp.importance.TaylorImportance())
+        return made[-1]
+
+    monkeypatch.setitem(IMPORTANCES, "test-taylor", Criterion(factory, needs_gradients=True))
+    assert make_importance("test-taylor") is made[0]
+    opts = options(importance="test-taylor")
+    assert len(gradient_batches(opts, data(3))) == opts.gradient_batches == 2
+    with pytest.raises(PruneError, match=r"^prune\.importance=test-taylor needs training batches$"):
+        prune_model(reparameterize(tiny()), opts, IMAGE)
+    report = prune_model(reparameterize(tiny()), opts, IMAGE, batches=data())  # Taylor scores need the gradients
+    assert abs(report["keep_macs_achieved"] - 0.5) <= TOLERANCE and len(made) == 2
+    monkeypatch.setitem(IMPORTANCES, "test-l1", Criterion(lambda: tp.importance.MagnitudeImportance(p=1)))
+    assert gradient_batches(options(importance="test-l1"), None) == []  # reads no batches, needs none
+    with pytest.raises(PruneError, match=r"^prune\.importance: unknown criterion 'fisher'; valid: l1, l2, [^\n]*$"):
+        make_importance("fisher")

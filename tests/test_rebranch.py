@@ -16,12 +16,12 @@ from test_model import randomize_bn
 from test_pipeline import _wait_for_epoch
 
 from compress.data import build_data
+from compress.env import Env
 from compress.files import build_model, load_checkpoint, load_model, model_record, save_model
 from compress.precision import within_tolerance
-from compress.prune import prune_model
-from compress.recipe import DataCfg, PruneCfg
+from compress.prune import PruneOptions, prune_model
+from compress.recipe import DataCfg
 from compress.reparam import reparam_stage
-from compress.train import Env
 from repvgg import LayerSpec, PlainRepVGG, RebranchedRepVGG, RepVGG, RepVGGBlock, insert_bn, rebranch, reparameterize
 
 
@@ -49,7 +49,7 @@ def pruned() -> PlainRepVGG:
     model = RepVGG([2, 2, 2, 1], widths=[16, 48, 48, 64, 128], override_groups_map={2: 4, 4: 4}, num_classes=10)
     plain = reparameterize(randomize_bn(model))
     before = plain.widths()
-    prune_model(plain, PruneCfg(keep_macs=0.5, round_to=8), torch.randn(1, 3, 32, 32))
+    prune_model(plain, PruneOptions(round_to=8), torch.randn(1, 3, 32, 32))  # the default target: keep_macs 0.5
     assert plain.widths() != before and any(s.groups == 4 for s in plain.layer_specs())
     return plain.eval()
 

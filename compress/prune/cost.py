@@ -7,16 +7,14 @@ latency target run the same code.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
+from .latency_table import LatencyTable
 from .slots import architecture, layer_slots
-
-if TYPE_CHECKING:
-    from .latency_table import LatencyTable
 
 
 class CostModel(Protocol):

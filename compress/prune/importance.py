@@ -1,5 +1,5 @@
-"""Channel importance: the Torch-Pruning criteria `prune.importance` names, the gradients taylor / hessian read, and
-each slot's channel scores for the budget search.
+"""Channel importance: the criteria `prune.importance` names (`IMPORTANCES`: adding one is adding a line there), the
+gradients those that need them read (taylor, hessian), and each slot's channel scores for the budget search.
 
 `HessianImportance` fixes TP 1.6's `HessianImportance.accumulate_grad`, which looks parameter *names* up in a dict
 keyed by parameters, so each sample overwrites the last instead of summing.
@@ -8,19 +8,17 @@ keyed by parameters, so each sample overwrites the last instead of summing.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
-from compress.recipe import PruneCfg
-
 from .errors import PruneError
+from .options import PruneOptions
 from .slots import Slot
-
-NEEDS_GRADIENTS = ("taylor", "hessian")
 
 
 class HessianImportance(tp.importance.HessianImportance):
@@ -44,30 +42,48 @@ class HessianImportance(tp.importance.HessianImportance):
         self.zero_grad()
 
 
-def make_importance(name: str):
-    """The Torch-Pruning importance criterion for `prune.importance`."""
-    factories = {
-        "l1": lambda: tp.importance.MagnitudeImportance(p=1),
-        "l2": lambda: tp.importance.MagnitudeImportance(p=2),
-        "taylor": tp.importance.TaylorImportance,
-        "hessian": HessianImportance,
-        "lamp": tp.importance.LAMPImportance,
-        "random": tp.importance.RandomImportance,
-    }
-    if name not in factories:
-        raise ValueError(f"prune.importance: unknown criterion '{name}'; valid: {', '.join(factories)}")
-    return factories[name]()
+@dataclass(frozen=True)
+class Criterion:
+    """A channel-importance criterion: what makes its Torch-Pruning importance, and whether that reads gradients
+    (accumulated from training batches before it scores)."""
+
+    factory: Callable[[], tp.importance.Importance]
+    needs_gradients: bool = False
 
 
-def gradient_batches(cfg: PruneCfg, batches: Iterable | None) -> list:
-    """The (x, y) batches taylor / hessian importance read (`cfg.gradient_batches` of them); none for the others."""
-    if cfg.importance not in NEEDS_GRADIENTS:
+# every criterion `prune.importance` may name (the recipe's allowed values are these names)
+IMPORTANCES: dict[str, Criterion] = {
+    "l1": Criterion(lambda: tp.importance.MagnitudeImportance(p=1)),
+    "l2": Criterion(lambda: tp.importance.MagnitudeImportance(p=2)),
+    "taylor": Criterion(tp.importance.TaylorImportance, needs_gradients=True),
+    "hessian": Criterion(HessianImportance, needs_gradients=True),
+    "lamp": Criterion(tp.importance.LAMPImportance),
+    "random": Criterion(tp.importance.RandomImportance),
+}
+
+
+def criterion(name: str) -> Criterion:
+    """The criterion `prune.importance` names, from IMPORTANCES."""
+    if name not in IMPORTANCES:
+        raise PruneError(f"prune.importance: unknown criterion '{name}'; valid: {', '.join(IMPORTANCES)}")
+    return IMPORTANCES[name]
+
+
+def make_importance(name: str) -> tp.importance.Importance:
+    """The Torch-Pruning importance of the criterion `prune.importance` names."""
+    return criterion(name).factory()
+
+
+def gradient_batches(options: PruneOptions, batches: Iterable | None) -> list:
+    """The (x, y) batches a gradient-reading criterion reads (`options.gradient_batches` of them); none for the
+    others."""
+    if not criterion(options.importance).needs_gradients:
         return []
     if batches is None:
-        raise PruneError(f"prune.importance={cfg.importance} needs training batches")
-    data = list(itertools.islice(iter(batches), cfg.gradient_batches))
+        raise PruneError(f"prune.importance={options.importance} needs training batches")
+    data = list(itertools.islice(iter(batches), options.gradient_batches))
     if not data:
-        raise PruneError(f"prune.importance={cfg.importance} got no training batches")
+        raise PruneError(f"prune.importance={options.importance} got no training batches")
     return data
 
 

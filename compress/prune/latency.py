@@ -37,19 +37,20 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 import onnx
 from torch import nn
 
-from compress.bench import machine_info, openvino_unavailable
 from compress.files import write_json
-from compress.recipe import LatencyCfg, PruneCfg, Recipe, default_round_to
+from compress.runtime import cpu_flags, cpu_model, get_runtime
 from repvgg import LayerSpec
 
 from .errors import PruneError
 from .latency_table import LatencyTable, LayerShape, format_table, layer_io
 from .onnx_layers import layer_input_type, layer_model, plain_model
+from .options import LatencyOptions, PruneOptions
 from .slots import architecture, layer_slots, plain_specs, slots_of, width_axis
 from .timing import Timing, above_trend, time_round
 
@@ -68,7 +69,7 @@ def _grid(axis: list[int], points: int) -> list[int]:
 
 def _layer_shapes(model: nn.Module, round_to: int, image_size: int, grid_points: int):
     """The distinct layer shapes of `model`'s plain stack with their full width axes, and each layer's shape."""
-    slots = slots_of(model, PruneCfg(round_to=round_to), round_to)  # units only: they depend on round_to and groups
+    slots = slots_of(model, PruneOptions(), round_to)  # units only: they depend on round_to and groups
     axes = [width_axis(s.init, s.unit) for s in slots]
     shapes, index, layers, size = [], {}, [], image_size
     for spec, (source, out) in zip(plain_specs(model), layer_slots(model)):
@@ -83,41 +84,27 @@ def _layer_shapes(model: nn.Module, round_to: int, image_size: int, grid_points:
     return shapes, layers, axes
 
 
-def _cpu_flags() -> list[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return sorted(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return []
+def _runtime(provider: str) -> str:
+    """The library and version the table is timed with, on `provider` (a runtime that runs ONNX files)."""
+    runtime = get_runtime(provider)
+    why = runtime.unavailable() if runtime.opens == "onnx" else "it does not run the table's ONNX layer models"
+    if why:
+        raise PruneError(f"prune.latency.provider={provider}: {why}")
+    return runtime.version()
 
 
-def _runtime(cfg: LatencyCfg) -> str:
-    if cfg.provider == "openvino":
-        why = openvino_unavailable()
-        if why:
-            raise PruneError(f"prune.latency.provider=openvino: {why}")
-        import openvino
-
-        return f"openvino {openvino.__version__}"
-    import onnxruntime
-
-    return f"onnxruntime {onnxruntime.__version__}"
-
-
-def table_key(model: nn.Module, cfg: LatencyCfg, image_size: int, round_to: int) -> dict:
+def table_key(model: nn.Module, cfg: LatencyOptions, image_size: int, round_to: int) -> dict:
     """Everything a latency table's numbers depend on (its cache file is named by a hash of it)."""
-    flags = _cpu_flags()
+    flags = cpu_flags()
     specs = plain_specs(model)
     return {
         "format": TABLE_FORMAT,
-        "cpu": machine_info(cfg.threads, [cfg.provider])["cpu"],
+        "cpu": cpu_model(),
         "isa": [f for f in _ISA if f in flags],
         "cpu_flags_sha256": hashlib.sha256(" ".join(flags).encode()).hexdigest()[:16],
         "logical_cores": os.cpu_count(),
-        "runtime": _runtime(cfg),
-        **cfg.key_values("weights"),  # provider, threads, batch, precision, grid_points, rounds
+        "runtime": _runtime(cfg.provider),
+        **cfg.cache_key(),  # provider, threads, batch, precision, grid_points, rounds
         "image_size": image_size,
         "round_to": round_to,
         "layers": [[s.in_channels, s.out_channels, s.stride, s.groups] for s in specs],
@@ -126,15 +113,15 @@ def table_key(model: nn.Module, cfg: LatencyCfg, image_size: int, round_to: int)
 
 
 # ---- building -----------------------------------------------------------------------------------------------------
-def build_table(model: nn.Module, cfg: LatencyCfg, image_size: int, round_to: int,
+def build_table(model: nn.Module, options: LatencyOptions, image_size: int, round_to: int,
                 log: Callable[[str], None] | None = None) -> LatencyTable:
     """Measure the latency table of `model`'s plain stack (see the module docstring); not cached here."""
     log = log or _stderr
     start = time.perf_counter()
-    key = table_key(model, cfg, image_size, round_to)
-    shapes, layers, axes = _layer_shapes(model, round_to, image_size, cfg.grid_points)
+    key = table_key(model, options, image_size, round_to)
+    shapes, layers, axes = _layer_shapes(model, round_to, image_size, options.grid_points)
     specs = plain_specs(model)
-    int8, batch, classes = cfg.precision == "int8", cfg.batch, model.linear.out_features
+    int8, batch, classes = options.precision == "int8", options.batch, model.linear.out_features
     rng = np.random.default_rng(0)
     # whole models, by slot widths: the calibration's two, then the held-out ones
     architectures = {"unpruned": [a[-1] for a in axes], "half": [min(a, key=lambda w: abs(2 * w - a[-1])) for a in axes],
@@ -162,15 +149,16 @@ def build_table(model: nn.Module, cfg: LatencyCfg, image_size: int, round_to: in
             arch = plain_specs(architecture(model, tuple(slot_widths)))
             whole[name] = (arch, timing(plain_model(arch, image_size, classes, int8),
                                         (batch, specs[0].in_channels, image_size, image_size), np.dtype(np.float32)))
-        log(f"[latency] timing {len(timings)} models ({cfg.precision}, batch {batch}, threads {cfg.threads or 'all'}, "
-            f"{key['runtime']}, {cfg.provider}) over {cfg.rounds} rounds")
-        for r in range(2 * cfg.rounds):  # the rounds, then as many again at most for the timings above their trend
-            again = timings if r < cfg.rounds else _slowed(shapes, grid, held_out, whole, layers, specs[0].in_channels)
+        log(f"[latency] timing {len(timings)} models ({options.precision}, batch {batch}, "
+            f"threads {options.threads or 'all'}, {key['runtime']}, {options.provider}) over {options.rounds} rounds")
+        for r in range(2 * options.rounds):  # the rounds, then as many again at most for timings above their trend
+            again = (timings if r < options.rounds
+                     else _slowed(shapes, grid, held_out, whole, layers, specs[0].in_channels))
             if not again:
                 break
             round_start = time.perf_counter()
-            time_round(again, cfg, r * len(again) // cfg.rounds % len(again), rng)
-            what = f"round {r + 1}/{cfg.rounds}" if r < cfg.rounds else "again, above their peers' trend"
+            time_round(again, options.provider, options.threads, r * len(again) // options.rounds % len(again), rng)
+            what = f"round {r + 1}/{options.rounds}" if r < options.rounds else "again, above their peers' trend"
             log(f"[latency] {what}: {len(again)} models in {time.perf_counter() - round_start:.1f} s")
 
     table = _assemble(key, shapes, grid, layers, specs[0].in_channels)
@@ -233,10 +221,10 @@ def _calibrate(table: LatencyTable, whole: dict) -> None:
 
 
 # ---- cache and ranks ----------------------------------------------------------------------------------------------
-def cache_dir(cfg: LatencyCfg) -> Path:
-    """`cfg.cache_dir`, else $XDG_CACHE_HOME/repvgg-compress, else ~/.cache/repvgg-compress."""
-    if cfg.cache_dir is not None:
-        return Path(cfg.cache_dir)
+def cache_dir(options: LatencyOptions) -> Path:
+    """`options.cache_dir`, else $XDG_CACHE_HOME/repvgg-compress, else ~/.cache/repvgg-compress."""
+    if options.cache_dir is not None:
+        return Path(options.cache_dir)
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "repvgg-compress"
 
@@ -251,27 +239,26 @@ def _read(path: Path, key: dict) -> LatencyTable | None:
 
 def load_or_build_table(
     model: nn.Module,
-    cfg: PruneCfg,
+    options: LatencyOptions,
     image_size: int,
-    device_type: str = "cpu",
+    round_to: int,
     *,
     rank: int = 0,
     wait: Callable[[], None] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> LatencyTable:
-    """The latency table of `model`'s plain stack under `cfg.latency`, at `image_size`, on the widths `cfg.round_to`
-    (default for `device_type`) allows: read from the cache when its key matches, else measured and cached.
+    """The latency table of `model`'s plain stack measured as `options` says, at `image_size`, on the widths
+    multiples of `round_to` allow: read from the cache when its key matches, else measured and cached.
     Under torchrun, rank 0 reads or builds it while the other ranks wait in `wait()` (a barrier every rank calls),
     then read it from the cache, which must be on a filesystem every rank sees."""
-    round_to = cfg.round_to or default_round_to(device_type)
-    key = table_key(model, cfg.latency, image_size, round_to)
+    key = table_key(model, options, image_size, round_to)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = cache_dir(cfg.latency) / f"latency-{digest}.json"
+    path = cache_dir(options) / f"latency-{digest}.json"
     table = None
     if rank == 0:
         table = _read(path, key)
         if table is None:
-            table = build_table(model, cfg.latency, image_size, round_to, log)
+            table = build_table(model, options, image_size, round_to, log)
             write_json(path, table.to_json())
             table.path = path
     if wait is not None:
@@ -288,9 +275,10 @@ def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def print_latency_table(recipe: Recipe, model: nn.Module, device_type: str = "cpu", file=None) -> LatencyTable:
-    """For `compress.py latency-table`: read or build the latency table `recipe.prune` asks for, for `model` (the
-    recipe's starting model, multi-branch or plain) at `recipe.data.image_size`, and print it to `file` (stdout)."""
-    table = load_or_build_table(model, recipe.prune, recipe.data.image_size, device_type)
+def print_latency_table(model: nn.Module, options: LatencyOptions, image_size: int, round_to: int,
+                        file: TextIO | None = None) -> LatencyTable:
+    """For `compress.py latency-table`: read or build the latency table of `model` (multi-branch or plain) that
+    `load_or_build_table` gives for these arguments, and print it to `file` (stdout)."""
+    table = load_or_build_table(model, options, image_size, round_to)
     print(format_table(table, model), file=file or sys.stdout)
     return table

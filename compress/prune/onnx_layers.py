@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from compress.export import INPUT_NAME, MIN_OPSET, OUTPUT_NAME
+from compress.runtime import INPUT_NAME, MIN_OPSET, OUTPUT_NAME
 from repvgg import LayerSpec
 
 _OPSET = [helper.make_opsetid("", MIN_OPSET)]

@@ -17,10 +17,9 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from compress.recipe import PruneCfg
-
 from .cost import CostModel
 from .errors import PruneError
+from .options import PruneOptions
 from .slots import Slot, ignored_layers
 
 TOLERANCE = 0.02  # |cost_after / cost_before - target| allowed
@@ -49,30 +48,30 @@ class _Protect:
 class Planner:
     """Slot widths for a pruning ratio: uniform for local scope, TP's (global / isomorphic) ranking otherwise."""
 
-    def __init__(self, model, example_input, importance, slots: list[Slot], cfg: PruneCfg, seed: int):
+    def __init__(self, model, example_input, importance, slots: list[Slot], options: PruneOptions, seed: int):
         self.slots, self.seed = slots, seed
         self.pruner = None
         prunable = [s for s in slots if s.prunable]
-        if cfg.scope == "global" or cfg.isomorphic:
+        if options.scope == "global" or options.isomorphic:
             slot_of = {c: s for s in prunable for c in s.convs}
             frozen = [c for s in slots if not s.prunable for c in s.convs]
             self.pruner = tp.pruner.BasePruner(
                 model,
                 example_input,
                 importance=_Protect(importance, slot_of),
-                global_pruning=cfg.scope == "global",
+                global_pruning=options.scope == "global",
                 pruning_ratio=0.0,
-                max_pruning_ratio=cfg.max_layer_ratio,
-                ignored_layers=ignored_layers(model, cfg) + frozen,
+                max_pruning_ratio=options.max_layer_ratio,
+                ignored_layers=ignored_layers(model, options) + frozen,
                 round_to=None,
-                isomorphic=cfg.isomorphic,
+                isomorphic=options.isomorphic,
             )
             # beyond this global ratio the ranking would reach protected channels
             total = sum(s.init // s.groups for s in prunable)
             kept = sum(s.min_width // s.groups for s in prunable)
             self.max_ratio = 1.0 - (kept + 0.5) / total if total else 0.0
         else:
-            self.max_ratio = cfg.max_layer_ratio
+            self.max_ratio = options.max_layer_ratio
 
     def raw(self, ratio: float) -> list[int]:
         """Widths before rounding: what the ranking (or the uniform ratio) leaves of each slot."""
@@ -94,7 +93,8 @@ class Planner:
         return tuple(s.legal(w) for s, w in zip(self.slots, self.raw(ratio)))
 
 
-def search_ratio(plan: Planner, cost: CostModel, target: float, target_name: str, cfg: PruneCfg, round_to: int):
+def search_ratio(plan: Planner, cost: CostModel, target: float, target_name: str, options: PruneOptions,
+                 round_to: int) -> tuple[tuple[int, ...], float]:
     """Slot widths whose cost is `target` of the unpruned model's within TOLERANCE, and the pruning ratio they
     come from. `target_name` (e.g. "prune.keep_macs=0.5") names the target in the error when none is reachable."""
     before = cost.cost(tuple(s.init for s in plan.slots))
@@ -131,7 +131,7 @@ def search_ratio(plan: Planner, cost: CostModel, target: float, target_name: str
     if error(best) > TOLERANCE:
         raise PruneError(
             f"{target_name} is not reachable within ±{TOLERANCE:.0%}: closest is {keep(best):.3f} "
-            f"(round_to={round_to}, max_layer_ratio={cfg.max_layer_ratio}); change one of those or {target_name.split('=')[0]}"
+            f"(round_to={round_to}, max_layer_ratio={options.max_layer_ratio}); change one of those or {target_name.split('=')[0]}"
         )
     return best, ratio
 

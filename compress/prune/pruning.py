@@ -24,7 +24,6 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from compress.recipe import PruneCfg, default_round_to
 from repvgg import PlainRepVGG, RepVGG, channel_groups
 
 from .budget import select_within_budget
@@ -33,53 +32,52 @@ from .errors import PruneError
 from .importance import accumulate_gradients, gradient_batches, kept_importance, make_importance
 from .latency import load_or_build_table
 from .latency_table import LatencyTable
+from .options import PruneOptions, default_round_to
 from .plan import Planner, search_ratio
 from .realize import realize
 from .slots import layer_widths, slot_widths, slots_of
 
 
-def _check_mode(model: nn.Module, cfg: PruneCfg) -> None:
-    want = PlainRepVGG if cfg.mode == "plain" else RepVGG
+def _check_mode(model: nn.Module, options: PruneOptions) -> None:
+    want = PlainRepVGG if options.mode == "plain" else RepVGG
     if not isinstance(model, want):
-        raise PruneError(f"prune.mode={cfg.mode} needs a {want.__name__}, got a {type(model).__name__}")
+        raise PruneError(f"prune.mode={options.mode} needs a {want.__name__}, got a {type(model).__name__}")
 
 
-def _plan(model, cfg: PruneCfg, example_input, importance, slots, seed: int, round_to: int, macs: MacCost,
+def _plan(model, options: PruneOptions, example_input, importance, slots, seed: int, round_to: int, macs: MacCost,
           latency_table: LatencyTable | None) -> tuple[tuple[int, ...], float | None, dict | None]:
     """The planned slot widths, the pruning ratio they come from (None for the budget search) and, for a latency
     target, what the report records about it."""
+    target = options.target
 
     def planner() -> Planner:
-        return Planner(model, example_input, importance, slots, cfg, seed)
+        return Planner(model, example_input, importance, slots, options, seed)
 
-    if cfg.keep_macs is not None:
-        return (*search_ratio(planner(), macs, cfg.keep_macs, f"prune.keep_macs={cfg.keep_macs}", cfg, round_to), None)
-    if cfg.channel_ratio is not None:
+    if target.kind == "keep_macs":
+        return (*search_ratio(planner(), macs, target.value, target.name, options, round_to), None)
+    if target.kind == "channel_ratio":
         plan = planner()
-        return plan(min(cfg.channel_ratio, plan.max_ratio)), cfg.channel_ratio, None
+        return plan(min(target.value, plan.max_ratio)), target.value, None
     if latency_table is None:
-        latency_table = load_or_build_table(model, cfg, example_input.shape[-1], example_input.device.type)
+        latency_table = load_or_build_table(model, options.latency, example_input.shape[-1], round_to)
     cost = LatencyCost(latency_table, model)
     before = cost.cost([s.init for s in slots])
-    if cfg.target_ms is not None:
-        budget, name = cfg.target_ms, f"prune.target_ms={cfg.target_ms}"
-    else:
-        budget, name = cfg.keep_latency * before, f"prune.keep_latency={cfg.keep_latency}"
+    budget = target.value if target.kind == "target_ms" else target.value * before
     ratio = None
-    if cfg.scope == "global" and not cfg.isomorphic:
+    if options.scope == "global" and not options.isomorphic:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # random importance: a draw of its own, the global generator left as it was
             kept = kept_importance(model, example_input, importance, slots)
-        widths = select_within_budget([s.choices() for s in slots], kept, cost, budget, name)
+        widths = select_within_budget([s.choices() for s in slots], kept, cost, budget, target.name)
     else:
-        widths, ratio = search_ratio(planner(), cost, budget / before, name, cfg, round_to)
+        widths, ratio = search_ratio(planner(), cost, budget / before, target.name, options, round_to)
     report = {"before_ms": before, "predicted_ms": cost.cost(widths), "budget_ms": budget, "table": latency_table.summary()}
     return widths, ratio, report
 
 
 def prune_model(
     model: nn.Module,
-    cfg: PruneCfg,
+    options: PruneOptions,
     example_input: torch.Tensor,
     batches: Iterable | None = None,
     between_steps: Callable[[nn.Module, int], None] | None = None,
@@ -87,29 +85,30 @@ def prune_model(
 ) -> dict:
     """Prune `model` in place (a PlainRepVGG for mode=plain, a training-time RepVGG for mode=multibranch).
 
-    `batches` ((x, y) pairs) feed taylor / hessian importance: `cfg.gradient_batches` of them. With
-    `cfg.steps` > 1 the channels go over TP's iterative steps and `between_steps(model, i)` runs after step i
+    `batches` ((x, y) pairs) feed taylor / hessian importance: `options.gradient_batches` of them. With
+    `options.steps` > 1 the channels go over TP's iterative steps and `between_steps(model, i)` runs after step i
     (0-based) of every step but the last (the fine-tune stage follows the last); it must leave the
     architecture as it found it (fold any BN it inserted). A latency target uses `latency_table`, or reads or
-    builds the one `cfg.latency` asks for (`load_or_build_table`) when none is given. Returns the report (MACs,
+    builds the one `options.latency` asks for (`load_or_build_table`) when none is given. Returns the report (MACs,
     params, widths, and for a latency target its predicted latency, budget and table)."""
-    _check_mode(model, cfg)
-    data = gradient_batches(cfg, batches)
-    round_to = cfg.round_to or default_round_to(example_input.device.type)
+    _check_mode(model, options)
+    data = gradient_batches(options, batches)
+    round_to = options.round_to or default_round_to(example_input.device.type)
     was_training = model.training
     model.eval()
     try:
         macs_before, params_before = tp.utils.count_ops_and_params(model, example_input)
         widths_before = layer_widths(model)
         n_groups = len(channel_groups(model, example_input))
-        importance = make_importance(cfg.importance)
-        slots = slots_of(model, cfg, round_to)
+        importance = make_importance(options.importance)
+        slots = slots_of(model, options, round_to)
         macs = MacCost(model, example_input)
         if data:
             accumulate_gradients(model, importance, data, example_input.device)
         seed = int(torch.randint(2**31 - 1, ()))
-        widths, ratio, latency = _plan(model, cfg, example_input, importance, slots, seed, round_to, macs, latency_table)
-        realize(model, cfg, example_input, importance, slots, widths, data, seed, between_steps, was_training)
+        widths, ratio, latency = _plan(model, options, example_input, importance, slots, seed, round_to, macs,
+                                       latency_table)
+        realize(model, options, example_input, importance, slots, widths, data, seed, between_steps, was_training)
         macs_after, params_after = tp.utils.count_ops_and_params(model, example_input)
     finally:
         model.zero_grad(set_to_none=True)

@@ -16,15 +16,14 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from compress.recipe import PruneCfg
-
 from .importance import accumulate_gradients
+from .options import PruneOptions
 from .slots import Slot, ignored_layers
 
 
 def realize(
     model: nn.Module,
-    cfg: PruneCfg,
+    options: PruneOptions,
     example_input: torch.Tensor,
     importance,
     slots: list[Slot],
@@ -34,7 +33,7 @@ def realize(
     between_steps: Callable[[nn.Module, int], None] | None,
     was_training: bool,
 ) -> None:
-    """Prune `model` in place to `widths` over TP's `cfg.steps` iterative steps, `importance` choosing (its
+    """Prune `model` in place to `widths` over TP's `options.steps` iterative steps, `importance` choosing (its
     gradients re-accumulated from `data` before each later step, `seed` fixing random draws), and
     `between_steps(model, step)` run in `was_training` mode after every step but the last."""
     ratios = {s.convs[0]: s.ratio_for(w) for s, w in zip(slots, widths) if w < s.init}
@@ -46,18 +45,18 @@ def realize(
         importance=importance,
         pruning_ratio=0.0,
         pruning_ratio_dict=ratios,
-        max_pruning_ratio=cfg.max_layer_ratio,
-        iterative_steps=cfg.steps,
-        ignored_layers=ignored_layers(model, cfg),
+        max_pruning_ratio=options.max_layer_ratio,
+        iterative_steps=options.steps,
+        ignored_layers=ignored_layers(model, options),
         round_to=None,  # widths are already rounded (see the module docstring)
     )
-    for step in range(cfg.steps):
+    for step in range(options.steps):
         if step and data:
             accumulate_gradients(model, importance, data, example_input.device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + step)
             pruner.step()
-        if between_steps is not None and step < cfg.steps - 1:
+        if between_steps is not None and step < options.steps - 1:
             model.zero_grad(set_to_none=True)
             model.train(was_training)
             between_steps(model, step)

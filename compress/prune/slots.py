@@ -9,8 +9,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from compress.recipe import PruneCfg
 from repvgg import LayerSpec, PlainRepVGG, RepVGG
+
+from .options import PruneOptions
 
 
 def width_axis(init: int, unit: int) -> list[int]:
@@ -58,7 +59,7 @@ class Slot:
         return 1.0 - (width // self.groups + 0.5) / per_group
 
 
-def slots_of(model: nn.Module, cfg: PruneCfg, round_to: int) -> list[Slot]:
+def slots_of(model: nn.Module, options: PruneOptions, round_to: int) -> list[Slot]:
     """The slots of a PlainRepVGG (one per layer) or of a training-time RepVGG (one per stage: its identity adds tie
     the blocks of a stage together), in order."""
     if isinstance(model, PlainRepVGG):
@@ -77,9 +78,9 @@ def slots_of(model: nn.Module, cfg: PruneCfg, round_to: int) -> list[Slot]:
         if groups != max(conv_groups):  # TP removes the same positions from max(groups) equal chunks
             raise ValueError(f"prune: convs sharing channels have groups {sorted(conv_groups)}, which do not nest")
         unit = math.lcm(round_to, groups)
-        floor = max(math.ceil(round(init * (1 - cfg.max_layer_ratio), 6)), cfg.min_width or round_to)
+        floor = max(math.ceil(round(init * (1 - options.max_layer_ratio), 6)), options.min_width or round_to)
         min_width = min(init, max(unit, -(-floor // unit) * unit))
-        prunable = (i > 0 or cfg.prune_first_layer) and min_width < init
+        prunable = (i > 0 or options.prune_first_layer) and min_width < init
         slots.append(Slot(own, init, groups, unit, min_width, prunable))
     return slots
 
@@ -100,9 +101,9 @@ def layer_slots(model: nn.Module) -> list[tuple[int | None, int]]:
     return [((s - 1 if s else None) if k == 0 else s, s) for s, depth in enumerate(depths) for k in range(depth)]
 
 
-def ignored_layers(model: nn.Module, cfg: PruneCfg) -> list[nn.Module]:
+def ignored_layers(model: nn.Module, options: PruneOptions) -> list[nn.Module]:
     """The head's outputs are the classes; the first layer reads the image and is kept unless asked."""
-    if cfg.prune_first_layer:
+    if options.prune_first_layer:
         return [model.linear]
     return [model.linear, model.layers[0] if isinstance(model, PlainRepVGG) else model.stage0]
 

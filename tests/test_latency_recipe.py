@@ -1,0 +1,94 @@
+"""Latency targets in the recipe and through the CLI: the one-target rule, which settings key the prune stage, `--set`
+over a recipe's target, the latency-table subcommand, and the pipeline pruning to a latency budget that bench
+measures."""
+
+import json
+import re
+
+import pytest
+import yaml
+from test_latency_table import QUICK
+
+from compress.prune import LatencyOptions, Target
+from compress.recipe import LatencyCfg, PruneCfg, RecipeError, load_recipe, validate_recipe
+
+
+# ---- the recipe's one-target rule ---------------------------------------------------------------------------------
+def test_one_target_given_alone_needs_no_nulls(tmp_path):
+    assert PruneCfg().keep_macs == 0.5  # no target: keep_macs' default
+    cfg = PruneCfg(keep_latency=0.4)
+    assert (cfg.keep_macs, cfg.keep_latency, cfg.target) == (None, 0.4, Target("keep_latency", 0.4))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"name": "A0"}}))
+    loaded = load_recipe(recipe, ["prune.target_ms=12.5"])
+    assert (loaded.prune.keep_macs, loaded.prune.target_ms) == (None, 12.5)
+    # the validated recipe round-trips (the study re-validates dumped recipes)
+    assert validate_recipe(loaded.model_dump(mode="json")).prune == loaded.prune
+
+
+@pytest.mark.parametrize("given", [("keep_macs", "keep_latency"), ("channel_ratio", "target_ms"),
+                                   ("keep_latency", "target_ms")])
+def test_two_targets_are_one_line_naming_both(given):
+    values = {"keep_macs": 0.5, "channel_ratio": 0.3, "keep_latency": 0.5, "target_ms": 10.0}
+    with pytest.raises(RecipeError) as err:
+        validate_recipe({"name": "r", "model": {"name": "A0"}, "prune": {k: values[k] for k in given}})
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("prune: ") and all(name in message for name in given)
+
+
+def test_latency_settings_change_the_prune_key_only_under_a_latency_target():
+    macs = PruneCfg(keep_macs=0.5)
+    assert "latency" not in macs.key_values("weights")
+    assert PruneCfg(keep_macs=0.5, latency={"threads": 1}).key_values("weights") == macs.key_values("weights")
+    lat = PruneCfg(keep_latency=0.5, latency={"threads": 1})
+    assert lat.key_values("weights")["latency"]["threads"] == 1
+    moved = PruneCfg(keep_latency=0.5, latency={"threads": 1, "cache_dir": "/elsewhere"})
+    assert moved.key_values("weights") == lat.key_values("weights")  # the cache's place changes nothing
+
+
+def test_the_latency_settings_key_the_table_cache_as_the_prune_stage_does():
+    assert LatencyCfg(**QUICK).key_values("weights") == LatencyOptions(**QUICK).cache_key()
+
+
+# ---- wiring: --set over a recipe's target, the CLI subcommand, the prune and bench stages -------------------------
+def test_set_target_replaces_the_recipe_files_and_two_set_targets_collide(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"name": "A0"}, "prune": {"keep_macs": 0.5}}))
+    loaded = load_recipe(recipe, ["prune.keep_latency=0.5"])  # as on bench_a0_cpu.yaml, which names keep_macs
+    assert (loaded.prune.keep_macs, loaded.prune.keep_latency) == (None, 0.5)
+    with pytest.raises(RecipeError, match="keep_latency and target_ms given together"):
+        load_recipe(recipe, ["prune.keep_latency=0.5", "prune.target_ms=3"])
+
+
+def test_latency_table_subcommand_prints_the_table(tiny_recipe, tmp_path, capsys):
+    from compress.cli import main
+
+    args = ["latency-table", "--recipe", str(tiny_recipe()), "--set", "prune.keep_latency=0.5",
+            "--set", "prune.round_to=8", *(f"--set=prune.latency.{k}={v}" for k, v in QUICK.items()),
+            "--set", f"prune.latency.cache_dir={tmp_path}"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"latency table: onnxruntime \S+ \(cpu\), fp32, batch 2, threads 1", out)
+    assert re.search(r"held-out layers: \d+ off-grid widths, error mean [\d.]+%", out)
+    assert len(list(tmp_path.glob("latency-*.json"))) == 1
+
+
+def test_pipeline_prunes_to_keep_latency_and_bench_measures_the_prediction(tiny_recipe, tmp_path, capsys):
+    from compress.cli import main
+
+    out = tmp_path / "run"
+    recipe = tiny_recipe(
+        stages=["train", "reparam", "prune", "export", "bench"], train={"epochs": 1},
+        model={"width_multiplier": [1, 1, 1, 0.5]},  # wide enough that convs, not call overheads, take the time
+        data={"train_subset": 256, "test_subset": 64},
+        prune={"keep_latency": 0.7, "round_to": 8, "latency": {**QUICK, "cache_dir": str(tmp_path / "cache")}},
+        bench={"batch_sizes": [2], "warmup": 2, "iters": 10, "rounds": 3, "threads": 1, "providers": ["cpu"]},
+    )
+    assert main(["--recipe", str(recipe), "--out", str(out)]) == 0
+    stages = json.loads((out / "summary.json").read_text())["stages"]
+    latency = stages["prune"]["latency"]
+    assert latency["predicted_ms"] <= latency["budget_ms"] == pytest.approx(0.7 * latency["before_ms"])
+    check = stages["bench"]["prune_latency"]
+    assert (check["artifact"], check["provider"], check["batch"]) == ("pruned_fp32", "cpu", 2)
+    assert check["predicted_ms"] == latency["predicted_ms"] and check["measured_ms"] > 0
+    assert "Latency target (pruned_fp32, ORT CPU, batch 2): budget" in capsys.readouterr().out
