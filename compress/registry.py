@@ -1,75 +1,47 @@
-"""The pipeline's stages, defined once: the recipe validates stage names against this table, the run directory
-derives keys and artifact paths from it, the pipeline dispatches through it and the CLI lists it.
+"""The pipeline's stages as facts, defined once: the sections each reads, the stage whose model it takes, the file
+it writes and which ranks run it. The recipe validates stage names against this table, the run directory derives
+keys and artifact paths from it, the CLI lists it; `compress.stages.RUNNERS` maps each name to the function that
+runs it.
 
-This module imports nothing from the pipeline (stage functions are named as "module:function" and imported
-when a stage runs), so the recipe, the run directory and the stages can all read it without an import cycle.
+It imports nothing of the pipeline's, so every module can read it from below.
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
-if TYPE_CHECKING:
-    from .recipe import Recipe
-
-Ranks = Literal["all", "main"]
+# "all": every DDP rank runs it (it trains); "main": rank 0 alone, the others wait and read its files;
+# "training": every rank when its own recipe section says it trains (`Section.trains`), else rank 0 alone
+Ranks = Literal["all", "main", "training"]
 
 
 @dataclass(frozen=True)
 class Stage:
     """One pipeline stage.
 
-    `reads`: the recipe sections whose values change its result (`also_reads` adds sections that only some
-    settings make it read). `input`: the stage whose model it consumes. `artifact`: the file it writes in the
-    run directory (None: its result lives in `summary.json`). `ranks`: under DDP, whether every process runs it
-    ("all": it trains) or rank 0 alone ("main", the others wait and read its files)."""
+    `reads`: the recipe sections whose values change its result; `reads_when_training` adds those it reads only
+    when it trains (prune's fine-tunes between iterative steps). `input`: the stage whose model it consumes.
+    `artifact`: the file it writes in the run directory (None: its result lives in `summary.json`)."""
 
     name: str
     reads: tuple[str, ...]
     input: str | None
     artifact: str | None
-    ranks: Ranks | Callable[[Recipe], Ranks]
-    run: str
-    also_reads: Callable[[Recipe], tuple[str, ...]] | None = None
-
-    def sections(self, recipe: Recipe) -> tuple[str, ...]:
-        """Every recipe section this stage reads under `recipe`."""
-        return self.reads + (self.also_reads(recipe) if self.also_reads else ())
-
-    def on_every_rank(self, recipe: Recipe) -> bool:
-        return (self.ranks(recipe) if callable(self.ranks) else self.ranks) == "all"
-
-    def function(self) -> Callable:
-        module, name = self.run.split(":")
-        return getattr(importlib.import_module(module), name)
-
-
-def _prune_ranks(recipe: Recipe) -> Ranks:
-    return "all" if recipe.prune.steps > 1 else "main"  # fine-tuning between steps trains under DDP
-
-
-def _prune_also_reads(recipe: Recipe) -> tuple[str, ...]:
-    return ("finetune",) if recipe.prune.steps > 1 else ()  # the fine-tune between steps uses its settings
-
-
-def _quantize_ranks(recipe: Recipe) -> Ranks:
-    return "all" if recipe.quantize.mode == "qat" else "main"  # PTQ has nothing to train
+    ranks: Ranks
+    reads_when_training: tuple[str, ...] = ()
 
 
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
-        Stage("train", ("model", "data", "train"), None, "train.pt", "all", "compress.stages:train"),
-        Stage("reparam", (), "train", "plain.pt", "main", "compress.stages:reparam"),
-        Stage("prune", ("prune",), "reparam", "pruned.pt", _prune_ranks, "compress.stages:prune",
-              also_reads=_prune_also_reads),
-        Stage("finetune", ("finetune",), "prune", "finetuned.pt", "all", "compress.stages:finetune"),
-        Stage("quantize", ("quantize",), "finetune", "quantized.pt", _quantize_ranks, "compress.stages:quantize"),
-        Stage("export", ("export",), "quantize", "onnx", "main", "compress.stages:export"),  # a folder of files
-        Stage("bench", ("bench",), "export", None, "main", "compress.stages:bench"),
+        Stage("train", ("model", "data", "train"), None, "train.pt", "all"),
+        Stage("reparam", (), "train", "plain.pt", "main"),
+        Stage("prune", ("prune",), "reparam", "pruned.pt", "training", reads_when_training=("finetune",)),
+        Stage("finetune", ("finetune",), "prune", "finetuned.pt", "all"),
+        Stage("quantize", ("quantize",), "finetune", "quantized.pt", "training"),
+        Stage("export", ("export",), "quantize", "onnx", "main"),  # a folder of files
+        Stage("bench", ("bench",), "export", None, "main"),
     )
 }
 STAGE_NAMES: tuple[str, ...] = tuple(STAGES)

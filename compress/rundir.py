@@ -2,28 +2,27 @@
 
 Two keys per stage, both chained through the stage it reads its model from:
 - the *artifact key* hashes what its output file depends on: the seed, the weight-changing values of the recipe
-  sections it reads (`registry.Stage.sections`, resolved by `Recipe.resolved`) and its input's artifact key. A
+  sections it reads (`RunDir.sections_read`, resolved by `Recipe.resolved`) and its input's artifact key. A
   stage the recipe skips passes its input through, key included. The artifact records it (inside the file and
   in `summary.json`), training checkpoints resume only under it, and loading an input checks it.
 - the *key* adds the values that change only what is measured (`data.test_subset`, `export.eval_subset`): a
   stage whose key changed but whose artifact key did not is re-evaluated, resuming its finished training
   checkpoint.
+What each recipe value changes (its role) is marked in the recipe's schema with `compress.keys`.
 """
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 from pathlib import Path
 
 from .errors import UserError
 from .files import write_json
+from .keys import KEY_SCHEME, ROLE_EVALUATION, ROLE_WEIGHTS, digest
 from .recipe import Recipe
 from .registry import STAGES
-
-KEY_SCHEME = 2  # bump when keys change meaning: older run directories are refused, not silently reused
 
 
 class PipelineError(UserError, RuntimeError):
@@ -56,10 +55,6 @@ class RunLock:
     def __exit__(self, *exc):
         fcntl.flock(self.file, fcntl.LOCK_UN)
         self.file.close()
-
-
-def _hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class RunDir:
@@ -97,36 +92,48 @@ class RunDir:
     def path(self, stage: str) -> Path:
         return self.out_dir / STAGES[stage].artifact
 
+    def trains(self, stage: str) -> bool:
+        """Whether `stage` trains under this recipe, so that every DDP rank runs it, where rank 0 runs the others
+        alone (`registry.Ranks`: a "training" stage trains when its own recipe section says so)."""
+        ranks = STAGES[stage].ranks
+        return ranks == "all" or (ranks == "training" and getattr(self.recipe, stage).trains)
+
+    def sections_read(self, stage: str) -> tuple[str, ...]:
+        """Every recipe section `stage` reads under this recipe."""
+        spec = STAGES[stage]
+        return spec.reads + (spec.reads_when_training if self.trains(stage) else ())
+
     # ---- keys -----------------------------------------------------------------------------------------------
     def _weight_values(self, section: str) -> dict:
-        return getattr(self.recipe, section).key_values("weights")
+        return getattr(self.recipe, section).key_values(ROLE_WEIGHTS)
 
     def sections(self, stage: str | None) -> dict[str, str]:
         """Hash of each recipe section (weight-changing values) that `stage`'s artifact depends on."""
-        out = {"seed": _hash(self.recipe.seed)}
+        out = {"seed": digest(self.recipe.seed)}
         while stage is not None:
             if self.active(stage):
-                for name in STAGES[stage].sections(self.recipe):
-                    out[name] = _hash(self._weight_values(name))
+                for name in self.sections_read(stage):
+                    out[name] = digest(self._weight_values(name))
             stage = STAGES[stage].input
         return out
 
     def artifact_key(self, stage: str | None) -> str:
         """What `stage`'s output depends on: the seed, its sections' weight-changing values, its input's key."""
         if stage is None:
-            return _hash(["seed", self.recipe.seed])
+            return digest(["seed", self.recipe.seed])
         spec = STAGES[stage]
         upstream = self.artifact_key(spec.input)
         if not self.active(stage):
             return upstream
-        own = {name: self._weight_values(name) for name in spec.sections(self.recipe)}
-        return _hash([stage, own, upstream])
+        own = {name: self._weight_values(name) for name in self.sections_read(stage)}
+        return digest([stage, own, upstream])
 
     def key(self, stage: str) -> str:
         """The artifact key plus what changes only evaluation (in `data` or the stage's own sections): a finished
         stage is reused under the same key."""
-        sections = ("data", *STAGES[stage].sections(self.recipe))
-        return _hash([self.artifact_key(stage), {s: getattr(self.recipe, s).key_values("evaluation") for s in sections}])
+        sections = ("data", *self.sections_read(stage))
+        measured = {s: getattr(self.recipe, s).key_values(ROLE_EVALUATION) for s in sections}
+        return digest([self.artifact_key(stage), measured])
 
     def provenance(self, stage: str) -> dict:
         """What an artifact records about how it was made (in the file, and in its summary entry)."""

@@ -1,36 +1,45 @@
-"""The recipe: one YAML file, validated once at the door. Unknown keys are errors, never silently ignored."""
+"""The recipe's sections: what each key means, its default and its checks. Validated once, at the door
+(`compress.recipe.load`); unknown keys are errors, never silently ignored. The allowed names of extension points
+(importance criteria, runtimes, study strategies, stages) come from their tables."""
 
 from __future__ import annotations
 
-import difflib
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from compress.keys import EVALUATION, NO_EFFECT, ROLE_WEIGHTS, role_of
+from compress.prune import IMPORTANCES, TARGET_KINDS, Target, default_round_to
+from compress.registry import STAGE_NAMES
+from compress.runtime import RUNTIMES
+from compress.study.strategies import STRATEGIES
 from repvgg import CONFIGS
 
-from .errors import UserError
-from .registry import STAGE_NAMES
-
-# What a field changes, for the run directory's keys (default: the weights, hence everything downstream):
-NO_EFFECT = {"key": "none"}  # neither weights nor results: never recomputes anything
-EVALUATION = {"key": "evaluation"}  # what is measured, not the weights: re-evaluates, reuses training checkpoints
+from .errors import suggest
 
 
-class RecipeError(UserError, ValueError):
-    """A recipe problem, said in one line that names the culprit."""
+def one_of(table: Mapping[str, object], what: str, fits: Callable[[object], bool] = lambda entry: True) -> AfterValidator:
+    """A validator: the value is the name of an entry of `table` that `fits` (the table is read when validating, so
+    an entry registered later counts)."""
+
+    def check(name: str) -> str:
+        names = [key for key, entry in table.items() if fits(entry)]
+        if name not in names:
+            raise ValueError(f"unknown {what} '{name}'{suggest(name, names)}; valid: {', '.join(names)}")
+        return name
+
+    return AfterValidator(check)
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    def key_values(self, role: str = "weights") -> dict:
-        """This section's values that change `role` ("weights" or "evaluation"), for the run directory's keys."""
+    def key_values(self, role: str = ROLE_WEIGHTS) -> dict:
+        """This section's values that change `role` (`compress.keys`), for the run directory's keys."""
         values = self.model_dump(mode="json")
-        return {name: values[name] for name, field in type(self).model_fields.items()
-                if (field.json_schema_extra or {}).get("key", "weights") == role}
+        return {name: values[name] for name, field in type(self).model_fields.items() if role_of(field) == role}
 
 
 class ModelCfg(Section):
@@ -137,7 +146,8 @@ class LatencyCfg(Section):
     """How `prune.keep_latency` / `prune.target_ms` measure latency: a per-layer table timed on this machine's runtime
     (its own settings, not `bench`'s, so that changing the benchmark never recomputes the prune stage)."""
 
-    provider: Literal["cpu", "openvino"] = "cpu"  # ONNX Runtime's CPU provider, or OpenVINO's CPU device
+    # a runtime that runs ONNX files: ONNX Runtime's CPU provider, OpenVINO's CPU device, ...
+    provider: Annotated[str, one_of(RUNTIMES, "runtime of ONNX files", lambda runtime: runtime.opens == "onnx")] = "cpu"
     threads: int | None = Field(None, gt=0)  # None: all cores
     batch: int = Field(8, gt=0)
     precision: Literal["fp32", "int8"] = "fp32"  # int8: QDQ layers, as the quantize + export stages deploy them
@@ -147,13 +157,9 @@ class LatencyCfg(Section):
     cache_dir: Path | None = Field(None, json_schema_extra=NO_EFFECT)
 
 
-PRUNE_TARGETS = ("keep_macs", "channel_ratio", "keep_latency", "target_ms")
-LATENCY_TARGETS = ("keep_latency", "target_ms")
-
-
 class PruneCfg(Section):
     mode: Literal["plain", "multibranch"] = "plain"
-    importance: Literal["l1", "l2", "taylor", "hessian", "lamp", "random"] = "l2"
+    importance: Annotated[str, one_of(IMPORTANCES, "criterion")] = "l2"
     scope: Literal["local", "global"] = "global"
     # The target: exactly one of these four; none given means keep_macs 0.5.
     keep_macs: float | None = Field(None, gt=0, lt=1)
@@ -172,25 +178,31 @@ class PruneCfg(Section):
 
     @model_validator(mode="after")
     def _one_target(self):
-        given = [name for name in PRUNE_TARGETS if getattr(self, name) is not None]
+        given = [name for name in TARGET_KINDS if getattr(self, name) is not None]
         if len(given) > 1:
-            raise ValueError(f"prune: {' and '.join(given)} given together: give one of {', '.join(PRUNE_TARGETS)}")
+            raise ValueError(f"prune: {' and '.join(given)} given together: give one of {', '.join(TARGET_KINDS)}")
         if not given:
             self.keep_macs = 0.5
         return self
 
     @property
-    def latency_target(self) -> bool:
-        """Whether the target is a latency (keep_latency or target_ms), which the latency table serves."""
-        return any(getattr(self, name) is not None for name in LATENCY_TARGETS)
+    def target(self) -> Target:
+        """The target in force: the one of the four given (keep_macs 0.5 when none is)."""
+        kind = next(name for name in TARGET_KINDS if getattr(self, name) is not None)
+        return Target(kind, getattr(self, kind))
 
-    def key_values(self, role: str = "weights") -> dict:
+    @property
+    def trains(self) -> bool:
+        """Iterative pruning fine-tunes between its steps (`registry`: every rank then prunes)."""
+        return self.steps > 1
+
+    def key_values(self, role: str = ROLE_WEIGHTS) -> dict:
         """As `Section.key_values`, with the `latency` settings' own roles (its cache_dir changes nothing), and
         without them unless a latency target is in force (they change nothing else)."""
         values = super().key_values(role)
         values.pop("latency", None)
         nested = self.latency.key_values(role)
-        if self.latency_target and nested:
+        if self.target.latency and nested:
             values["latency"] = nested
         return values
 
@@ -206,6 +218,11 @@ class QuantCfg(Section):
     train_subset: int | None = Field(None, gt=0)  # QAT on the first N training images (fixed order); None: all
     # NNCF's overflow fix: weights on 7 bits, so INT8 kernels without VNNI (AVX2 pmaddubsw) cannot saturate
     overflow_fix: Literal["enable", "first_layer_only", "disable"] = "enable"
+
+    @property
+    def trains(self) -> bool:
+        """QAT trains (`registry`: every rank then runs the stage); PTQ has nothing to train."""
+        return self.mode == "qat"
 
 
 ARTIFACT_NAMES = ("train_fp32", "plain_fp32", "plain_int8", "pruned_fp32", "pruned_int8")
@@ -226,7 +243,7 @@ class BenchCfg(Section):
     iters: int = Field(20, gt=0)
     rounds: int = Field(3, gt=0)
     # ONNX Runtime's cpu/cuda/tensorrt, OpenVINO's CPU runtime, PyTorch eager; None: all available
-    providers: list[Literal["cpu", "cuda", "tensorrt", "openvino", "torch"]] | None = None
+    providers: list[Annotated[str, one_of(RUNTIMES, "runtime")]] | None = None
     image_size: int | None = Field(None, gt=0)  # None: data.image_size
 
 
@@ -241,7 +258,7 @@ class StudyCfg(Section):
     """Sweep keep_macs over pruning strategies; each point fine-tuned, QAT-quantized, exported and benchmarked."""
 
     keep_macs: list[float] = Field(default_factory=lambda: [0.7, 0.5, 0.3])
-    strategies: list[Literal["plain", "plain-uniform", "plain-latency", "plain-rebranch", "multibranch", "scratch"]] = Field(
+    strategies: list[Annotated[str, one_of(STRATEGIES, "strategy")]] = Field(
         default_factory=lambda: ["plain", "plain-uniform", "multibranch", "scratch"]
     )
     # the costliest strategy: its keep points (None: keep_macs)
@@ -281,7 +298,7 @@ class Recipe(Section):
     def _known_stages(self):
         for stage in self.stages:
             if stage not in STAGE_NAMES:
-                raise ValueError(f"stages: unknown stage '{stage}'{_suggest(stage, STAGE_NAMES)}")
+                raise ValueError(f"stages: unknown stage '{stage}'{suggest(stage, STAGE_NAMES)}")
         self.stages = [s for s in STAGE_NAMES if s in self.stages]  # always run in pipeline order
         if self.prune.mode == "multibranch" and self.finetune.structure == "rebranch":
             raise ValueError("finetune.structure: rebranch re-branches a plain-pruned model; prune.mode: multibranch "
@@ -300,70 +317,3 @@ class Recipe(Section):
         if self.train.teacher is not None:
             update["train"] = self.train.model_copy(update={"teacher": self.train.teacher.resolve()})
         return self.model_copy(update=update)
-
-
-def default_round_to(device_type: str) -> int:
-    """Channel multiple the kernels block by: 16 on CPUs (oneDNN / MLAS), 8 on CUDA (tensor cores)."""
-    return 8 if device_type == "cuda" else 16
-
-
-def _suggest(word: str, choices) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def _first_error(err: ValidationError, cls: type[BaseModel]) -> str:
-    e = err.errors()[0]
-    loc = ".".join(str(p) for p in e["loc"])
-    if e["type"] == "extra_forbidden":
-        section = cls
-        for part in e["loc"][:-1]:
-            field = section.model_fields.get(str(part))
-            section = field.annotation if field is not None and isinstance(field.annotation, type) else section
-        return f"unknown recipe key '{loc}'{_suggest(str(e['loc'][-1]), section.model_fields)}"
-    msg = e["msg"].removeprefix("Value error, ")
-    return msg if msg.split(":")[0].startswith(loc) else f"recipe key '{loc}': {msg} (got {e.get('input')!r})"
-
-
-def _apply_override(raw: dict, assignment: str) -> str:
-    """Set `section.key=value` (YAML-parsed) in `raw`; returns the dotted key."""
-    if "=" not in assignment:
-        raise RecipeError(f"--set '{assignment}': expected section.key=value")
-    dotted, value = assignment.split("=", 1)
-    node = raw
-    *parents, leaf = dotted.split(".")
-    for part in parents:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise RecipeError(f"--set '{assignment}': '{part}' is not a section")
-    node[leaf] = yaml.safe_load(value)
-    return dotted
-
-
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise RecipeError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise RecipeError(f"recipe {path} must be a mapping of sections")
-    raw.setdefault("name", path.stem)
-    targets = {f"prune.{t}" for t in PRUNE_TARGETS}
-    given = set()  # pruning targets given with --set
-    for assignment in overrides:
-        dotted = _apply_override(raw, assignment)
-        if dotted in targets:  # replaces the recipe file's target, which then needs no null; two --set collide
-            given.add(dotted)
-            for other in targets - given:
-                raw["prune"].pop(other.split(".")[1], None)
-    return validate_recipe(raw)
-
-
-def validate_recipe(raw: dict) -> Recipe:
-    try:
-        return Recipe.model_validate(raw)
-    except ValidationError as e:
-        raise RecipeError(_first_error(e, Recipe)) from None
