@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from compress.data import build_data
+from compress.env import Env
 from compress.models import initial_model
 from compress.recipe import load_recipe
-from compress.train import Env, fit, make_optimizer
+from compress.train import fit, make_optimizer
 
 
 def bare_epoch(model, data, cfg, device) -> float:

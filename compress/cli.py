@@ -1,5 +1,6 @@
 """`python compress.py --recipe R [--out DIR] [--set k=v ...] [--stages a,b] [--dry-run]`,
-`python compress.py latency-table --recipe R [--set k=v ...]` and `python compress.py inspect PATH`. Parse, validate once, dispatch; every expected failure is one line."""
+`python compress.py latency-table --recipe R [--set k=v ...]` and `python compress.py inspect PATH` (also installed
+as `repvgg-compress`). Parse, validate once, dispatch; every expected failure is one line."""
 
 from __future__ import annotations
 
@@ -53,10 +54,16 @@ def _device(recipe: Recipe, local_rank: int) -> torch.device:
 
 
 def run(args) -> int:
+    # imported here, not at the top: the pipeline pulls in torchvision, matplotlib, TensorBoard and Torch-Pruning
+    # (about 4 s), which --help, --dry-run and a recipe error never need
+    from torch.utils.tensorboard import SummaryWriter
+
     from .data import build_data
+    from .env import Env
     from .pipeline import Pipeline
+    from .report import run_report
     from .rundir import RunLock
-    from .train import Env
+    from .study.run import Study
 
     recipe = load_recipe(args.recipe, args.overrides)
     plan = _stage_plan(recipe, args.stages)
@@ -87,16 +94,12 @@ def run(args) -> int:
         with contextlib.ExitStack() as stack:
             writer = None
             if rank == 0:  # only rank 0 writes: it holds the run dir's lock and the TensorBoard writer
-                from torch.utils.tensorboard import SummaryWriter
-
                 stack.enter_context(RunLock(out_dir))
                 writer = SummaryWriter(str(out_dir / "tb"))
                 stack.callback(writer.close)
             env = Env(device=device, out_dir=out_dir, rank=rank, world_size=world_size, writer=writer,
                       wait_group=wait_group)
             if recipe.study is not None:
-                from .study import Study
-
                 Study(recipe, out_dir, env, data).run()
                 if rank == 0:
                     print((out_dir / "study.md").read_text())
@@ -104,8 +107,6 @@ def run(args) -> int:
                 return 0
             summary = Pipeline(recipe, out_dir, env, data).run(plan, explicit=args.stages is not None)
             if rank == 0:
-                from .report import run_report
-
                 report = run_report(recipe, summary, out_dir)
                 writer.add_text("report", report, 0)
                 print(report, end="")
@@ -122,13 +123,14 @@ def latency_table_main(args) -> int:
     not depend on them)."""
     from .models import initial_model, recipe_architecture
     from .prune import print_latency_table
+    from .stages.prune import latency_options
 
     recipe = load_recipe(args.recipe, args.overrides)
     device_type = _device(recipe, 0).type
     recipe = recipe.resolved(device_type)
     classes = recipe.model.num_classes or 1000  # the head is not in the table
     model = recipe_architecture(recipe, classes) or initial_model(recipe, classes)[0]
-    print_latency_table(recipe, model, device_type)
+    print_latency_table(model, latency_options(recipe.prune.latency), recipe.data.image_size, recipe.prune.round_to)
     return 0
 
 

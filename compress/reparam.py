@@ -8,9 +8,10 @@ from torch import nn
 from repvgg import PlainRepVGG, RebranchedRepVGG, RepVGG, reparameterize
 
 from .data import Data
+from .env import Env
 from .errors import UserError
 from .precision import full_fp32_precision, within_tolerance
-from .train import Env, evaluate
+from .train import evaluate
 
 
 class ReparamError(UserError, RuntimeError):

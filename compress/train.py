@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .data import Data
+from .env import Env
 from .errors import UserError
 from .files import load_checkpoint, torch_save
 from .recipe import Distill, OptimCfg
@@ -32,28 +32,6 @@ AMP_DEVICE_TYPES = {"cuda"}
 
 class TrainingError(UserError, RuntimeError):
     """Training cannot go on (non-finite loss, out of memory): said in one line."""
-
-
-@dataclass
-class Env:
-    """Where a stage runs: device, process rank, and the rank-0-only writers."""
-
-    device: torch.device
-    out_dir: Path
-    rank: int = 0
-    world_size: int = 1
-    writer: object | None = None  # torch.utils.tensorboard.SummaryWriter on rank 0
-    # gloo group with a long timeout, where ranks wait while rank 0 runs a stage alone (exports, benchmarks):
-    # the training group's timeout (NCCL: 10 minutes) must not bound a stage's length
-    wait_group: object | None = None
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def cuda(self) -> bool:
-        return self.device.type == "cuda"
 
 
 @torch.no_grad()

@@ -53,3 +53,15 @@ def tiny_recipe(tmp_path):
         return write_recipe(tmp_path / f"{recipe['name']}.yaml", recipe)
 
     return make
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA: skipped, with the reason, where there is none."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -7,8 +7,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from compress.data import build_data
+from compress.env import Env
 from compress.recipe import DataCfg, TrainCfg
-from compress.train import Env, evaluate, fit
+from compress.train import evaluate, fit
 from repvgg import RepVGG
 
 DATA = DataCfg(image_size=16, augment="none", batch_size=64, train_subset=256)

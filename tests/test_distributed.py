@@ -12,16 +12,16 @@ from conftest import ROOT
 SLOW_REPARAM = """
 import sys, time
 sys.path.insert(0, {root!r})
-import compress.stages as stages
 from compress.cli import main
+from compress.stages import RUNNERS
 
-reparam = stages.reparam
+reparam = RUNNERS["reparam"]
 
-def slow_reparam(p):
+def slow_reparam(context):
     time.sleep({seconds})
-    return reparam(p)
+    return reparam(context)
 
-stages.reparam = slow_reparam
+RUNNERS["reparam"] = slow_reparam
 sys.exit(main(sys.argv[1:]))
 """
 

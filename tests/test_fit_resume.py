@@ -5,9 +5,10 @@ import torch
 
 from compress import train
 from compress.data import build_data
+from compress.env import Env
 from compress.files import load_checkpoint
 from compress.recipe import DataCfg, TrainCfg
-from compress.train import Env, evaluate, fit
+from compress.train import evaluate, fit
 from repvgg import RepVGG
 
 DATA = DataCfg(image_size=16, augment="none", batch_size=64, train_subset=128)

@@ -11,9 +11,10 @@ from conftest import ROOT, TINY, one_line_error
 
 from compress.cli import main
 from compress.files import load_checkpoint
-from compress.recipe import validate_recipe
+from compress.recipe import load_recipe, validate_recipe
 from compress.registry import STAGE_NAMES, STAGES
 from compress.rundir import RunDir
+from compress.stages import RUNNERS
 
 
 def _rundir(tmp_path, device="cpu", **sections) -> RunDir:
@@ -125,21 +126,46 @@ def test_stage_outside_the_recipe_is_refused(tiny_recipe, capsys):
 
 
 def test_one_registry_without_import_cycles():
-    for order in ("compress.pipeline, compress.stages", "compress.stages, compress.pipeline"):
+    for order in ("compress.pipeline, compress.stages", "compress.stages, compress.pipeline", "compress.recipe"):
         run = subprocess.run([sys.executable, "-c", f"import {order}"], cwd=ROOT, capture_output=True, text=True)
         assert run.returncode == 0, run.stderr
     assert STAGE_NAMES == ("train", "reparam", "prune", "finetune", "quantize", "export", "bench")
-    for spec in STAGES.values():
-        assert callable(spec.function())
+    assert tuple(RUNNERS) == STAGE_NAMES  # one function per stage, dispatched from the table, in pipeline order
+    for name, spec in STAGES.items():
+        assert callable(RUNNERS[name]) and RUNNERS[name].__module__ == f"compress.stages.{name}"
         assert spec.input is None or STAGE_NAMES.index(spec.input) < STAGE_NAMES.index(spec.name)
-    # the stage list is written out once, in the registry
-    sources = [p for p in (ROOT / "compress").rglob("*.py") if '"reparam", "prune", "finetune"' in p.read_text()]
-    assert sources == [], sources
+    # the stage list is written out once, in the registry; no stage function is named by a string
+    sources = {p: p.read_text() for p in (ROOT / "compress").rglob("*.py")}
+    assert [p for p, text in sources.items() if '"reparam", "prune", "finetune"' in text] == []
+    assert [p for p, text in sources.items() if '"compress.stages:' in text] == []
+
+
+def test_algorithms_do_not_read_the_recipe():
+    """Torch-Pruning's way: the pruner, the benchmark and the runtimes take typed options; only stages read recipes."""
+    for package in ("prune", "bench", "runtime"):
+        for path in (ROOT / "compress" / package).rglob("*.py"):
+            text = path.read_text()
+            assert "compress.recipe" not in text and "from ..recipe" not in text, path
 
 
 @pytest.mark.parametrize("mode,ranks", [("qat", True), ("ptq", False)])
 def test_registry_ranks_follow_the_recipe(tmp_path, mode, ranks):
     rundir = _rundir(tmp_path, quantize={"mode": mode}, prune={"steps": 2})
-    assert STAGES["quantize"].on_every_rank(rundir.recipe) is ranks
-    assert STAGES["prune"].on_every_rank(rundir.recipe)
-    assert not STAGES["prune"].on_every_rank(_rundir(tmp_path).recipe)
+    assert rundir.trains("quantize") is ranks
+    assert rundir.trains("prune") and rundir.sections_read("prune") == ("prune", "finetune")
+    single = _rundir(tmp_path)
+    assert not single.trains("prune") and single.sections_read("prune") == ("prune",)
+    assert single.trains("train") and not single.trains("export")
+
+
+def test_keys_of_a_run_made_before_the_restructure_are_unchanged(tmp_path):
+    """A quickstart run directory made before the stages became a package (71d0a0e) is reused after it: its stages'
+    keys, artifact keys and section hashes, as its summary.json recorded them, are what the recipe gives now."""
+    before = json.loads((ROOT / "tests" / "data" / "quickstart_keys_before_restructure.json").read_text())
+    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml").resolved("cpu")
+    run_dir = RunDir(tmp_path / "run", recipe)
+    assert before["key_scheme"] == run_dir.summary["key_scheme"]
+    for stage, recorded in before["stages"].items():
+        assert run_dir.key(stage) == recorded["key"], stage
+        assert run_dir.provenance(stage) == {k: recorded[k] for k in ("artifact_key", "sections")}, stage
+    assert list(before["stages"]) == list(recipe.stages)

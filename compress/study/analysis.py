@@ -9,6 +9,7 @@ import numpy as np
 
 from ..files import read_predictions
 from ..stats import interpolate, paired_bootstrap, shared_latencies, wilson_interval
+from .strategies import STRATEGIES
 
 PRECISIONS = ("fp32", "int8")
 REFERENCE = "plain"  # every other strategy is compared with it
@@ -53,7 +54,7 @@ def compare(points: list[dict], rows: list[dict], batches: list[int], resamples:
     precision and batch, at every latency both curves reach (each curve's own points inside the other's range),
     each side's per-image correctness interpolated along its curve, the difference bootstrapped over the same
     resampled test images for both sides. Every pruning strategy's curve ends at the unpruned model (keep 1:
-    nothing pruned), which is not compared with itself; scratch's points are its own."""
+    nothing pruned), which is not compared with itself; a from-scratch strategy's points are its own."""
     curves, unpruned = {}, None
     for pt, row in zip(points, rows):
         if pt["strategy"] == "unpruned":
@@ -63,7 +64,7 @@ def compare(points: list[dict], rows: list[dict], batches: list[int], resamples:
     if REFERENCE not in curves:
         return []
     for strategy, members in curves.items():
-        if strategy != "scratch" and unpruned is not None:
+        if not STRATEGIES[strategy].from_scratch and unpruned is not None:
             members.append(unpruned)
     out = []
     for other, precision, batch in itertools.product([s for s in curves if s != REFERENCE], PRECISIONS, batches):

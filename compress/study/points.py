@@ -1,14 +1,8 @@
 """The study's points: one ordinary pipeline run per (strategy, keep), every one seeded with the same trained
-base, so that a finished point is reused on a rerun and the strategies differ only in how they prune.
-
-- plain: reparam -> prune each layer by global importance -> fine-tune
-- plain-uniform: the same with one ratio for every layer (local scope)
-- plain-rebranch: plain pruning, fine-tuned as RepVGG blocks re-branched at the pruned widths, folded back
-- plain-latency: plain pruning to a fraction of the plain model's measured FP32 latency (batch 8) instead of
-  its MACs, from a per-layer latency table of this machine
-- multibranch: prune the training-time model (identity branches couple each stage) -> fine-tune -> reparam
-- scratch: a RepVGG with per-stage widths searched to the same MACs, trained from scratch on as many images as
-  the base and a fine-tune together saw, distilled from the pruned points' teacher (the unpruned plain model)
+base, so that a finished point is reused on a rerun and the strategies differ only in how they prune (each
+strategy's record: `strategies`). A from-scratch point gets a RepVGG with per-stage widths searched to the same
+MACs, trained from random init on as many images as the base and a fine-tune together saw, distilled from the
+pruned points' teacher (the unpruned plain model).
 """
 
 from __future__ import annotations
@@ -21,16 +15,16 @@ import torch
 
 from repvgg import PlainRepVGG
 
+from ..context import StageContext
 from ..data import Data
 from ..models import recipe_architecture
-from ..pipeline import Pipeline
+from ..prune import TARGET_KINDS
 from ..prune.cost import MacCost
-from ..recipe import PRUNE_TARGETS, Distill, Recipe
+from ..recipe import Distill, Recipe, validate_recipe
 from ..registry import STAGE_NAMES
 from ..rundir import PipelineError, RunDir
+from .strategies import STRATEGIES
 
-# plain-latency points: fractions of the FP32 latency at batch 8, so they sit at latencies comparable to the others'
-LATENCY_POINTS = {"precision": "fp32", "batch": 8}
 BASE_STAGES = ("train", "reparam")
 MAC_TOLERANCE = 0.02  # scratch widths: MACs within 2% of the target
 
@@ -44,7 +38,7 @@ def updated(recipe: Recipe, **sections) -> Recipe:
         else:
             raw[section] = fields
     raw["study"] = None
-    return Recipe.model_validate(raw)
+    return validate_recipe(raw)
 
 
 def base_recipe(recipe: Recipe) -> Recipe:
@@ -74,7 +68,7 @@ def check_base_dir(recipe: Recipe, path: Path) -> RunDir:
     return run
 
 
-def seed_from_base(base: Pipeline, point: Pipeline) -> None:
+def seed_from_base(base: StageContext, point: StageContext) -> None:
     """Give a point the shared trained model: the base's train and reparam artifacts linked in and their summary
     entries copied. Their keys are the point's too: the point recipe differs from the base's only in sections
     those stages do not read."""
@@ -138,17 +132,16 @@ def unpruned_recipe(recipe: Recipe) -> Recipe:
 
 
 def pruned_recipe(recipe: Recipe, strategy: str, keep: float) -> Recipe:
-    """A pruning strategy's point: the recipe's prune settings with the strategy's mode, scope and target."""
-    prune = {**dict.fromkeys(PRUNE_TARGETS), "keep_macs": keep,
-             "mode": "multibranch" if strategy == "multibranch" else "plain",
-             "scope": "local" if strategy == "plain-uniform" else recipe.prune.scope}
-    if strategy == "plain-latency":  # the same fraction of the plain model's measured latency
-        prune.update(keep_macs=None, keep_latency=keep,
-                     latency={**recipe.prune.latency.model_dump(mode="json"), **LATENCY_POINTS})
-    # plain-rebranch fine-tunes re-branched blocks; a multibranch model has its own branches; the recipe's
-    # rebranch is what plain-rebranch measures, so the other plain strategies keep bn
-    structure = {"plain-rebranch": "rebranch", "multibranch": "plain"}.get(strategy, recipe.finetune.structure)
-    if structure == "rebranch" and strategy != "plain-rebranch":
+    """A pruning strategy's point: the recipe's prune settings with the strategy's own (`strategies`), its target
+    set to `keep`, fine-tuned as it says."""
+    record = STRATEGIES[strategy]
+    prune = {**dict.fromkeys(TARGET_KINDS), "mode": "plain", "scope": recipe.prune.scope, **record.prune,
+             record.target: keep}
+    if "latency" in record.prune:  # over the recipe's latency settings
+        prune["latency"] = {**recipe.prune.latency.model_dump(mode="json"), **record.prune["latency"]}
+    # only the strategy that measures rebranch fine-tunes re-branched blocks; the other plain ones keep bn
+    structure = record.structure or recipe.finetune.structure
+    if structure == "rebranch" and record.structure != "rebranch":
         structure = "bn"
     stages = [s for s in STAGE_NAMES if s != "bench"]
     return updated(recipe, prune=prune, finetune={"structure": structure}, stages=stages,

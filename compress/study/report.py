@@ -6,17 +6,11 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from ..files import write_json, write_text  # noqa: E402
-from ..recipe import Recipe  # noqa: E402
-from .analysis import PRECISIONS  # noqa: E402
-
-STYLE = {"plain": "#1f77b4", "plain-uniform": "#2ca02c", "plain-latency": "#ff7f0e", "plain-rebranch": "#17becf",
-         "multibranch": "#d62728", "scratch": "#9467bd", "unpruned": "#000000"}
+from ..figures import new_figure
+from ..files import write_json, write_text
+from ..recipe import Recipe
+from .analysis import PRECISIONS
+from .strategies import STRATEGIES, UNPRUNED_COLOUR
 
 
 def write_report(recipe: Recipe, result: dict, out_dir: Path, writer=None) -> None:
@@ -26,24 +20,24 @@ def write_report(recipe: Recipe, result: dict, out_dir: Path, writer=None) -> No
     fig.savefig(out_dir / "pareto.png", dpi=120)
     if writer is not None:
         log_tensorboard(writer, result["rows"], result["settings"]["main_batch"], fig)
-    plt.close(fig)
 
 
 def pareto_figure(rows: list[dict], batch: int):
     """Top-1 of the exported files against their measured latency at `batch`, FP32 and INT8 side by side, with
     95% Wilson intervals as error bars; every pruning strategy's curve ends at the unpruned model, as compared."""
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    fig = new_figure((13, 5))
+    axes = fig.subplots(1, 2, sharey=True)
     unpruned = [r for r in rows if r["strategy"] == "unpruned"]
     for ax, precision in zip(axes, PRECISIONS):
         for strategy in dict.fromkeys(r["strategy"] for r in rows):
-            ends = unpruned if strategy not in ("unpruned", "scratch") else []
+            ends = unpruned if strategy != "unpruned" and not STRATEGIES[strategy].from_scratch else []
             pts = sorted([r for r in rows if r["strategy"] == strategy] + ends,
                          key=lambda r: r[f"{precision}_ms"][batch])
             x = [r[f"{precision}_ms"][batch] for r in pts]
             y = [r[f"{precision}_top1"] for r in pts]
             err = [[v - r[f"{precision}_ci"][0] for v, r in zip(y, pts)],
                    [r[f"{precision}_ci"][1] - v for v, r in zip(y, pts)]]
-            ax.errorbar(x, y, yerr=err, marker="*" if strategy == "unpruned" else "o", color=STYLE.get(strategy),
+            ax.errorbar(x, y, yerr=err, marker="*" if strategy == "unpruned" else "o", color=UNPRUNED_COLOUR if strategy == "unpruned" else STRATEGIES[strategy].colour,
                         capsize=3, label=strategy, markersize=9 if strategy == "unpruned" else 5)
             for r in (r for r in pts if r["strategy"] == strategy):
                 ax.annotate(f"{r['keep']:g}", (r[f"{precision}_ms"][batch], r[f"{precision}_top1"]), fontsize=7,

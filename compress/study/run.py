@@ -1,12 +1,4 @@
-"""The study: why multi-branch models resist pruning, as accuracy-latency curves of exported models.
-
-One trained multi-branch model (DIR/base, or `study.base_dir`'s) is shared by every strategy; each (strategy,
-keep) point is an ordinary pipeline run in DIR/points/<strategy>_<keep> (`points`), so a finished point is reused
-on a rerun, and so is a finished point of `study.base_dir`'s study under the same settings. All points' ONNX
-files are then benchmarked together, alternated in one session-at-a-time loop so that their latencies are
-comparable, and compared pairwise at equal measured latency (`analysis`); `report` writes study.md, pareto.png
-and TensorBoard.
-"""
+"""The study's orchestration: the base, every point, one benchmark of all their files, then the report."""
 
 from __future__ import annotations
 
@@ -23,12 +15,15 @@ from torch.utils.tensorboard import SummaryWriter
 from repvgg import channel_groups
 
 from ..bench import benchmark
+from ..context import StageContext
 from ..data import Data
+from ..env import Env
 from ..files import write_json
 from ..models import recipe_architecture
 from ..pipeline import Pipeline
-from ..recipe import Recipe, default_round_to
-from ..train import Env
+from ..prune import default_round_to
+from ..recipe import Recipe
+from ..stages.bench import bench_options
 from .analysis import PRECISIONS, compare, correctness, point_row
 from .points import (
     base_recipe,
@@ -42,11 +37,12 @@ from .points import (
     unpruned_recipe,
 )
 from .report import write_report
-
-__all__ = ["Study"]
+from .strategies import STRATEGIES
 
 
 class Study:
+    """A recipe with a `study` section: every strategy's points on one base, benchmarked and compared."""
+
     def __init__(self, recipe: Recipe, out_dir: Path, env: Env, data: Data):
         self.recipe, self.out_dir, self.env, self.data = recipe, Path(out_dir), env, data
         self.example = data.example_input().to(env.device)
@@ -64,36 +60,37 @@ class Study:
             write_json(self.timings_path, self.timings)
         return result
 
-    def _run(self, recipe: Recipe, out_dir: Path, base: Pipeline | None = None) -> Pipeline:
+    def _run(self, recipe: Recipe, out_dir: Path, base: StageContext | None = None) -> StageContext:
         """One point as an ordinary pipeline run of its recipe's stages, with TensorBoard logs of its own
-        (DIR/points/<p>/tb); `base` gives it the shared trained model first."""
+        (DIR/points/<p>/tb); `base` gives it the shared trained model first. Returns the run's context."""
         writer = SummaryWriter(str(out_dir / "tb")) if self.env.main else None
         try:
             pipeline = Pipeline(recipe, out_dir, dataclasses.replace(self.env, writer=writer), self.data)
+            run = pipeline.context
             if base is not None:
                 if self.env.main:
-                    seed_from_base(base, pipeline)
-                pipeline.wait_for_main()
-            fresh = not all(pipeline.dir.is_done(s) for s in recipe.stages)
+                    seed_from_base(base, run)
+                run.wait_for_main()
+            fresh = not all(run.dir.is_done(s) for s in recipe.stages)
             phase = out_dir.name if out_dir.parent == self.out_dir else f"points/{out_dir.name}"
             self._timed(phase, lambda: pipeline.run(recipe.stages), fresh)
         finally:
             if writer is not None:
                 writer.close()
-        return pipeline
+        return run
 
-    def _reader(self, recipe: Recipe, out_dir: Path) -> Pipeline:
+    def _reader(self, recipe: Recipe, out_dir: Path) -> StageContext:
         """A finished run read in place (`study.base_dir`'s), never written."""
-        return Pipeline(recipe, out_dir, dataclasses.replace(self.env, writer=None), self.data)
+        return StageContext(recipe, out_dir, dataclasses.replace(self.env, writer=None), self.data)
 
-    def base(self) -> Pipeline:
+    def base(self) -> StageContext:
         """The trained base: `study.base_dir`'s, checked against this recipe, or trained here in DIR/base."""
         if self.recipe.study.base_dir is not None:
             checked = check_base_dir(self.recipe, self.recipe.study.base_dir)
             return self._reader(base_recipe(self.recipe), checked.out_dir)
         return self._run(base_recipe(self.recipe), self.out_dir / "base")
 
-    def _shared_point(self, recipe: Recipe, name: str) -> Pipeline | None:
+    def _shared_point(self, recipe: Recipe, name: str) -> StageContext | None:
         """`study.base_dir`'s study's point `name`, when it was finished under this recipe's keys."""
         shared = self.recipe.study.base_dir and Path(self.recipe.study.base_dir) / "points" / name
         if not shared or not (shared / "summary.json").exists():
@@ -101,13 +98,14 @@ class Study:
         other = self._reader(recipe, shared)
         return other if all(other.dir.is_done(s) for s in recipe.stages) else None
 
-    def _point(self, strategy: str, keep: float, recipe: Recipe, base: Pipeline, images: int) -> dict:
+    def _point(self, strategy: str, keep: float, recipe: Recipe, base: StageContext, images: int) -> dict:
         name = "unpruned" if strategy == "unpruned" else point_name(strategy, keep)
         run = self._shared_point(recipe, name)
         if self.env.main:
             print(f"[study] {name}" + (f": reused from {run.out_dir}" if run else ""), file=sys.stderr)
         if run is None:
-            run = self._run(recipe, self.out_dir / "points" / name, None if strategy == "scratch" else base)
+            from_scratch = strategy != "unpruned" and STRATEGIES[strategy].from_scratch
+            run = self._run(recipe, self.out_dir / "points" / name, None if from_scratch else base)
         return {"strategy": strategy, "keep": keep, "tag": name, "run": run, "images_seen": images}
 
     def points(self) -> list[dict]:
@@ -116,9 +114,9 @@ class Study:
         base_images, ft_images = pruned_images(r, self.data)
         points = [self._point("unpruned", 1.0, unpruned_recipe(r), base, base_images)]
         for strategy in cfg.strategies:
-            keeps = (cfg.scratch_keep_macs or cfg.keep_macs) if strategy == "scratch" else cfg.keep_macs
-            for keep in keeps:
-                if strategy == "scratch":
+            from_scratch = STRATEGIES[strategy].from_scratch
+            for keep in (cfg.scratch_keep_macs or cfg.keep_macs) if from_scratch else cfg.keep_macs:
+                if from_scratch:
                     widths = scratch_widths(r, keep, self.data.num_classes, self.example.cpu(), self.unit)
                     teacher = base.dir.path("reparam").resolve() if cfg.scratch_distill else None
                     precipe = scratch_recipe(r, widths, self.data, teacher)
@@ -145,9 +143,9 @@ class Study:
             if cached.get("key") == key:
                 return cached
         main_batch = cfg.main_batch or cfg.batch_sizes[0]
-        result = self._timed("bench", lambda: benchmark(
-            files, cfg.model_copy(update={"main_batch": main_batch, "providers": ["cpu"]}),
-            cfg.image_size or self.data.cfg.image_size), fresh=True)
+        options = dataclasses.replace(bench_options(cfg), main_batch=main_batch, runtimes=("cpu",))
+        result = self._timed("bench", lambda: benchmark(files, options, cfg.image_size or self.data.cfg.image_size),
+                             fresh=True)
         result["key"] = key
         write_json(cache, result)
         return result

@@ -1,0 +1,72 @@
+"""Stage `bench`: the latency of every exported file on every runtime asked for (and PyTorch eager for the FP32
+models), alternated over rounds; INT8 speed-ups over each file's FP32 twin; the latency target's prediction beside
+its measurement."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..bench import BenchOptions, benchmark
+from ..context import StageContext
+from ..figures import accuracy_latency_figure, log_bench
+from ..recipe import BenchCfg
+from ..rundir import PipelineError
+from .export import onnx_sources
+
+
+def bench_options(cfg: BenchCfg) -> BenchOptions:
+    """The benchmark's options from the recipe's `bench` section."""
+    return BenchOptions(batch_sizes=tuple(cfg.batch_sizes), main_batch=cfg.main_batch, threads=cfg.threads,
+                        warmup=cfg.warmup, iters=cfg.iters, rounds=cfg.rounds,
+                        runtimes=tuple(cfg.providers) if cfg.providers is not None else None)
+
+
+def int8_speedups(results: list[dict], batch: int) -> dict:
+    """FP32/INT8 latency of each quantized artifact against its own FP32 twin: the median of per-round ratios
+    (both were timed in the same rounds, so machine drift cancels)."""
+    rounds = {(r["artifact"], r["provider"]): r["round_medians_ms"] for r in results if r["batch"] == batch}
+    speedups = {}
+    for (name, provider), int8 in rounds.items():
+        fp32 = rounds.get((name.replace("_int8", "_fp32"), provider))
+        if name.endswith("_int8") and fp32:
+            ratios = sorted(f / i for f, i in zip(fp32, int8))
+            speedups[f"{name}@{provider}"] = ratios[len(ratios) // 2]
+    return speedups
+
+
+def _latency_check(c: StageContext, results: list[dict]) -> dict | None:
+    """The prune stage's latency prediction beside the bench's measurement of the same file, runtime and batch
+    (the pruned model in the table's precision), when the run pruned to a latency target and bench timed it."""
+    prune = c.summary["stages"].get("prune", {}).get("latency")
+    if not prune:
+        return None
+    cfg = c.recipe.prune.latency
+    artifact = f"pruned_{cfg.precision}"
+    measured = next((r["median_ms"] for r in results
+                     if (r["artifact"], r["provider"], r["batch"]) == (artifact, cfg.provider, cfg.batch)), None)
+    return {"artifact": artifact, "provider": cfg.provider, "batch": cfg.batch, "budget_ms": prune["budget_ms"],
+            "predicted_ms": prune["predicted_ms"], "measured_ms": measured}
+
+
+def run(c: StageContext) -> dict:
+    cfg = c.recipe.bench
+    artifacts = c.summary["stages"].get("export", {}).get("artifacts")
+    if not c.dir.active("export") or not artifacts:
+        raise PipelineError("bench needs the export stage's ONNX files: run export first")
+    paths = {name: Path(a["path"]) for name, a in artifacts.items()}
+    reference = "plain_fp32" if "plain_fp32" in paths else None  # ratios: speed-up over the unpruned plain model
+    # PyTorch eager beside ONNX Runtime: the FP32 models (the INT8 one only exists as fake-quant in PyTorch)
+    eager = {name: c.load(stage) for name, stage in onnx_sources(c).items() if name.endswith("fp32") and name in paths}
+    result = benchmark(paths, bench_options(cfg), cfg.image_size or c.data.cfg.image_size, torch_models=eager,
+                       reference=reference, torch_device=c.device)
+    main_batch = cfg.main_batch or cfg.batch_sizes[0]
+    result["int8_speedup"] = int8_speedups(result["results"], main_batch)
+    predicted = _latency_check(c, result["results"])
+    if predicted:
+        result["prune_latency"] = predicted
+    points = [{"name": r["artifact"], "latency_ms": r["median_ms"], "top1": artifacts[r["artifact"]]["top1"]}
+              for r in result["results"]
+              if r["batch"] == main_batch and r["provider"] == "cpu" and r["artifact"] in artifacts]
+    if c.writer is not None and points:
+        log_bench(c.writer, points, result["results"], main_batch, list(paths), accuracy_latency_figure(points))
+    return {**result, "curve": points}

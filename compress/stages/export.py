@@ -1,0 +1,72 @@
+"""Stage `export`: every model the run made as an ONNX file, each evaluated on the file by ONNX Runtime; FP32 files
+checked against PyTorch, INT8 files stored as QDQ graphs with INT8 weights."""
+
+from __future__ import annotations
+
+import torch_pruning as tp
+from torch import nn
+
+from ..context import StageContext
+from ..export import check_parity, evaluate_onnx, export_onnx
+from ..files import write_predictions
+from ..rundir import PipelineError
+from .quantize import ptq
+
+
+def onnx_sources(c: StageContext) -> dict[str, str]:
+    """artifact name -> the stage whose model it exports: every model the recipe makes, as `export.artifacts`
+    asks. A run that prunes and quantizes also exports the unpruned plain model in INT8 (PTQ at export), the
+    reference of INT8 speed-ups."""
+    pruned = c.dir.source("finetune") in ("prune", "finetune")
+    sources = {
+        "train_fp32": "train",
+        "plain_fp32": "reparam",
+        "plain_int8": ("reparam" if c.dir.active("quantize") else None) if pruned else "quantize",
+        "pruned_fp32": c.dir.source("finetune") if pruned else None,
+        "pruned_int8": "quantize" if pruned else None,
+    }
+    wanted = c.recipe.export.artifacts
+    return {name: s for name, s in sources.items()
+            if s is not None and c.dir.active(s) and (wanted is None or name in wanted)}
+
+
+def _float_source(c: StageContext, name: str) -> str:
+    """The stage of the float model an artifact is (or was quantized from)."""
+    return {"train": "train", "plain": "reparam", "pruned": c.dir.source("finetune")}[name.split("_")[0]]
+
+
+def _macs_params(c: StageContext, name: str, model: nn.Module, done: dict) -> dict:
+    """MACs and parameters of an exported model: counted on the float model (an INT8 file has its FP32 twin's)."""
+    twin = done.get(name.replace("_int8", "_fp32"))
+    if name.endswith("_int8") and twin is not None:
+        return {"macs": twin["macs"], "params": twin["params"]}
+    float_model = c.load(_float_source(c, name)) if name.endswith("_int8") else model
+    macs, params = tp.utils.count_ops_and_params(float_model.cpu().eval(), c.data.example_input())
+    return {"macs": macs, "params": params}
+
+
+def run(c: StageContext) -> dict:
+    example = c.data.example_input()
+    test_images = c.data.test_loader(limit=c.recipe.export.eval_subset)
+    provenance = {"repvgg_compress.artifact_key": c.dir.artifact_key("export"), "repvgg_compress.recipe": c.recipe.name}
+    artifacts = {}
+    for name, stage in onnx_sources(c).items():
+        model = c.load(stage).cpu().eval()
+        int8 = name.endswith("int8")
+        if int8 and stage != "quantize":
+            model = ptq(c, model, c.recipe.quantize)
+        path = export_onnx(model, c.dir.path("export") / f"{name}.onnx", example, opset=c.recipe.export.opset,
+                           int8=int8, metadata=provenance)
+        entry = {"path": str(path), "size_bytes": path.stat().st_size, **_macs_params(c, name, model, artifacts)}
+        # one pass over the test set: ONNX top-1, and for FP32 files the parity with PyTorch
+        result = evaluate_onnx(path, test_images, reference=None if int8 else model)
+        entry.update({k: v for k, v in result.items() if k in ("top1", "top5", "n", "max_abs_diff", "max_abs_logit")})
+        # per-image predictions: paired comparisons between files resample the same test images
+        entry["predictions"] = str(path.with_suffix(".predictions.npz"))
+        write_predictions(entry["predictions"], result["predictions"], result["labels"])
+        if not int8:
+            check_parity(path, result)
+        artifacts[name] = entry
+    if not artifacts:
+        raise PipelineError("export found no model to export: run train or reparam first")
+    return {"artifacts": artifacts}

@@ -1,0 +1,84 @@
+"""Stage `prune`: the plain model (or, for `prune.mode: multibranch`, the training-time one) pruned to the recipe's
+target. The recipe's `prune` section becomes the pruner's own typed options here, and only here."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from repvgg import PlainRepVGG, RepVGG
+
+from ..context import StageContext
+from ..figures import log_prune
+from ..prune import LatencyOptions, PruneOptions, load_or_build_table, prune_model
+from ..recipe import LatencyCfg, PruneCfg
+from ..rundir import PipelineError
+from ..train import evaluate
+from .finetune import finetune_model
+
+
+def latency_options(cfg: LatencyCfg) -> LatencyOptions:
+    """The latency table's options from the recipe's `prune.latency` section."""
+    return LatencyOptions(provider=cfg.provider, threads=cfg.threads, batch=cfg.batch, precision=cfg.precision,
+                          grid_points=cfg.grid_points, rounds=cfg.rounds, cache_dir=cfg.cache_dir)
+
+
+def prune_options(cfg: PruneCfg) -> PruneOptions:
+    """The pruner's options from the recipe's `prune` section (its target: the one `PruneCfg.target` says)."""
+    return PruneOptions(target=cfg.target, mode=cfg.mode, importance=cfg.importance, scope=cfg.scope,
+                        max_layer_ratio=cfg.max_layer_ratio, min_width=cfg.min_width, isomorphic=cfg.isomorphic,
+                        round_to=cfg.round_to, steps=cfg.steps, prune_first_layer=cfg.prune_first_layer,
+                        gradient_batches=cfg.gradient_batches, latency=latency_options(cfg.latency))
+
+
+def _expect(model, cls, stage: str, mode: str):
+    if not isinstance(model, cls):
+        raise PipelineError(f"prune.mode={mode} needs a {cls.__name__} from stage '{stage}', got {type(model).__name__}")
+    return model
+
+
+def _same_on_every_rank(widths: list[int]) -> None:
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, widths)
+    if any(w != gathered[0] for w in gathered):
+        raise PipelineError(f"DDP ranks pruned to different widths ({gathered[0]} on rank 0): importance must be "
+                            f"deterministic across ranks")
+
+
+def run(c: StageContext) -> dict | None:
+    """Rank 0 alone, or with `prune.steps` > 1 every DDP rank: the fine-tunes between steps train under DDP, so
+    every rank prunes the same model the same way (fixed batches, same seed) and checks it did."""
+    cfg = c.recipe.prune
+    options = prune_options(cfg)
+    if cfg.mode == "plain":
+        model = _expect(c.load("reparam"), PlainRepVGG, "reparam", cfg.mode)
+    else:
+        model = _expect(c.load("train"), RepVGG, "train", cfg.mode)
+    model.to(c.device)
+    every_rank = c.env.world_size > 1 and c.dir.trains("prune")
+
+    def finetune_between_steps(m, step: int) -> None:
+        step_cfg = c.recipe.finetune.model_copy(update={"epochs": cfg.steps_finetune_epochs, "distill": None})
+        finetune_model(c, m, step_cfg, tag=f"prune_step{step}", key=f"{c.dir.artifact_key('prune')}:{step}")
+
+    example = c.data.example_input().to(c.device)
+    table = None
+    if options.target.latency:  # rank 0 measures the table (or reads it from the cache), other pruning ranks wait
+        table = load_or_build_table(
+            model, options.latency, example.shape[-1], cfg.round_to, rank=c.env.rank,
+            wait=(lambda: torch.distributed.barrier(group=c.env.wait_group)) if every_rank else None,
+            log=(lambda line: print(f"[prune] {line}", file=sys.stderr)) if c.env.main else None)
+    # fixed, unaugmented batches for taylor/hessian: the same importance whenever (and wherever) it is run
+    batches = c.data.calibration_loader(cfg.gradient_batches * c.data.cfg.batch_size)
+    report = prune_model(model, options, example, batches=batches, between_steps=finetune_between_steps,
+                         latency_table=table)
+    if every_rank:
+        _same_on_every_rank(report["widths_after"])
+    if not c.env.main:
+        return None
+    metrics = evaluate(model, c.data.test_loader(), c.device)
+    if c.writer is not None:
+        log_prune(c.writer, report, metrics["top1"])
+    c.save("prune", model)
+    return {**report, "top1": metrics["top1"], "top5": metrics["top5"]}

@@ -1,0 +1,43 @@
+"""The study's strategies, one record each: how a strategy's points differ from the recipe. Adding a strategy is
+one entry in `STRATEGIES` (the recipe's `study.strategies` accepts exactly these names).
+
+Every pruning strategy prunes the shared base to `keep` of its cost; `target` says which cost (`prune.keep_macs`
+or `prune.keep_latency`), `prune` sets other prune keys, `structure` how a pruned plain model fine-tunes (None: the
+recipe's, except that only a strategy that asks for `rebranch` gets it). A `from_scratch` strategy prunes nothing:
+it trains a model of the same cost from random init, and its curve does not end at the unpruned model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One study strategy."""
+
+    description: str
+    colour: str  # its curve's colour in pareto.png
+    target: str = "keep_macs"  # the prune target `keep` sets
+    prune: dict = field(default_factory=dict)  # other prune-section values
+    structure: str | None = None  # finetune.structure of its points (None: the recipe's, rebranch -> bn)
+    from_scratch: bool = False
+
+
+# plain-latency points: fractions of the FP32 latency at batch 8, so they sit at latencies comparable to the others'
+LATENCY_POINTS = {"precision": "fp32", "batch": 8}
+
+STRATEGIES: dict[str, Strategy] = {
+    "plain": Strategy("re-parameterize, then prune each layer by global importance ranking", "#1f77b4"),
+    "plain-uniform": Strategy("the same, one ratio for every layer", "#2ca02c", prune={"scope": "local"}),
+    "plain-latency": Strategy("plain, to the same fraction of the plain model's measured FP32 latency (batch 8) "
+                              "instead of its MACs", "#ff7f0e", target="keep_latency",
+                              prune={"latency": LATENCY_POINTS}),
+    "plain-rebranch": Strategy("plain, fine-tuned as re-branched RepVGG blocks, folded back", "#17becf",
+                               structure="rebranch"),
+    "multibranch": Strategy("prune the coupled training-time model, then re-parameterize", "#d62728",
+                            prune={"mode": "multibranch"}, structure="plain"),
+    "scratch": Strategy("per-stage widths searched to the same MACs, trained from random init on at least as many "
+                        "images as base + fine-tune, distilled from the same teacher", "#9467bd", from_scratch=True),
+}
+UNPRUNED_COLOUR = "#000000"
