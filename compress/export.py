@@ -1,5 +1,4 @@
-"""ONNX export, and the exported file's evaluation on a runtime of `compress.runtime` (ONNX Runtime's CPU provider
-by default).
+"""ONNX export: a model as an ONNX file of the contract `compress.runtime` runs (`compress.evaluation` runs it).
 
 FP32 models are exported as they are. An NNCF-quantized model is first stripped to PyTorch-native fake-quantize
 modules (`nncf.strip(..., strip_format=StripFormat.NATIVE)`), which the TorchScript exporter writes as
@@ -13,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -22,16 +20,9 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from compress.batches import split_batch
-from compress.errors import UserError
 from compress.files import atomic_path
-from compress.precision import full_fp32_precision, within_tolerance
 from compress.quant import is_quantized, quiet_third_party_notices
-from compress.runtime import INPUT_NAME, MIN_OPSET, OUTPUT_NAME, Session, open_onnx
-
-
-class ParityError(UserError, RuntimeError):
-    """An FP32 ONNX file whose logits differ from its PyTorch model's: said in one line."""
+from compress.runtime import INPUT_NAME, MIN_OPSET, OUTPUT_NAME
 
 
 def _check_widths(model: nn.Module) -> None:
@@ -157,98 +148,3 @@ def op_counts(path: str | Path) -> dict[str, int]:
     for node in onnx.load(str(path)).graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return counts
-
-
-def _batches(loader_or_batch) -> Iterable[tuple[torch.Tensor, torch.Tensor | None]]:
-    """(images, labels-or-None) pairs from an image tensor, one (images, labels) tuple, or an iterable of either."""
-    if isinstance(loader_or_batch, torch.Tensor):
-        yield loader_or_batch, None
-        return
-    if _is_labelled_batch(loader_or_batch):
-        yield loader_or_batch[0], loader_or_batch[1]
-        return
-    yield from map(split_batch, loader_or_batch)
-
-
-def _is_labelled_batch(obj) -> bool:
-    return (
-        isinstance(obj, (list, tuple))
-        and len(obj) == 2
-        and all(isinstance(t, torch.Tensor) for t in obj)
-        and obj[0].dim() == 4
-        and obj[1].dim() == 1
-    )
-
-
-def _logits(session: Session, images: torch.Tensor) -> np.ndarray:
-    return session.logits(images.detach().cpu().float().numpy())
-
-
-def _torch_logits(model: nn.Module, images: torch.Tensor) -> np.ndarray:
-    """The reference logits for a parity check: full FP32 precision, never oneDNN's BF16."""
-    with torch.no_grad(), full_fp32_precision():
-        return model(images.cpu().float()).numpy()
-
-
-def evaluate_onnx(
-    path: str | Path, loader, runtime: str = "cpu", threads: int | None = None, reference: nn.Module | None = None
-) -> dict:
-    """Top-1/top-5 accuracy (percent) of an ONNX classifier over `loader`'s (images, labels) batches, run on
-    `runtime` (a name in compress.runtime.RUNTIMES that runs ONNX files), with the per-image predicted classes and
-    the logits. With a `reference` PyTorch model, the same pass also measures `max_abs_diff`, the largest |ONNX
-    logit - PyTorch logit|, and `max_abs_logit`, the largest |PyTorch logit| (reference run in eval mode on CPU, a
-    copy): what `check_parity` judges."""
-    session = open_onnx(path, runtime, threads)
-    reference = copy.deepcopy(reference).to("cpu").eval() if reference is not None else None
-    logits, labels = [], []
-    worst = scale = np.float32(0)  # np.maximum, not max(): a NaN logit must surface, not be skipped
-    for images, target in _batches(loader):
-        if target is None:
-            raise ValueError("evaluate_onnx: the loader must yield (images, labels)")
-        logits.append(_logits(session, images))
-        labels.append(target.detach().cpu().numpy())
-        if reference is not None:
-            expected = _torch_logits(reference, images)
-            worst = np.maximum(worst, np.abs(logits[-1] - expected).max())
-            scale = np.maximum(scale, np.abs(expected).max())
-    del session
-    out = np.concatenate(logits)
-    y = np.concatenate(labels)
-    k = min(5, out.shape[1])
-    topk = np.argsort(-out, axis=1)[:, :k]
-    result = {
-        "top1": float((topk[:, 0] == y).mean() * 100),
-        "top5": float((topk == y[:, None]).any(axis=1).mean() * 100),
-        "n": int(y.shape[0]),
-        "predictions": topk[:, 0],
-        "labels": y,
-        "logits": out,
-    }
-    if reference is not None:
-        result.update(max_abs_diff=float(worst), max_abs_logit=float(scale))
-    return result
-
-
-def check_parity(path: str | Path, result: dict, tolerance: float = 1e-4) -> None:
-    """Raise ParityError unless `result`, from `evaluate_onnx(path, ..., reference=model)`, has the ONNX logits
-    within `tolerance` of PyTorch's, relative to the largest |logit| (absolute below 1), as the re-param check."""
-    if "max_abs_diff" not in result:
-        raise ValueError("check_parity needs the result of evaluate_onnx(..., reference=model)")
-    diff, scale = result["max_abs_diff"], result["max_abs_logit"]
-    if not within_tolerance(diff, scale, tolerance):
-        raise ParityError(
-            f"ONNX {path} differs from PyTorch by {diff:.3g} at max |logit| {scale:.3g} "
-            f"(allowed: {tolerance:g} x max(|logit|, 1))"
-        )
-
-
-def max_abs_logit_diff(path: str | Path, model: nn.Module, loader_or_batch, runtime: str = "cpu") -> float:
-    """Largest |ONNX logit - PyTorch logit| over a batch or a loader, the ONNX file run on `runtime`, `model` in
-    eval mode on CPU (a copy)."""
-    session = open_onnx(path, runtime)
-    model = copy.deepcopy(model).to("cpu").eval()
-    worst = np.float32(0)
-    for images, _ in _batches(loader_or_batch):
-        worst = np.maximum(worst, np.abs(_logits(session, images) - _torch_logits(model, images)).max())
-    del session
-    return float(worst)

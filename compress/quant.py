@@ -34,6 +34,7 @@ from compress.files import CheckpointError, build_model, load_checkpoint, torch_
 
 FORMAT = "repvgg-compress-int8/1"
 OVERFLOW_FIX = ("enable", "first_layer_only", "disable")
+ACTIVATION_RANGES = ("mean_minmax", "minmax", "mean_quantile", "histogram")  # NNCF's RangeEstimatorParametersSet
 KERNELS_ENV = "REPVGG_QUANT_KERNELS"  # "reference" (default) or "native" (NNCF's compiled extension)
 # NNCF gives up after 60 s waiting for its extension to compile, too short on a small machine.
 _EXTENSION_TIMEOUT_ENV = "NNCF_EXTENSION_LOAD_TIMEOUT"
@@ -144,6 +145,8 @@ def quantize_model(
     train_fn: Callable[[nn.Module], nn.Module | None] | None = None,
     fp32_first_last: bool = False,
     overflow_fix: str = "enable",
+    batchwise_statistics: bool = True,
+    activation_ranges: str = "mean_minmax",
 ) -> nn.Module:
     """INT8 fake-quantized copy of `model` (left untouched), calibrated on the first `calibration_size` images of
     `calibration_loader` (PTQ); with `train_fn`, then trained by `train_fn(qmodel)` (QAT; it may return the model
@@ -153,6 +156,11 @@ def quantize_model(
     8-bit range ([-64, 64]) so that x86 CPUs without VNNI (AVX2, plain AVX-512) cannot saturate the int16 intermediate sums
     of ONNX Runtime's u8s8 kernels; with "first_layer_only" (NNCF's default) or "disable", ORT on such a CPU
     gives logits up to ~0.6 off the fake-quant model's (measured on an AVX2 EPYC), flipping predictions.
+
+    Activation ranges are per tensor, estimated over the calibration images as `activation_ranges` says (one of
+    ACTIVATION_RANGES: NNCF's default, the mean over samples of each one's min and max; the global min and max; the
+    mean of each sample's outlier quantiles; or histogram-optimal), a sample being a calibration batch with
+    `batchwise_statistics`, else one image.
     """
     import nncf
     from nncf.common.quantization.structs import QuantizationScheme
@@ -161,9 +169,13 @@ def quantize_model(
         OverflowFix,
         QuantizationParameters,
     )
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
     if overflow_fix not in OVERFLOW_FIX:
         raise ValueError(f"quantize: overflow_fix must be one of {', '.join(OVERFLOW_FIX)}, got {overflow_fix!r}")
+    if activation_ranges not in ACTIVATION_RANGES:
+        raise ValueError(f"quantize: activation_ranges must be one of {', '.join(ACTIVATION_RANGES)}, got "
+                         f"{activation_ranges!r}")
     _prepare_kernels()
     device = _model_device(model)
     model = copy.deepcopy(model).eval()
@@ -174,8 +186,9 @@ def quantize_model(
         ignored = nncf.IgnoredScope(names=fp32_node_names(model, example_input))
     advanced = AdvancedQuantizationParameters(
         weights_quantization_params=QuantizationParameters(mode=QuantizationScheme.SYMMETRIC, per_channel=True),
-        batchwise_statistics=True,
+        batchwise_statistics=batchwise_statistics,
         overflow_fix=OverflowFix(overflow_fix),
+        activations_range_estimator_params=getattr(RangeEstimatorParametersSet, activation_ranges.upper()),
     )
     qmodel = nncf.quantize(
         model,

@@ -67,6 +67,18 @@ def stage_table(stages: dict) -> list[str]:
     return rows
 
 
+def int8_parity_table(artifacts: dict) -> list[str]:
+    """Markdown rows: each INT8 file against its fake-quant model in PyTorch, on the same test images, per runtime."""
+    rows = ["| artifact | runtime | images | fake-quant top-1 % (PyTorch) | top-1 % (file) | same class % | "
+            "max abs logit diff | mean | logit range |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, a in artifacts.items():
+        for runtime, p in a.get("int8_parity", {}).items():
+            rows.append(f"| {name} | {_label(runtime)} | {p['n']} | {_fmt(p.get('torch_top1'), '.2f')} | "
+                        f"{_fmt(p.get('onnx_top1'), '.2f')} | {100 * p['agreement']:.1f} | {p['max_abs_diff']:.3g} | "
+                        f"{p['mean_abs_diff']:.3g} | {p['logit_range']:.3g} |")
+    return rows if len(rows) > 2 else []
+
+
 def run_report(recipe: Recipe, summary: dict, out_dir: Path) -> str:
     """The report of a finished run, as markdown; also written to `out_dir/report.md`."""
     stages = summary["stages"]
@@ -78,7 +90,14 @@ def run_report(recipe: Recipe, summary: dict, out_dir: Path) -> str:
                   + (f"; latency: median at batch {bench['main_batch']}, {bench['machine'].get('cpu')}"
                      f", threads {bench['machine'].get('threads') or 'all'})" if bench else ")"), "",
                   *artifact_table(artifacts, bench), ""]
+        parity = int8_parity_table(artifacts)
+        if parity:
+            lines += ["INT8 parity (each INT8 file and its fake-quant model on the same test images):", "", *parity, ""]
     lines += ["Stages (top-1 in PyTorch on the test set):", "", *stage_table(stages), ""]
+    quantize = stages.get("quantize")
+    if quantize and "target_device" in quantize:
+        ptq = f"; PTQ top-1 {quantize['ptq_top1']:.2f}% before QAT" if quantize["mode"] == "qat" else ""
+        lines += [f"INT8 for {quantize['target_device']} (overflow fix: {quantize['overflow_fix']}){ptq}", ""]
     finetune = stages.get("finetune")
     if finetune and "structure" in finetune:
         folded = (f"; folded back exactly (max abs logit diff {finetune['max_abs_diff']:.2g})"

@@ -26,6 +26,7 @@ def _image_folder(root, size=72, classes=2, per_class=8):
     return root
 
 
+@pytest.mark.slow
 def test_b1_prune50_recipe_end_to_end_from_a_timm_checkpoint(tmp_path):
     torch.manual_seed(0)
     checkpoint = tmp_path / "repvgg_b1.pth"

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
 
 # Runs the CLI with the reparam stage slowed on purpose: rank 0 runs it alone while rank 1 waits.
@@ -32,6 +33,7 @@ def torchrun(script: str, *args: str, timeout: float = 300) -> subprocess.Comple
                            script, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_ranks_wait_for_a_slow_rank0_stage_past_the_training_timeout(tiny_recipe, tmp_path):
     script = tmp_path / "slow.py"
     script.write_text(SLOW_REPARAM.format(root=str(ROOT), seconds=20))
@@ -45,6 +47,7 @@ def test_ranks_wait_for_a_slow_rank0_stage_past_the_training_timeout(tiny_recipe
     assert proc.returncode != 0
 
 
+@pytest.mark.slow
 def test_two_process_study(tiny_recipe, tmp_path):
     recipe = str(tiny_recipe(
         train={"epochs": 1, "lr": 0.05},

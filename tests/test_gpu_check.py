@@ -33,6 +33,7 @@ def check_lines(lines: list[str]) -> dict[str, str]:
     return {line[1]: line.split(": ", 1)[1] for line in lines if line[:1] == "("}
 
 
+@pytest.mark.slow
 def test_rehearsal_runs_every_check_without_nncf(tmp_path):
     rc, lines = run_script(tmp_path, *SHORT, GPU_CHECK_DEVICE="cpu", GPU_CHECK_HIDE="nncf")
     checks = check_lines(lines)

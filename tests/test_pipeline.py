@@ -61,6 +61,7 @@ def _wait_for_epoch(path, epoch, proc, limit=120):
     raise AssertionError("no checkpoint appeared")
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_resumes_with_identical_weights(tiny_recipe, tmp_path):
     recipe = str(tiny_recipe(stages=["train"], train={"epochs": 4, "lr": 0.05}))
     full, killed = tmp_path / "full", tmp_path / "killed"
@@ -79,6 +80,7 @@ def test_sigkill_then_rerun_resumes_with_identical_weights(tiny_recipe, tmp_path
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_gloo(tiny_recipe, tmp_path):
     out = tmp_path / "ddp"
     # QAT trains under DDP too: every rank calibrates NNCF's quantizers on the same images, then trains; so does
@@ -142,6 +144,7 @@ def test_missing_recipe_file_is_one_line(capsys, tmp_path):
     assert "nope.yaml" in one_line_error(capsys, ["--recipe", str(tmp_path / "nope.yaml")])
 
 
+@pytest.mark.slow
 def test_every_stage_fills_summary_and_tensorboard(tiny_recipe, tmp_path, capsys):
     out = tmp_path / "full"
     recipe = tiny_recipe(
@@ -205,3 +208,20 @@ def test_iterative_pruning_fine_tunes_between_steps(tiny_recipe, tmp_path):
     assert step["epoch"] == 0 and any(".bn.running_var" in k for k in step["model"])  # trained with temporary BN
     pruned = load_model(out / "pruned.pt")  # strict rebuild: the BN was folded away before saving
     assert pruned.widths() == prune["widths_after"]
+
+
+@pytest.mark.slow
+def test_digits_qat_int8_stays_within_2_points_of_fp32_and_passes_its_parity_check(tiny_recipe, tmp_path, capsys):
+    out = tmp_path / "qat"
+    recipe = tiny_recipe(stages=["train", "reparam", "quantize", "export"], train={"epochs": 3, "lr": 0.05},
+                         quantize={"mode": "qat", "epochs": 1, "lr": 1e-4, "calibration_size": 256})
+    assert main(["--recipe", str(recipe), "--out", str(out)]) == 0
+    stages = json.loads((out / "summary.json").read_text())["stages"]
+    fp32, int8 = stages["export"]["artifacts"]["plain_fp32"], stages["export"]["artifacts"]["plain_int8"]
+    assert fp32["top1"] > 70 and abs(int8["top1"] - fp32["top1"]) <= 2.0, (fp32["top1"], int8["top1"])
+    assert stages["quantize"]["target_device"] in ("cpu-vnni", "cpu-avx2") and "ptq_top1" in stages["quantize"]
+    parity = int8["int8_parity"]["cpu"]
+    assert parity["agreement"] >= 0.99 and parity["n"] == min(512, int8["n"])
+    assert int8["target_device"] == stages["quantize"]["target_device"]
+    report = (out / "report.md").read_text()
+    assert "INT8 parity" in report and f"INT8 for {int8['target_device']}" in report

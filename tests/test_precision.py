@@ -8,7 +8,8 @@ import torch
 
 from compress.data import build_data
 from compress.env import Env
-from compress.export import ParityError, check_parity, evaluate_onnx, export_onnx
+from compress.evaluation import ParityError, check_parity, evaluate_onnx
+from compress.export import export_onnx
 from compress.precision import full_fp32_precision
 from compress.recipe import DataCfg
 from compress.reparam import reparam_stage

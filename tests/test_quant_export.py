@@ -10,12 +10,8 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, TensorDataset
 
-from compress.export import (
-    evaluate_onnx,
-    export_onnx,
-    max_abs_logit_diff,
-    op_counts,
-)
+from compress.evaluation import ParityError, check_int8_parity, compare_with_model, evaluate_onnx
+from compress.export import export_onnx, op_counts
 from compress.files import CheckpointError, model_record, save_model
 from compress.quant import is_quantized, load_quantized, quantize_model, save_quantized, use_reference_kernels
 from compress.runtime import open_onnx
@@ -124,7 +120,7 @@ def test_fp32_export_parity_and_eval(fp32, loaders, example, tmp_path):
     assert [i.name for i in model.graph.input] == ["input"] and [o.name for o in model.graph.output] == ["logits"]
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic batch axis
     assert not list(tmp_path.glob(".*.tmp"))  # written through a temp file
-    assert max_abs_logit_diff(path, fp32, test) <= 1e-4
+    assert compare_with_model(path, fp32, test)["max_abs_diff"] <= 1e-4
     session = open_onnx(path, "cpu", threads=1)
     for b in (1, 7):  # dynamic batch
         assert session.logits(torch.randn(b, 3, 32, 32).numpy()).shape == (b, 10)
@@ -229,3 +225,74 @@ def test_export_errors(fp32, example, tmp_path):
     with pytest.raises(ValueError, match=r"^cannot export: layer 'layers.2.conv' has zero width \(16->0 channels\)$"):
         export_onnx(narrow, tmp_path / "zero.onnx", example)
     assert not (tmp_path / "zero.onnx").exists()
+
+
+def test_int8_parity_passes_and_a_perturbed_weight_scale_fails_in_one_line(qat, loaders, example, tmp_path):
+    qmodel, _ = qat
+    _, test = loaders
+    path = export_onnx(qmodel, tmp_path / "qat.onnx", example, int8=True)
+    result = compare_with_model(path, qmodel, test)
+    assert result["agreement"] >= 0.99 and result["n"] == len(test.dataset)
+    assert result["max_abs_diff"] < 0.05 * result["logit_range"] and result["mean_abs_diff"] <= result["max_abs_diff"]
+    assert abs(result["onnx_top1"] - result["torch_top1"]) <= 1.0
+    check_int8_parity(path, result, 0.99)  # passes: nothing raised
+
+    # the same file with one conv's weight scales shrunk: its INT8 weights now dequantize to a tenth
+    model = onnx.load(str(path))
+    producer = {out: node for node in model.graph.node for out in node.output}
+    conv = [n for n in model.graph.node if n.op_type == "Conv"][1]
+    scale_name = producer[conv.input[1]].input[1]
+    scale = next(i for i in model.graph.initializer if i.name == scale_name)
+    scale.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(scale) * 0.1, scale_name))
+    broken = tmp_path / "perturbed.onnx"
+    onnx.save(model, str(broken))
+    bad = compare_with_model(broken, qmodel, test)
+    assert bad["agreement"] < 0.99
+    with pytest.raises(ParityError) as err:
+        check_int8_parity(broken, bad, 0.99)
+    line = str(err.value)
+    assert "\n" not in line and str(broken) in line and "ORT CPU" in line and "CPU " in line
+    assert f"{100 * bad['agreement']:.1f}% of {bad['n']} images" in line
+
+
+def test_target_device_resolves_the_overflow_fix_from_the_cpu_flags(monkeypatch):
+    from compress import deploy
+    from compress.recipe import validate_recipe
+
+    raw = {"name": "r", "model": {"name": "RepVGG-A0"}}
+    for flags, target, fix in ((["avx2", "avx512f", "avx512_vnni"], "cpu-vnni", "disable"),
+                               (["avx2", "avx_vnni"], "cpu-vnni", "disable"),
+                               (["avx2", "amx_int8"], "cpu-vnni", "disable"),
+                               (["avx2", "avx512f"], "cpu-avx2", "enable"),
+                               (["avx2"], "cpu-avx2", "enable")):
+        monkeypatch.setattr(deploy, "cpu_flags", lambda flags=flags: flags)
+        quantize = validate_recipe(raw).resolved("cpu").quantize
+        assert (quantize.target_device, quantize.overflow_fix) == (target, fix), flags
+        assert validate_recipe(raw).resolved("cuda").quantize.target_device == "gpu"
+    # an explicit target or fix is kept; the fix follows an explicit target
+    explicit = validate_recipe({**raw, "quantize": {"target_device": "cpu-vnni"}}).resolved("cpu").quantize
+    assert (explicit.target_device, explicit.overflow_fix) == ("cpu-vnni", "disable")
+    kept = validate_recipe({**raw, "quantize": {"overflow_fix": "first_layer_only"}}).resolved("cpu").quantize
+    assert kept.overflow_fix == "first_layer_only"
+
+
+def test_a_file_for_vnni_warns_on_a_cpu_without_it(ptq, example, tmp_path):
+    from compress.deploy import METADATA_KEY, file_target, isa_warning
+
+    path = export_onnx(ptq, tmp_path / "vnni.onnx", example, int8=True, metadata={METADATA_KEY: "cpu-vnni"})
+    assert file_target(path) == "cpu-vnni"
+    warning = isa_warning(path, flags=["avx2", "avx512f"])
+    assert warning.startswith(f"warning: {path} was quantized for cpu-vnni") and "cpu-avx2" in warning
+    assert isa_warning(path, flags=["avx2", "avx512_vnni"]) is None
+    plain = export_onnx(ptq, tmp_path / "avx2.onnx", example, int8=True, metadata={METADATA_KEY: "cpu-avx2"})
+    assert isa_warning(plain, flags=["avx2"]) is None
+
+
+@pytest.mark.parametrize("ranges,batchwise", [("histogram", True), ("minmax", False)])
+def test_activation_range_settings_calibrate_a_working_int8_model(fp32, loaders, example, ranges, batchwise):
+    _, test = loaders
+    qmodel = quantize_model(fp32, loaders[0], example, calibration_size=128, activation_ranges=ranges,
+                            batchwise_statistics=batchwise)
+    assert is_quantized(qmodel) and accuracy(qmodel, test) >= accuracy(fp32, test) - 3
+    with pytest.raises(ValueError, match="activation_ranges must be one of"):
+        quantize_model(fp32, loaders[0], example, calibration_size=16, activation_ranges="percentile")

@@ -202,6 +202,7 @@ def test_rebranch_with_a_multibranch_prune_is_one_line(tiny_recipe, capsys):
     assert "prune.mode: multibranch" in one_line_error(capsys, ["--recipe", str(recipe)])
 
 
+@pytest.mark.slow
 def test_rebranch_fine_tune_resumes_after_a_kill_with_identical_weights(tiny_recipe, tmp_path):
     recipe = str(tiny_recipe(stages=["train", "reparam", "prune", "finetune"], train={"epochs": 1},
                              prune={"round_to": 4}, finetune={"epochs": 3, "lr": 0.01, "structure": "rebranch"}))

@@ -12,7 +12,8 @@ from onnx import numpy_helper
 from torch import nn
 
 from compress.bench import BenchOptions, benchmark
-from compress.export import evaluate_onnx, export_onnx, max_abs_logit_diff
+from compress.evaluation import compare_with_model, evaluate_onnx
+from compress.export import export_onnx
 from compress.prune.timing import ITERS, Timing, time_round
 from compress.report import artifact_table
 from compress.runtime import RUNTIMES, get_runtime, open_onnx
@@ -117,7 +118,7 @@ def test_export_evaluation_runs_through_a_registered_runtime(numpy_runtime, file
     assert result["top1"] == 75.0 and result["n"] == 32
     assert result["max_abs_diff"] < 1e-5 and result["max_abs_logit"] > 0
     np.testing.assert_allclose(result["logits"], evaluate_onnx(path, [(images, labels)])["logits"], atol=1e-5)
-    assert max_abs_logit_diff(path, model, images, runtime="numpy") < 1e-5
+    assert compare_with_model(path, model, images, runtime="numpy")["max_abs_diff"] < 1e-5
     assert numpy_runtime.opened == ["wide", "wide"]
 
 

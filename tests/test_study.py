@@ -49,6 +49,7 @@ def _smoke_recipe(tiny_recipe, tmp_path, **study):
     ))
 
 
+@pytest.mark.slow
 def test_digits_smoke_study_with_every_strategy_then_a_second_study_on_its_base(tiny_recipe, tmp_path, capsys):
     recipe = _smoke_recipe(tiny_recipe, tmp_path)
     out = tmp_path / "study"

@@ -44,7 +44,7 @@ import onnx
 from torch import nn
 
 from compress.files import write_json
-from compress.runtime import cpu_flags, cpu_model, get_runtime
+from compress.runtime import cpu_flags, cpu_model, get_runtime, isa_flags
 from repvgg import LayerSpec
 
 from .errors import PruneError
@@ -57,7 +57,6 @@ from .timing import Timing, above_trend, time_round
 TABLE_FORMAT = 1  # bump when the JSON changes meaning: older files are then rebuilt, not misread
 HELD_OUT_POINTS = 2  # off-grid (input, output) widths timed per layer shape
 HELD_OUT_MODELS = 2  # whole models at random widths timed
-_ISA = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")  # what the CPU kernels pick from
 
 
 def _grid(axis: list[int], points: int) -> list[int]:
@@ -100,7 +99,7 @@ def table_key(model: nn.Module, cfg: LatencyOptions, image_size: int, round_to: 
     return {
         "format": TABLE_FORMAT,
         "cpu": cpu_model(),
-        "isa": [f for f in _ISA if f in flags],
+        "isa": isa_flags(flags),
         "cpu_flags_sha256": hashlib.sha256(" ".join(flags).encode()).hexdigest()[:16],
         "logical_cores": os.cpu_count(),
         "runtime": _runtime(cfg.provider),

@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from compress.deploy import TARGET_DEVICES, overflow_fix_for, resolve_target
 from compress.keys import EVALUATION, NO_EFFECT, ROLE_WEIGHTS, role_of
 from compress.prune import IMPORTANCES, TARGET_KINDS, Target, default_round_to
 from compress.registry import STAGE_NAMES
@@ -216,8 +217,16 @@ class QuantCfg(Section):
     distill: Distill | None = None
     fp32_first_last: bool = False  # keep the first conv and the head in FP32
     train_subset: int | None = Field(None, gt=0)  # QAT on the first N training images (fixed order); None: all
-    # NNCF's overflow fix: weights on 7 bits, so INT8 kernels without VNNI (AVX2 pmaddubsw) cannot saturate
-    overflow_fix: Literal["enable", "first_layer_only", "disable"] = "enable"
+    optimizer: Literal["sgd", "adamw"] = "sgd"  # QAT's (with weight_decay 0, adamw is Adam)
+    # per-tensor activation ranges from the calibration images (`quant.quantize_model`): a sample is one
+    # calibration batch with batchwise_statistics, else one image
+    activation_ranges: Literal["mean_minmax", "minmax", "mean_quantile", "histogram"] = "mean_minmax"
+    batchwise_statistics: bool = True
+    # where the INT8 model will run (`compress.deploy`); auto: this machine, resolved at the door (`Recipe.resolved`)
+    target_device: Literal[("auto", *TARGET_DEVICES)] = "auto"
+    # NNCF's overflow fix: weights on 7 bits, so INT8 kernels without VNNI (AVX2 pmaddubsw) cannot saturate;
+    # auto: enable for cpu-avx2, disable for VNNI/AMX CPUs and GPUs (`deploy.overflow_fix_for`)
+    overflow_fix: Literal["auto", "enable", "first_layer_only", "disable"] = "auto"
 
     @property
     def trains(self) -> bool:
@@ -233,6 +242,10 @@ class ExportCfg(Section):
     artifacts: list[Literal[ARTIFACT_NAMES]] | None = None  # None: every model the run produced
     # test images each exported file is evaluated on (the first of the test set); None: all of it
     eval_subset: int | None = Field(None, gt=0, json_schema_extra=EVALUATION)
+    # INT8 parity: each INT8 file against its fake-quant model on this many test images, on every CPU runtime here;
+    # the run stops unless they predict the same class on at least `int8_agreement` of them
+    parity_images: int = Field(512, gt=0, json_schema_extra=EVALUATION)
+    int8_agreement: float = Field(0.99, gt=0, le=1, json_schema_extra=EVALUATION)
 
 
 class BenchCfg(Section):
@@ -307,9 +320,13 @@ class Recipe(Section):
 
     def resolved(self, device_type: str) -> Recipe:
         """The recipe with every default that depends on where it runs made explicit, so that keys hash what
-        actually runs: `prune.round_to` for the device, `data.root`, `model.checkpoint` and `train.teacher` as
-        absolute paths."""
-        update = {"prune": self.prune.model_copy(update={"round_to": self.prune.round_to or default_round_to(device_type)})}
+        actually runs: `prune.round_to` for the device, `quantize.target_device` (auto: this machine) and the
+        `quantize.overflow_fix` it calls for, `data.root`, `model.checkpoint` and `train.teacher` as absolute paths.
+        A run directory reused on another kind of machine then recomputes what was made for the other one."""
+        target = resolve_target(self.quantize.target_device, device_type)
+        fix = overflow_fix_for(target) if self.quantize.overflow_fix == "auto" else self.quantize.overflow_fix
+        update = {"prune": self.prune.model_copy(update={"round_to": self.prune.round_to or default_round_to(device_type)}),
+                  "quantize": self.quantize.model_copy(update={"target_device": target, "overflow_fix": fix})}
         if self.data.root is not None:
             update["data"] = self.data.model_copy(update={"root": self.data.root.resolve()})
         if self.model.checkpoint is not None:

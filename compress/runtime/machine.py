@@ -31,6 +31,15 @@ def cpu_flags() -> list[str]:
     return sorted((_cpuinfo("flags") or "").split())
 
 
+ISA = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")  # what x86 CPU kernels (FP32, INT8) pick from
+
+
+def isa_flags(flags: list[str] | None = None) -> list[str]:
+    """Which of ISA the CPU has (from `flags`, default this CPU's): what every INT8 or latency figure depends on."""
+    flags = cpu_flags() if flags is None else flags
+    return [f for f in ISA if f in flags]
+
+
 def machine_info(threads: int | None, runtimes: list[str]) -> dict:
     """The machine and library versions a benchmark of `runtimes` ran with (OpenVINO's when they have 'openvino')."""
     import onnxruntime as ort

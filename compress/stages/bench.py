@@ -4,10 +4,12 @@ its measurement."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from ..bench import BenchOptions, benchmark
 from ..context import StageContext
+from ..deploy import isa_warning
 from ..figures import accuracy_latency_figure, log_bench
 from ..recipe import BenchCfg
 from ..rundir import PipelineError
@@ -54,6 +56,8 @@ def run(c: StageContext) -> dict:
     if not c.dir.active("export") or not artifacts:
         raise PipelineError("bench needs the export stage's ONNX files: run export first")
     paths = {name: Path(a["path"]) for name, a in artifacts.items()}
+    for warning in filter(None, map(isa_warning, paths.values())):
+        print(warning, file=sys.stderr)
     reference = "plain_fp32" if "plain_fp32" in paths else None  # ratios: speed-up over the unpruned plain model
     # PyTorch eager beside ONNX Runtime: the FP32 models (the INT8 one only exists as fake-quant in PyTorch)
     eager = {name: c.load(stage) for name, stage in onnx_sources(c).items() if name.endswith("fp32") and name in paths}

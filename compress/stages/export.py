@@ -3,14 +3,21 @@ checked against PyTorch, INT8 files stored as QDQ graphs with INT8 weights."""
 
 from __future__ import annotations
 
+import sys
+
 import torch_pruning as tp
 from torch import nn
 
 from ..context import StageContext
-from ..export import check_parity, evaluate_onnx, export_onnx
+from ..deploy import METADATA_KEY, isa_warning
+from ..evaluation import check_int8_parity, check_parity, compare_with_model, evaluate_onnx
+from ..export import export_onnx
 from ..files import write_predictions
 from ..rundir import PipelineError
+from ..runtime import RUNTIMES
 from .quantize import ptq
+
+PARITY_RUNTIMES = ("cpu", "openvino")  # the CPU runtimes an INT8 file is checked on, where they can run
 
 
 def onnx_sources(c: StageContext) -> dict[str, str]:
@@ -45,26 +52,46 @@ def _macs_params(c: StageContext, name: str, model: nn.Module, done: dict) -> di
     return {"macs": macs, "params": params}
 
 
+def int8_parity(c: StageContext, path, qmodel: nn.Module) -> dict:
+    """The INT8 file against its fake-quant model on `export.parity_images` test images, on every CPU runtime that
+    can run here; the run stops (one line) where they disagree on more than `export.int8_agreement` allows."""
+    cfg = c.recipe.export
+    images = c.data.test_loader(limit=cfg.parity_images)
+    results = {}
+    for runtime in (r for r in PARITY_RUNTIMES if RUNTIMES[r].unavailable() is None):
+        results[runtime] = compare_with_model(path, qmodel, images, runtime)
+        check_int8_parity(path, results[runtime], cfg.int8_agreement)
+    return results
+
+
 def run(c: StageContext) -> dict:
     example = c.data.example_input()
     test_images = c.data.test_loader(limit=c.recipe.export.eval_subset)
     provenance = {"repvgg_compress.artifact_key": c.dir.artifact_key("export"), "repvgg_compress.recipe": c.recipe.name}
+    target = c.recipe.quantize.target_device
     artifacts = {}
     for name, stage in onnx_sources(c).items():
         model = c.load(stage).cpu().eval()
         int8 = name.endswith("int8")
         if int8 and stage != "quantize":
             model = ptq(c, model, c.recipe.quantize)
+        metadata = {**provenance, METADATA_KEY: target} if int8 else provenance
         path = export_onnx(model, c.dir.path("export") / f"{name}.onnx", example, opset=c.recipe.export.opset,
-                           int8=int8, metadata=provenance)
+                           int8=int8, metadata=metadata)
         entry = {"path": str(path), "size_bytes": path.stat().st_size, **_macs_params(c, name, model, artifacts)}
+        warning = isa_warning(path)
+        if warning:
+            print(warning, file=sys.stderr)
         # one pass over the test set: ONNX top-1, and for FP32 files the parity with PyTorch
         result = evaluate_onnx(path, test_images, reference=None if int8 else model)
         entry.update({k: v for k, v in result.items() if k in ("top1", "top5", "n", "max_abs_diff", "max_abs_logit")})
         # per-image predictions: paired comparisons between files resample the same test images
         entry["predictions"] = str(path.with_suffix(".predictions.npz"))
         write_predictions(entry["predictions"], result["predictions"], result["labels"])
-        if not int8:
+        if int8:
+            entry["target_device"] = target
+            entry["int8_parity"] = int8_parity(c, path, model)
+        else:
             check_parity(path, result)
         artifacts[name] = entry
     if not artifacts:

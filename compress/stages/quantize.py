@@ -13,14 +13,20 @@ from ..files import model_record
 from ..quant import quantize_model, save_quantized
 from ..recipe import OptimCfg, QuantCfg
 from ..rundir import PipelineError
-from ..train import evaluate, fit
+from ..train import evaluate, evaluate_test_set, fit
+
+
+def calibration_options(cfg: QuantCfg) -> dict:
+    """The quantizer's calibration settings from the recipe's `quantize` section."""
+    return {"calibration_size": cfg.calibration_size, "fp32_first_last": cfg.fp32_first_last,
+            "overflow_fix": cfg.overflow_fix, "batchwise_statistics": cfg.batchwise_statistics,
+            "activation_ranges": cfg.activation_ranges}
 
 
 def ptq(c: StageContext, model: nn.Module, cfg: QuantCfg) -> nn.Module:
     """`model` quantized by PTQ alone, with the recipe's calibration settings (the export stage's INT8 reference)."""
     return quantize_model(model, c.data.calibration_loader(cfg.calibration_size), c.data.example_input(),
-                          calibration_size=cfg.calibration_size, fp32_first_last=cfg.fp32_first_last,
-                          overflow_fix=cfg.overflow_fix)
+                          **calibration_options(cfg))
 
 
 def run(c: StageContext) -> dict | None:
@@ -33,22 +39,25 @@ def run(c: StageContext) -> dict | None:
         raise PipelineError("quantize needs the plain model: run reparam first")
     model = model.to(c.device).eval()
     teacher = copy.deepcopy(model) if cfg.distill is not None else None
-    qat_cfg = OptimCfg(epochs=cfg.epochs, optimizer="sgd", lr=cfg.lr, weight_decay=cfg.weight_decay, amp=False,
-                       channels_last=False)
+    qat_cfg = OptimCfg(epochs=cfg.epochs, optimizer=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                       amp=False, channels_last=False)
 
     trained = {}  # QAT's `fit` ends with a test-set evaluation of the final model: not done twice
+    ptq_metrics = {}  # QAT starts from PTQ: its top-1 before training, beside QAT's
 
     def qat(qmodel) -> None:
+        ptq_metrics.update(evaluate_test_set(qmodel, c.data, c.env))  # every rank: sharded under DDP
         data = c.data.with_train_subset(cfg.train_subset)
         trained.update(fit(qmodel, qat_cfg, data, c.env, tag="qat", ckpt_path=c.out_dir / "qat.ckpt",
                            key=c.dir.artifact_key("quantize"), teacher=teacher, distill=cfg.distill))
 
     qmodel = quantize_model(model, c.data.calibration_loader(cfg.calibration_size),
-                            c.data.example_input().to(c.device), calibration_size=cfg.calibration_size,
-                            train_fn=qat if cfg.trains else None, fp32_first_last=cfg.fp32_first_last,
-                            overflow_fix=cfg.overflow_fix)
+                            c.data.example_input().to(c.device), train_fn=qat if cfg.trains else None,
+                            **calibration_options(cfg))
     if not c.env.main:
         return None
     metrics = trained or evaluate(qmodel, c.data.test_loader(), c.device)
     save_quantized(qmodel, c.dir.path("quantize"), model_record(model), provenance=c.dir.provenance("quantize"))
-    return {"mode": cfg.mode, "source": source, "top1": metrics["top1"], "top5": metrics["top5"]}
+    return {"mode": cfg.mode, "source": source, "top1": metrics["top1"], "top5": metrics["top5"],
+            "ptq_top1": ptq_metrics.get("top1", metrics["top1"]), "target_device": cfg.target_device,
+            "overflow_fix": cfg.overflow_fix}

@@ -158,20 +158,23 @@ def study_markdown(recipe: Recipe, result: dict) -> str:
         f"{q.mode.upper()} ({_epochs(q.epochs)} on {q.train_subset or 'all'} images). Scratch points train from random "
         f"init on as many images as base plus fine-tune"
         f"{', distilled from the same teacher' if recipe.study.scratch_distill else ''}, then the same QAT.",
-        "- Top-1: of the exported ONNX files, on the test set, with 95% Wilson intervals.",
+        "- Top-1: of the exported ONNX files, on the test set, with 95% Wilson intervals; PTQ and QAT top-1: the "
+        "INT8 model in PyTorch (fake-quant) after calibration alone and after QAT.",
         f"- Latency: ONNX Runtime CPU, batches {', '.join(map(str, batches))}, {s['rounds']} alternating rounds of "
         f"{s['iters']} timed batches after {s['warmup']} warm-up; {m.get('cpu')}, threads {m.get('threads') or 'all'}, "
         f"onnxruntime {m.get('onnxruntime')}.",
         "",
         "## Points", "",
         "| strategy | keep | MACs (M) | params (M) | images seen | FP32 top-1 [95%] | INT8 top-1 [95%] | "
+        "PTQ top-1 (PyTorch) | QAT top-1 (PyTorch) | "
         + " | ".join(f"{p.upper()} ms @{b}" for b in batches for p in PRECISIONS) + " |",
-        "|---|---|---|---|---|---|---|" + "---|" * (2 * len(batches)),
+        "|---|---|---|---|---|---|---|---|---|" + "---|" * (2 * len(batches)),
     ]
     for r in result["rows"]:
         cells = [r["strategy"], f"{r['keep']:g}", f"{r['macs_M']:.2f}", f"{r['params_M']:.3f}",
                  _images(r["images_seen"])]
         cells += [f"{r[f'{p}_top1']:.2f} [{r[f'{p}_ci'][0]:.1f}, {r[f'{p}_ci'][1]:.1f}]" for p in PRECISIONS]
+        cells += ["-" if r.get(k) is None else f"{r[k]:.2f}" for k in ("ptq_top1", "qat_top1")]
         cells += [f"{r[f'{p}_ms'][b]:.3f}" for b in batches for p in PRECISIONS]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Comparisons at equal measured latency", "",
