@@ -22,7 +22,7 @@ import copy
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -124,8 +124,8 @@ def _model_device(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
-def fp32_node_names(model: nn.Module, example_input: torch.Tensor) -> list[str]:
-    """NNCF graph names of the first convolution and every Linear (e.g. 'conv/conv2d/0', 'linear/linear/0')."""
+def _layer_nodes(model: nn.Module, example_input: torch.Tensor) -> tuple[list[str], list[str]]:
+    """NNCF graph names of the convolutions and of the Linears, each in graph order."""
     from nncf.torch.function_hook.nncf_graph.nncf_graph_builder import build_nncf_graph
     from nncf.torch.function_hook.wrapper import wrap_model
 
@@ -133,6 +133,19 @@ def fp32_node_names(model: nn.Module, example_input: torch.Tensor) -> list[str]:
     nodes = list(graph.topological_sort())
     convs = [n.node_name for n in nodes if n.node_type in ("conv2d", "conv1d", "conv3d")]
     linears = [n.node_name for n in nodes if n.node_type in ("linear", "addmm", "matmul")]
+    return convs, linears
+
+
+def layer_node_names(model: nn.Module, example_input: torch.Tensor) -> list[str]:
+    """NNCF graph names of the convolutions, then the Linears, in graph order (e.g. 'conv/conv2d/0', ...,
+    'linear/linear/0'): what `quantize_model`'s `keep_fp32` names."""
+    convs, linears = _layer_nodes(model, example_input)
+    return convs + linears
+
+
+def first_last_node_names(model: nn.Module, example_input: torch.Tensor) -> list[str]:
+    """NNCF graph names of the first convolution and every Linear (the head)."""
+    convs, linears = _layer_nodes(model, example_input)
     return convs[:1] + linears
 
 
@@ -144,13 +157,15 @@ def quantize_model(
     calibration_size: int,
     train_fn: Callable[[nn.Module], nn.Module | None] | None = None,
     fp32_first_last: bool = False,
+    keep_fp32: Sequence[str] = (),
     overflow_fix: str = "enable",
     batchwise_statistics: bool = True,
     activation_ranges: str = "mean_minmax",
 ) -> nn.Module:
     """INT8 fake-quantized copy of `model` (left untouched), calibrated on the first `calibration_size` images of
     `calibration_loader` (PTQ); with `train_fn`, then trained by `train_fn(qmodel)` (QAT; it may return the model
-    or train it in place). `fp32_first_last` keeps the first conv and the head in FP32.
+    or train it in place). `fp32_first_last` keeps the first conv and the head in FP32, `keep_fp32` the layers of
+    those NNCF node names (`layer_node_names`).
 
     `overflow_fix` is NNCF's OverflowFix: "enable" (default) quantizes every conv/linear weight to half the
     8-bit range ([-64, 64]) so that x86 CPUs without VNNI (AVX2, plain AVX-512) cannot saturate the int16 intermediate sums
@@ -181,9 +196,8 @@ def quantize_model(
     model = copy.deepcopy(model).eval()
     example_input = example_input.to(device)
     data = _CalibrationImages(calibration_loader, calibration_size, device)
-    ignored = None
-    if fp32_first_last:
-        ignored = nncf.IgnoredScope(names=fp32_node_names(model, example_input))
+    fp32 = list(keep_fp32) + (first_last_node_names(model, example_input) if fp32_first_last else [])
+    ignored = nncf.IgnoredScope(names=list(dict.fromkeys(fp32))) if fp32 else None
     advanced = AdvancedQuantizationParameters(
         weights_quantization_params=QuantizationParameters(mode=QuantizationScheme.SYMMETRIC, per_channel=True),
         batchwise_statistics=batchwise_statistics,

@@ -13,7 +13,14 @@ from torch.utils.data import DataLoader, TensorDataset
 from compress.evaluation import ParityError, check_int8_parity, compare_with_model, evaluate_onnx
 from compress.export import export_onnx, op_counts
 from compress.files import CheckpointError, model_record, save_model
-from compress.quant import is_quantized, load_quantized, quantize_model, save_quantized, use_reference_kernels
+from compress.quant import (
+    is_quantized,
+    layer_node_names,
+    load_quantized,
+    quantize_model,
+    save_quantized,
+    use_reference_kernels,
+)
 from compress.runtime import open_onnx
 from repvgg import RepVGG, reparameterize
 
@@ -189,6 +196,16 @@ def test_fp32_first_last_keeps_first_conv_and_head_float(fp32, loaders, example,
     assert producer.get(convs[1].input[0]) == "DequantizeLinear"  # the middle stays INT8
     assert all(producer.get(n.input[0]) != "DequantizeLinear" for n in heads)
     assert all(producer.get(n.input[1]) != "DequantizeLinear" for n in heads)
+
+
+def test_keep_fp32_keeps_the_named_layer_float(fp32, loaders, example, tmp_path):
+    names = layer_node_names(fp32, example)
+    assert len(names) == len(fp32.layers) + 1 and names[-1].startswith("linear")
+    qmodel = quantize_model(fp32, loaders[0], example, calibration_size=64, keep_fp32=[names[2]])
+    graph = int8_graph_ok(export_onnx(qmodel, tmp_path / "one_float.onnx", example, int8=True)).graph
+    producer = {out: node.op_type for node in graph.node for out in node.output}
+    weights = [producer.get(n.input[1]) for n in graph.node if n.op_type == "Conv"]
+    assert [w == "DequantizeLinear" for w in weights] == [i != 2 for i in range(len(weights))]
 
 
 def test_save_load_quantized_round_trip(qat, fp32, example, tmp_path):
