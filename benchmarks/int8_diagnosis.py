@@ -1,7 +1,7 @@
 """Where an INT8 model loses its accuracy, on one finished study point: PTQ with the point's quantize settings, then
-PTQ with one layer at a time kept in FP32 (NNCF's IgnoredScope), each scored in PyTorch (fake-quant) on the first
-`--images` test images; then the point's QAT model against its PTQ start, layer by layer: how far QAT moved each
-weight scale and each activation scale.
+PTQ with one layer at a time kept in FP32 (NNCF's IgnoredScope), each scored in PyTorch (fake-quant) on `--images`
+test images (a fixed random sample); then the point's QAT model against its PTQ start, layer by layer: how far QAT
+moved each weight scale and each activation scale.
 
     python benchmarks/int8_diagnosis.py --study runs/study_cifar10_cpu --point plain_0.3 [--images 2000]
         [--set quantize.overflow_fix=enable]
@@ -54,7 +54,7 @@ def main() -> None:
     point_dir = args.study / "points" / args.point
     fp32 = load_model(point_dir / "finetuned.pt").eval()
     cfg = point.quantize
-    test = data.test_loader(limit=args.images)
+    test = data.test_sample_loader(args.images)  # every class: the test folder is sorted by class
     example = data.example_input()
 
     def ptq_top1(keep_fp32=()) -> tuple[float, torch.nn.Module]:

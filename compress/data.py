@@ -205,6 +205,11 @@ class Data:
             dataset = Subset(dataset, list(range(self.rank, len(dataset), self.world_size)))
         return self._loader(dataset, shuffle=False)
 
+    def test_sample_loader(self, size: int) -> DataLoader:
+        """`size` test images drawn at random (seeded, fixed): a sample of every class even where the test set is
+        sorted by class, as an ImageFolder is."""
+        return self._loader(_subset(self.test_set, size, self.seed), shuffle=False)
+
     def calibration_loader(self, size: int) -> DataLoader:
         """`size` training images in a fixed order, with test-time transforms (no augmentation)."""
         return self._loader(_subset(_without_augmentation(self.train_set, self.cfg), size, self.seed), shuffle=False)

@@ -210,7 +210,6 @@ def test_iterative_pruning_fine_tunes_between_steps(tiny_recipe, tmp_path):
     assert pruned.widths() == prune["widths_after"]
 
 
-@pytest.mark.slow
 def test_digits_qat_int8_stays_within_2_points_of_fp32_and_passes_its_parity_check(tiny_recipe, tmp_path, capsys):
     out = tmp_path / "qat"
     recipe = tiny_recipe(stages=["train", "reparam", "quantize", "export"], train={"epochs": 3, "lr": 0.05},

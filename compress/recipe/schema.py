@@ -212,7 +212,9 @@ class QuantCfg(Section):
     mode: Literal["qat", "ptq"] = "qat"
     calibration_size: int = Field(256, gt=0)
     epochs: int = Field(1, ge=0)  # QAT only
-    lr: float = Field(1e-3, gt=0)
+    # SGD at 1e-3 wrecked the CPU study's keep-0.3 points (QAT below its own PTQ start, down to chance); 1e-5 kept
+    # all three within 1 pt of FP32 (README, "What the INT8 grid found")
+    lr: float = Field(1e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     distill: Distill | None = None
     fp32_first_last: bool = False  # keep the first conv and the head in FP32
@@ -244,8 +246,10 @@ class ExportCfg(Section):
     eval_subset: int | None = Field(None, gt=0, json_schema_extra=EVALUATION)
     # INT8 parity: each INT8 file against its fake-quant model on this many test images, on every CPU runtime here;
     # the run stops unless they predict the same class on at least `int8_agreement` of them
+    # (0.97: ORT CPU's INT8 kernels round apart from the fake-quant model and flip 1-2% of a low-margin model's
+    # predictions at unchanged top-1, where OpenVINO agrees on all; a wrong scale flips far more: README)
     parity_images: int = Field(512, gt=0, json_schema_extra=EVALUATION)
-    int8_agreement: float = Field(0.99, gt=0, le=1, json_schema_extra=EVALUATION)
+    int8_agreement: float = Field(0.97, gt=0, le=1, json_schema_extra=EVALUATION)
 
 
 class BenchCfg(Section):

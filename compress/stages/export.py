@@ -53,10 +53,11 @@ def _macs_params(c: StageContext, name: str, model: nn.Module, done: dict) -> di
 
 
 def int8_parity(c: StageContext, path, qmodel: nn.Module) -> dict:
-    """The INT8 file against its fake-quant model on `export.parity_images` test images, on every CPU runtime that
-    can run here; the run stops (one line) where they disagree on more than `export.int8_agreement` allows."""
+    """The INT8 file against its fake-quant model on `export.parity_images` test images (a fixed random sample, so
+    every class is in it), on every CPU runtime that can run here; the run stops (one line) where they disagree on
+    more than `export.int8_agreement` allows."""
     cfg = c.recipe.export
-    images = c.data.test_loader(limit=cfg.parity_images)
+    images = c.data.test_sample_loader(cfg.parity_images)
     results = {}
     for runtime in (r for r in PARITY_RUNTIMES if RUNTIMES[r].unavailable() is None):
         results[runtime] = compare_with_model(path, qmodel, images, runtime)
