@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import argparse
 import re
-from pathlib import Path
 
 import torch
+from int8_grid import point_arguments, point_setup  # this folder's script: the same point, rebuilt the same way
 
-from compress.data import build_data
 from compress.files import load_model
 from compress.quant import layer_node_names, load_quantized, quantize_model
-from compress.recipe import load_recipe
 from compress.stages.quantize import calibration_options
-from compress.study.points import pruned_recipe
 from compress.train import evaluate
 
 SCALE = re.compile(r"__nncf_hooks\.(pre|post)_hooks\.(.+?)__(\d+)\.\d+\.scale$")
@@ -40,17 +37,10 @@ def scales(qmodel: torch.nn.Module) -> dict[tuple[str, str], torch.Tensor]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--study", type=Path, required=True)
-    ap.add_argument("--point", required=True)
-    ap.add_argument("--recipe", type=Path)
-    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    point_arguments(ap)
     ap.add_argument("--images", type=int, default=2000)
     args = ap.parse_args()
-    recipe = load_recipe(args.recipe or Path("recipes") / f"{args.study.name}.yaml", args.overrides).resolved("cpu")
-    strategy, keep = args.point.rsplit("_", 1)
-    point = pruned_recipe(recipe, strategy, float(keep))
-    torch.manual_seed(point.seed)
-    data = build_data(point.data, point.seed)
+    point, data = point_setup(args)
     point_dir = args.study / "points" / args.point
     fp32 = load_model(point_dir / "finetuned.pt").eval()
     cfg = point.quantize

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from compress.data import build_data
+from compress.data import Data, build_data
 from compress.env import Env
 from compress.pipeline import Pipeline
-from compress.recipe import load_recipe, validate_recipe
+from compress.recipe import Recipe, load_recipe, validate_recipe
 from compress.study.points import pruned_recipe
 
 # today's study settings (before the issue), then one factor changed at a time
@@ -44,6 +44,23 @@ CELLS = {
     "ptq": {"mode": "ptq"},
 }
 SHARED = ("train", "reparam", "prune", "finetune")  # the point's stages every cell reuses
+
+
+def point_arguments(ap: argparse.ArgumentParser) -> None:
+    """The arguments that name a finished study point and the recipe it was made with."""
+    ap.add_argument("--study", type=Path, required=True)
+    ap.add_argument("--point", required=True, help="a point directory's name, e.g. plain_0.3")
+    ap.add_argument("--recipe", type=Path, help="the study's recipe (default recipes/<study dir name>.yaml)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="as the study ran it")
+
+
+def point_setup(args: argparse.Namespace) -> tuple[Recipe, Data]:
+    """The point's recipe, rebuilt as the study made it, and its data."""
+    recipe = load_recipe(args.recipe or Path("recipes") / f"{args.study.name}.yaml", args.overrides).resolved("cpu")
+    strategy, keep = args.point.rsplit("_", 1)
+    point = pruned_recipe(recipe, strategy, float(keep))
+    torch.manual_seed(point.seed)
+    return point, build_data(point.data, point.seed)
 
 
 def cell_settings(cell: str) -> dict:
@@ -74,18 +91,11 @@ def seed_cell(point: Path, cell_dir: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--study", type=Path, required=True)
-    ap.add_argument("--point", required=True, help="a point directory's name, e.g. plain_0.3")
-    ap.add_argument("--recipe", type=Path, help="the study's recipe (default recipes/<study dir name>.yaml)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], help="as the study ran it")
+    point_arguments(ap)
     ap.add_argument("--cells", default=",".join(CELLS))
     ap.add_argument("--out", type=Path, default=Path("runs/int8_grid"))
     args = ap.parse_args()
-    recipe = load_recipe(args.recipe or Path("recipes") / f"{args.study.name}.yaml", args.overrides).resolved("cpu")
-    strategy, keep = args.point.rsplit("_", 1)
-    point_recipe = pruned_recipe(recipe, strategy, float(keep))
-    torch.manual_seed(point_recipe.seed)
-    data = build_data(point_recipe.data, point_recipe.seed)
+    point_recipe, data = point_setup(args)
     rows = []
     for cell in args.cells.split(","):
         raw = point_recipe.model_dump(mode="json")
