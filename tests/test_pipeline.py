@@ -224,3 +224,18 @@ def test_digits_qat_int8_stays_within_2_points_of_fp32_and_passes_its_parity_che
     assert int8["target_device"] == stages["quantize"]["target_device"]
     report = (out / "report.md").read_text()
     assert "INT8 parity" in report and f"INT8 for {int8['target_device']}" in report
+
+
+def test_a_vnni_target_on_a_cpu_without_vnni_warns_at_export_and_bench(tiny_recipe, tmp_path, capsys, monkeypatch):
+    from compress import deploy
+
+    monkeypatch.setattr(deploy, "cpu_flags", lambda: ["avx2", "fma"])  # this CPU, as an AVX2-only one
+    recipe = tiny_recipe(stages=["train", "reparam", "quantize", "export", "bench"], train={"epochs": 1},
+                         quantize={"mode": "ptq", "calibration_size": 64, "target_device": "cpu-vnni"},
+                         export={"artifacts": ["plain_int8"]},
+                         bench={"batch_sizes": [2], "warmup": 1, "iters": 2, "rounds": 1, "providers": ["cpu"]})
+    assert main(["--recipe", str(recipe), "--out", str(tmp_path / "run")]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2 and all("plain_int8.onnx was quantized for cpu-vnni" in w for w in warnings)
+    stages = json.loads((tmp_path / "run" / "summary.json").read_text())["stages"]
+    assert stages["quantize"]["target_device"] == "cpu-vnni" and stages["quantize"]["overflow_fix"] == "disable"

@@ -56,7 +56,7 @@ def run(c: StageContext) -> dict:
     if not c.dir.active("export") or not artifacts:
         raise PipelineError("bench needs the export stage's ONNX files: run export first")
     paths = {name: Path(a["path"]) for name, a in artifacts.items()}
-    for warning in filter(None, map(isa_warning, paths.values())):
+    for warning in filter(None, (isa_warning(p) for name, p in paths.items() if name.endswith("int8"))):
         print(warning, file=sys.stderr)
     reference = "plain_fp32" if "plain_fp32" in paths else None  # ratios: speed-up over the unpruned plain model
     # PyTorch eager beside ONNX Runtime: the FP32 models (the INT8 one only exists as fake-quant in PyTorch)

@@ -80,7 +80,7 @@ def run(c: StageContext) -> dict:
         path = export_onnx(model, c.dir.path("export") / f"{name}.onnx", example, opset=c.recipe.export.opset,
                            int8=int8, metadata=metadata)
         entry = {"path": str(path), "size_bytes": path.stat().st_size, **_macs_params(c, name, model, artifacts)}
-        warning = isa_warning(path)
+        warning = isa_warning(path) if int8 else None
         if warning:
             print(warning, file=sys.stderr)
         # one pass over the test set: ONNX top-1, and for FP32 files the parity with PyTorch
