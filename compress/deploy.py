@@ -44,13 +44,17 @@ def file_target(path: str | Path) -> str | None:
     return next((p.value for p in props if p.key == METADATA_KEY), None)
 
 
-def isa_warning(path: str | Path, flags: list[str] | None = None) -> str | None:
-    """A one-line warning when the INT8 file `path`, made for the target its metadata names, runs on this CPU (its
-    `flags`, default this one's) and this CPU lacks what the target assumed (full 8-bit weights on a CPU without
-    VNNI); None when it fits, or the file names no target."""
-    target = file_target(path)
+def target_warning(target: str | None, what: str, flags: list[str] | None = None) -> str | None:
+    """A one-line warning when `what` (an INT8 file, named), made for `target`, runs on this CPU (its `flags`,
+    default this one's) and this CPU lacks what the target assumed (full 8-bit weights on a CPU without VNNI); None
+    when it fits, or the target is unknown."""
     if target in ("cpu-vnni", "gpu") and cpu_target(flags) == "cpu-avx2":
-        return (f"warning: {path} was quantized for {target} (full 8-bit weights), but this CPU has no VNNI: its "
+        return (f"warning: {what} was quantized for {target} (full 8-bit weights), but this CPU has no VNNI: its "
                 f"INT8 kernels may saturate and differ from the fake-quant model; quantize with "
                 f"quantize.target_device: cpu-avx2 to deploy here")
     return None
+
+
+def isa_warning(path: str | Path, flags: list[str] | None = None) -> str | None:
+    """`target_warning` for the INT8 file `path`, with the target its metadata records."""
+    return target_warning(file_target(path), str(path), flags)

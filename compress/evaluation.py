@@ -6,7 +6,7 @@ INT8 kernels differ from what was trained and validated."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -106,26 +106,33 @@ def check_parity(path: str | Path, result: dict, tolerance: float = 1e-4) -> Non
         )
 
 
-def compare_with_model(path: str | Path, model: nn.Module, loader, runtime: str = "cpu") -> dict:
-    """The ONNX file against a PyTorch `model` (in eval mode on CPU, a copy) on the same (images, labels) batches,
-    the file run on `runtime`: `agreement`, the fraction of images where both predict the same class; `max_abs_diff`
-    and `mean_abs_diff`, the largest and mean |ONNX logit - PyTorch logit|, with `logit_range`, the span (max - min)
-    of the PyTorch logits, to read them against; each side's `top1` on these images (`onnx_top1`, `torch_top1`)."""
-    session = open_onnx(path, runtime)
+def compare_with_model(path: str | Path, model: nn.Module, loader, runtimes: Sequence[str] = ("cpu",)) -> dict:
+    """The ONNX file, run on each of `runtimes`, against a PyTorch `model` (in eval mode on CPU, a copy, run once per
+    batch for all of them) on the same (images, labels) batches. For each runtime: `agreement`, the fraction of
+    images where both predict the same class; `max_abs_diff` and `mean_abs_diff`, the largest and mean |ONNX logit -
+    PyTorch logit|, with `logit_range`, the span (max - min) of the PyTorch logits, to read them against; each side's
+    `top1` on these images (`onnx_top1`, `torch_top1`). Returns {runtime: those}."""
+    sessions = {runtime: open_onnx(path, runtime) for runtime in runtimes}
     model = copy.deepcopy(model).to("cpu").eval()
-    ours, theirs, labels = [], [], []
+    ours, theirs, labels = {runtime: [] for runtime in runtimes}, [], []
     for images, target in _batches(loader):
-        ours.append(_logits(session, images))
+        for runtime, session in sessions.items():
+            ours[runtime].append(_logits(session, images))
         theirs.append(_torch_logits(model, images))
         labels.append(None if target is None else target.detach().cpu().numpy())
-    del session
-    a, b = np.concatenate(ours), np.concatenate(theirs)
+    del sessions
+    b = np.concatenate(theirs)
+    y = np.concatenate(labels) if all(t is not None for t in labels) else None
+    return {runtime: _comparison(runtime, np.concatenate(logits), b, y) for runtime, logits in ours.items()}
+
+
+def _comparison(runtime: str, a: np.ndarray, b: np.ndarray, y: np.ndarray | None) -> dict:
+    """One runtime's logits `a` against the model's `b` (and both against labels `y`, when given)."""
     diff = np.abs(a - b)
     result = {"runtime": runtime, "n": int(len(a)), "agreement": float((a.argmax(1) == b.argmax(1)).mean()),
               "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
               "logit_range": float(b.max() - b.min())}
-    if all(y is not None for y in labels):
-        y = np.concatenate(labels)
+    if y is not None:
         result.update(onnx_top1=float((a.argmax(1) == y).mean() * 100), torch_top1=float((b.argmax(1) == y).mean() * 100))
     return result
 

@@ -127,7 +127,7 @@ def test_fp32_export_parity_and_eval(fp32, loaders, example, tmp_path):
     assert [i.name for i in model.graph.input] == ["input"] and [o.name for o in model.graph.output] == ["logits"]
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic batch axis
     assert not list(tmp_path.glob(".*.tmp"))  # written through a temp file
-    assert compare_with_model(path, fp32, test)["max_abs_diff"] <= 1e-4
+    assert compare_with_model(path, fp32, test)["cpu"]["max_abs_diff"] <= 1e-4
     session = open_onnx(path, "cpu", threads=1)
     for b in (1, 7):  # dynamic batch
         assert session.logits(torch.randn(b, 3, 32, 32).numpy()).shape == (b, 10)
@@ -248,7 +248,7 @@ def test_int8_parity_passes_and_a_perturbed_weight_scale_fails_in_one_line(qat, 
     qmodel, _ = qat
     _, test = loaders
     path = export_onnx(qmodel, tmp_path / "qat.onnx", example, int8=True)
-    result = compare_with_model(path, qmodel, test)
+    result = compare_with_model(path, qmodel, test)["cpu"]
     assert result["agreement"] >= 0.99 and result["n"] == len(test.dataset)
     assert result["max_abs_diff"] < 0.05 * result["logit_range"] and result["mean_abs_diff"] <= result["max_abs_diff"]
     assert abs(result["onnx_top1"] - result["torch_top1"]) <= 1.0
@@ -263,7 +263,7 @@ def test_int8_parity_passes_and_a_perturbed_weight_scale_fails_in_one_line(qat, 
     scale.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(scale) * 0.1, scale_name))
     broken = tmp_path / "perturbed.onnx"
     onnx.save(model, str(broken))
-    bad = compare_with_model(broken, qmodel, test)
+    bad = compare_with_model(broken, qmodel, test)["cpu"]
     assert bad["agreement"] < 0.99
     with pytest.raises(ParityError) as err:
         check_int8_parity(broken, bad, 0.99)

@@ -118,7 +118,7 @@ def test_export_evaluation_runs_through_a_registered_runtime(numpy_runtime, file
     assert result["top1"] == 75.0 and result["n"] == 32
     assert result["max_abs_diff"] < 1e-5 and result["max_abs_logit"] > 0
     np.testing.assert_allclose(result["logits"], evaluate_onnx(path, [(images, labels)])["logits"], atol=1e-5)
-    assert compare_with_model(path, model, images, runtime="numpy")["max_abs_diff"] < 1e-5
+    assert compare_with_model(path, model, images, ["numpy"])["numpy"]["max_abs_diff"] < 1e-5
     assert numpy_runtime.opened == ["wide", "wide"]
 
 

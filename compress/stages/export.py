@@ -9,7 +9,7 @@ import torch_pruning as tp
 from torch import nn
 
 from ..context import StageContext
-from ..deploy import METADATA_KEY, isa_warning
+from ..deploy import METADATA_KEY, target_warning
 from ..evaluation import check_int8_parity, check_parity, compare_with_model, evaluate_onnx
 from ..export import export_onnx
 from ..files import write_predictions
@@ -58,10 +58,10 @@ def int8_parity(c: StageContext, path, qmodel: nn.Module) -> dict:
     more than `export.int8_agreement` allows."""
     cfg = c.recipe.export
     images = c.data.test_sample_loader(cfg.parity_images)
-    results = {}
-    for runtime in (r for r in PARITY_RUNTIMES if RUNTIMES[r].unavailable() is None):
-        results[runtime] = compare_with_model(path, qmodel, images, runtime)
-        check_int8_parity(path, results[runtime], cfg.int8_agreement)
+    runtimes = [r for r in PARITY_RUNTIMES if RUNTIMES[r].unavailable() is None]
+    results = compare_with_model(path, qmodel, images, runtimes)  # the fake-quant model runs once for all
+    for result in results.values():
+        check_int8_parity(path, result, cfg.int8_agreement)
     return results
 
 
@@ -75,12 +75,12 @@ def run(c: StageContext) -> dict:
         model = c.load(stage).cpu().eval()
         int8 = name.endswith("int8")
         if int8 and stage != "quantize":
-            model = ptq(c, model, c.recipe.quantize)
+            model = ptq(c, model)
         metadata = {**provenance, METADATA_KEY: target} if int8 else provenance
         path = export_onnx(model, c.dir.path("export") / f"{name}.onnx", example, opset=c.recipe.export.opset,
                            int8=int8, metadata=metadata)
         entry = {"path": str(path), "size_bytes": path.stat().st_size, **_macs_params(c, name, model, artifacts)}
-        warning = isa_warning(path) if int8 else None
+        warning = target_warning(target, str(path)) if int8 else None  # the target just written into its metadata
         if warning:
             print(warning, file=sys.stderr)
         # one pass over the test set: ONNX top-1, and for FP32 files the parity with PyTorch

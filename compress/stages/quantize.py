@@ -23,8 +23,9 @@ def calibration_options(cfg: QuantCfg) -> dict:
             "activation_ranges": cfg.activation_ranges}
 
 
-def ptq(c: StageContext, model: nn.Module, cfg: QuantCfg) -> nn.Module:
+def ptq(c: StageContext, model: nn.Module) -> nn.Module:
     """`model` quantized by PTQ alone, with the recipe's calibration settings (the export stage's INT8 reference)."""
+    cfg = c.recipe.quantize
     return quantize_model(model, c.data.calibration_loader(cfg.calibration_size), c.data.example_input(),
                           **calibration_options(cfg))
 
