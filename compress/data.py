@@ -185,6 +185,10 @@ class Data:
             return self
         return dataclasses.replace(self, train_set=_subset(self.train_set, n, self.seed))
 
+    def reseeded(self, seed: int | None) -> Data:
+        """The same data with `seed` for its shuffles, training subsets and calibration images (None: as it is)."""
+        return self if seed is None or seed == self.seed else dataclasses.replace(self, seed=seed)
+
     def images_per_epoch(self) -> int:
         """Training images one epoch shows, over all processes (the incomplete last batch dropped)."""
         return self.steps_per_epoch() * self.cfg.batch_size * self.world_size

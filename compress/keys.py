@@ -16,6 +16,9 @@ ROLE_WEIGHTS, ROLE_EVALUATION, ROLE_NONE = "weights", "evaluation", "none"
 # pydantic `json_schema_extra` markers of a field's role (unmarked fields change the weights)
 NO_EFFECT = {"key": ROLE_NONE}  # neither weights nor results: never recomputes anything
 EVALUATION = {"key": ROLE_EVALUATION}  # what is measured, not the weights: re-evaluates, reuses training checkpoints
+# changes the weights when set; None stands for a value every key already holds (the recipe's seed), so a field of
+# this kind added to a section leaves the keys of existing run directories as they were
+KEYED_WHEN_SET = {"key": ROLE_WEIGHTS, "when_set": True}
 
 
 def role_of(field) -> str:

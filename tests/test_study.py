@@ -119,6 +119,20 @@ def test_digits_smoke_study_with_every_strategy_then_a_second_study_on_its_base(
     assert not (second / "base").exists() and not (second / "points").exists()
     assert json.loads((second / "study.json").read_text())["base"]["dir"] == str(out / "base")
 
+    # seeds: the first seed's points reused, a second fine-tune and QAT of each on the same base
+    recipe3 = _smoke_recipe(tiny_recipe, tmp_path, base_dir=str(out), strategies=["plain"], keep_macs=[0.6],
+                            seeds=2)
+    assert main(["--recipe", recipe3, "--out", str(second)]) == 0
+    assert "plain_0.6: reused from" in capsys.readouterr().err
+    seeded = json.loads((second / "points" / "plain_0.6_seed1" / "summary.json").read_text())["stages"]
+    first = json.loads((point / "summary.json").read_text())["stages"]
+    assert seeded["reparam"]["artifact_key"] == first["reparam"]["artifact_key"]  # the one base
+    assert seeded["prune"]["artifact_key"] == first["prune"]["artifact_key"]
+    assert seeded["finetune"]["artifact_key"] != first["finetune"]["artifact_key"]
+    rows = json.loads((second / "study.json").read_text())["rows"]
+    assert [(r["strategy"], r["seed"]) for r in rows] == [("unpruned", 0), ("plain", 0), ("plain", 1)]
+    assert "| plain | 0.6 | +1 |" in (second / "study.md").read_text()
+
     # ... and one whose base differs is refused in one line that names what changed
     other = tiny_recipe(name="other", train={"epochs": 3}, study={"base_dir": str(out), "keep_macs": [0.6]})
     line = one_line_error(capsys, ["--recipe", str(other), "--out", str(tmp_path / "third")])
@@ -174,7 +188,7 @@ def test_conclusions_flag_a_curve_whose_smaller_model_is_not_faster():
     from compress.study.report import conclusions
 
     def row(strategy, keep, fp32_ms, int8_ms):
-        return {"strategy": strategy, "keep": keep, "fp32_ms": {8: fp32_ms}, "int8_ms": {8: int8_ms}}
+        return {"strategy": strategy, "keep": keep, "seed": 0, "fp32_ms": {8: fp32_ms}, "int8_ms": {8: int8_ms}}
 
     result = {"settings": {"main_batch": 8},
               "rows": [row("unpruned", 1.0, 2.0, 1.0), row("plain", 0.5, 1.0, 0.45), row("plain", 0.3, 0.6, 0.46)],
@@ -185,3 +199,32 @@ def test_conclusions_flag_a_curve_whose_smaller_model_is_not_faster():
     assert "plain vs multibranch, FP32 at 0.800 ms (batch 8): 70.00 vs 65.00% top-1, +5.00 pt [+4.00, +6.00]" in text
     assert "Caveat: plain at keep 0.3 is not faster than at keep 0.5 in INT8 (0.460 vs 0.450 ms)" in text
     assert "in FP32" not in text  # 0.6 ms < 1.0 ms: that curve is fine
+
+
+def test_a_further_seed_shares_the_base_and_retrains_what_follows(tmp_path):
+    from compress.rundir import RunDir
+    from compress.study.points import reseeded
+
+    recipe = validate_recipe({"name": "s", "seed": 3, "model": {"name": "RepVGG-A0"}})
+    keys = {name: RunDir(tmp_path / name, r) for name, r in
+            {"first": recipe, "pruned": reseeded(recipe, 1, from_scratch=False),
+             "scratch": reseeded(recipe, 1, from_scratch=True)}.items()}
+    assert reseeded(recipe, 0, from_scratch=False) is recipe
+    pruned = keys["pruned"].recipe
+    assert (pruned.seed, pruned.finetune.seed, pruned.quantize.seed) == (3, 4, 4)
+    for stage in ("train", "reparam", "prune"):  # the one base, pruned the same way
+        assert keys["pruned"].artifact_key(stage) == keys["first"].artifact_key(stage)
+    for stage in ("finetune", "quantize"):
+        assert keys["pruned"].artifact_key(stage) != keys["first"].artifact_key(stage)
+    assert keys["scratch"].recipe.seed == 4  # scratch trains from a seed of its own
+    assert keys["scratch"].artifact_key("train") != keys["first"].artifact_key("train")
+
+
+def test_reseeded_data_draws_another_training_subset():
+    from compress.data import build_data
+
+    recipe = validate_recipe({"name": "d", "model": {"name": "RepVGG-A0"}, "data": {"kind": "digits"}})
+    data = build_data(recipe.data, seed=0)
+    assert data.reseeded(None) is data and data.reseeded(0) is data
+    first, other = (d.with_train_subset(100).train_set.indices for d in (data, data.reseeded(1)))
+    assert first != other and len(first) == len(other) == 100

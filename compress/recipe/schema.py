@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from compress.deploy import TARGET_DEVICES, overflow_fix_for, resolve_target
-from compress.keys import EVALUATION, NO_EFFECT, ROLE_WEIGHTS, role_of
+from compress.keys import EVALUATION, KEYED_WHEN_SET, NO_EFFECT, ROLE_WEIGHTS, role_of
 from compress.prune import IMPORTANCES, TARGET_KINDS, Target, default_round_to
 from compress.registry import STAGE_NAMES
 from compress.runtime import RUNTIMES
@@ -40,7 +40,8 @@ class Section(BaseModel):
     def key_values(self, role: str = ROLE_WEIGHTS) -> dict:
         """This section's values that change `role` (`compress.keys`), for the run directory's keys."""
         values = self.model_dump(mode="json")
-        return {name: values[name] for name, field in type(self).model_fields.items() if role_of(field) == role}
+        return {name: values[name] for name, field in type(self).model_fields.items()
+                if role_of(field) == role and not (values[name] is None and (field.json_schema_extra or {}).get("when_set"))}
 
 
 class ModelCfg(Section):
@@ -133,6 +134,9 @@ class FinetuneCfg(OptimCfg):
     # re-branched into RepVGG blocks at its pruned widths (re-parameterized back after, exactly)
     structure: Literal["plain", "bn", "rebranch"] = "bn"
     train_subset: int | None = Field(None, gt=0)  # fine-tune on the first N training images (fixed order); None: all
+    # the fine-tune's own seed (its shuffles, training subset and calibration images; the prune stage's fine-tunes
+    # between steps too), so that one base yields several fine-tunes (`study.seeds`); None: the recipe's seed
+    seed: int | None = Field(None, json_schema_extra=KEYED_WHEN_SET)
 
     @model_validator(mode="before")
     @classmethod
@@ -220,6 +224,8 @@ class QuantCfg(Section):
     fp32_first_last: bool = False  # keep the first conv and the head in FP32
     train_subset: int | None = Field(None, gt=0)  # QAT on the first N training images (fixed order); None: all
     optimizer: Literal["sgd", "adamw"] = "sgd"  # QAT's (with weight_decay 0, adamw is Adam)
+    # QAT's and calibration's own seed (its shuffles, training subset, calibration images); None: the recipe's seed
+    seed: int | None = Field(None, json_schema_extra=KEYED_WHEN_SET)
     # per-tensor activation ranges from the calibration images (`quant.quantize_model`): a sample is one
     # calibration batch with batchwise_statistics, else one image
     activation_ranges: Literal["mean_minmax", "minmax", "mean_quantile", "histogram"] = "mean_minmax"
@@ -284,6 +290,10 @@ class StudyCfg(Section):
     # a run (or study) directory whose trained base this study shares, after checking its keys; a study's
     # finished points made under the same settings are reused too
     base_dir: Path | None = None
+    # every pruned point fine-tuned and quantized this many times on the one base (finetune.seed and quantize.seed
+    # the recipe's seed + 0, 1, ...), every scratch point trained as many times (seed + 0, 1, ...); the curves and
+    # comparisons use the first, the points table lists them all
+    seeds: int = Field(1, ge=1)
     bootstrap_resamples: int = Field(2000, ge=100)
 
     @model_validator(mode="after")

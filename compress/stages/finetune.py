@@ -18,15 +18,17 @@ def finetune_model(c: StageContext, model: nn.Module, cfg: FinetuneCfg, *, tag: 
     """Train a pruned model in place. A plain one as `cfg.structure` says: as it is (plain), with a temporary BN
     after each conv folded back after (bn), or re-branched into RepVGG blocks at its widths and re-parameterized
     back after, checked exact at full precision (rebranch). Every DDP rank builds the same model: fixed,
-    unaugmented calibration batches, and the recipe's seed for the new 1x1 branches."""
+    unaugmented calibration batches, and the fine-tune's seed (`cfg.seed`, else the recipe's) for the new 1x1
+    branches, its shuffles and its subset."""
     structure = cfg.structure if isinstance(model, PlainRepVGG) else "multibranch"
-    calibration = c.data.calibration_loader(min(512, len(c.data.train_set)))
+    seeded = c.data.reseeded(cfg.seed)
+    calibration = seeded.calibration_loader(min(512, len(seeded.train_set)))
     net = model
     if structure == "bn":
         insert_bn(model, calibration)
     elif structure == "rebranch":
-        net = rebranch(model, calibration, seed=c.recipe.seed).to(c.device)
-    data = c.data.with_train_subset(cfg.train_subset)
+        net = rebranch(model, calibration, seed=seeded.seed).to(c.device)
+    data = seeded.with_train_subset(cfg.train_subset)
     result = fit(net, cfg, data, c.env, tag=tag, ckpt_path=c.out_dir / f"{tag}.ckpt", key=key, teacher=teacher,
                  distill=cfg.distill)
     result["images_seen"] = cfg.epochs * data.images_per_epoch()

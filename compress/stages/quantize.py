@@ -26,7 +26,7 @@ def calibration_options(cfg: QuantCfg) -> dict:
 def ptq(c: StageContext, model: nn.Module) -> nn.Module:
     """`model` quantized by PTQ alone, with the recipe's calibration settings (the export stage's INT8 reference)."""
     cfg = c.recipe.quantize
-    return quantize_model(model, c.data.calibration_loader(cfg.calibration_size), c.data.example_input(),
+    return quantize_model(model, c.data.reseeded(cfg.seed).calibration_loader(cfg.calibration_size), c.data.example_input(),
                           **calibration_options(cfg))
 
 
@@ -34,6 +34,7 @@ def run(c: StageContext) -> dict | None:
     """Every DDP rank runs QAT together; only rank 0 evaluates and saves (the others return None and read its
     summary entry). PTQ runs on rank 0 alone (`registry`)."""
     cfg = c.recipe.quantize
+    seeded = c.data.reseeded(cfg.seed)  # calibration images and QAT's shuffles and subset
     source = c.dir.source("finetune")
     model = c.load("finetune")
     if isinstance(model, RepVGG):
@@ -48,11 +49,11 @@ def run(c: StageContext) -> dict | None:
 
     def qat(qmodel) -> None:
         ptq_metrics.update(evaluate_test_set(qmodel, c.data, c.env))  # every rank: sharded under DDP
-        data = c.data.with_train_subset(cfg.train_subset)
+        data = seeded.with_train_subset(cfg.train_subset)
         trained.update(fit(qmodel, qat_cfg, data, c.env, tag="qat", ckpt_path=c.out_dir / "qat.ckpt",
                            key=c.dir.artifact_key("quantize"), teacher=teacher, distill=cfg.distill))
 
-    qmodel = quantize_model(model, c.data.calibration_loader(cfg.calibration_size),
+    qmodel = quantize_model(model, seeded.calibration_loader(cfg.calibration_size),
                             c.data.example_input().to(c.device), train_fn=qat if cfg.trains else None,
                             **calibration_options(cfg))
     if not c.env.main:

@@ -31,7 +31,7 @@ def point_row(point: dict, latency: dict, macs_params: tuple[float, float], num_
     """One point's row: the exported files' top-1 (with 95% Wilson intervals) and measured latencies per batch."""
     stages = point["run"].summary["stages"]
     arts = stages["export"]["artifacts"]
-    row = {"strategy": point["strategy"], "keep": point["keep"], "macs_M": macs_params[0] / 1e6,
+    row = {"strategy": point["strategy"], "keep": point["keep"], "seed": point["seed"], "macs_M": macs_params[0] / 1e6,
            "params_M": macs_params[1] / 1e6, "images_seen": point["images_seen"]}
     for precision in PRECISIONS:
         name = next(n for n in arts if n.endswith(precision))

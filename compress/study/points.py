@@ -121,8 +121,20 @@ def scratch_widths(recipe: Recipe, keep: float, num_classes: int, example: torch
     return best
 
 
-def point_name(strategy: str, keep: float) -> str:
-    return f"{strategy}_{keep:g}"
+def point_name(strategy: str, keep: float, seed: int = 0) -> str:
+    """A point's directory name: strategy and keep, then the seed's offset past the first (`study.seeds`)."""
+    return f"{strategy}_{keep:g}" + (f"_seed{seed}" if seed else "")
+
+
+def reseeded(recipe: Recipe, offset: int, from_scratch: bool) -> Recipe:
+    """A point's recipe for its `offset`-th seed (`study.seeds`): a pruned point keeps the base's seed (it shares
+    the base) and fine-tunes and quantizes with its own; a scratch point trains from a seed of its own."""
+    if offset == 0:
+        return recipe
+    seed = recipe.seed + offset
+    if from_scratch:
+        return updated(recipe, seed=seed)
+    return updated(recipe, finetune={"seed": seed}, quantize={"seed": seed})
 
 
 def unpruned_recipe(recipe: Recipe) -> Recipe:

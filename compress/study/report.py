@@ -16,10 +16,11 @@ from .strategies import STRATEGIES, UNPRUNED_COLOUR
 def write_report(recipe: Recipe, result: dict, out_dir: Path, writer=None) -> None:
     write_text(out_dir / "study.md", study_markdown(recipe, result))
     write_json(out_dir / "study.json", result)
-    fig = pareto_figure(result["rows"], result["settings"]["main_batch"])
+    curves = [r for r in result["rows"] if r["seed"] == 0]  # further seeds: in the points table only
+    fig = pareto_figure(curves, result["settings"]["main_batch"])
     fig.savefig(out_dir / "pareto.png", dpi=120)
     if writer is not None:
-        log_tensorboard(writer, result["rows"], result["settings"]["main_batch"], fig)
+        log_tensorboard(writer, curves, result["settings"]["main_batch"], fig)
 
 
 def pareto_figure(rows: list[dict], batch: int):
@@ -104,9 +105,11 @@ def conclusions(result: dict) -> list[str]:
     missing = sorted({r["strategy"] for r in result["rows"]} - {c["b"] for c in main} - {"unpruned", "plain"})
     if missing:
         lines.append(f"- No shared latency range with plain (no extrapolation): {', '.join(missing)}.")
-    lines += _non_monotone(result["rows"], batch)
-    lines += ["", "These intervals cover the sampling of test images only, not training seeds: every point is one "
-              "trained model.", ""]
+    lines += _non_monotone([r for r in result["rows"] if r["seed"] == 0], batch)
+    repeated = any(r["seed"] for r in result["rows"])
+    lines += ["", "These intervals cover the sampling of test images only, not training seeds: every compared point "
+              "is one trained model" + ("; the points table's further seeds show the spread between trainings."
+                                        if repeated else "."), ""]
     return lines
 
 
@@ -159,21 +162,24 @@ def study_markdown(recipe: Recipe, result: dict) -> str:
         f"init on as many images as base plus fine-tune"
         f"{', distilled from the same teacher' if recipe.study.scratch_distill else ''}, then the same QAT.",
         "- Top-1: of the exported ONNX files, on the test set, with 95% Wilson intervals; PTQ and QAT top-1: the "
-        "INT8 model in PyTorch (fake-quant) after calibration alone and after QAT.",
+        "INT8 model in PyTorch (fake-quant) after calibration alone and after QAT. Seed: the offset from the "
+        "recipe's seed of the point's fine-tune and QAT (a scratch point's training); curves and comparisons use "
+        "seed +0.",
         f"- Latency: ONNX Runtime CPU, batches {', '.join(map(str, batches))}, {s['rounds']} alternating rounds of "
         f"{s['iters']} timed batches after {s['warmup']} warm-up; {m.get('cpu')}, threads {m.get('threads') or 'all'}, "
         f"onnxruntime {m.get('onnxruntime')}.",
         "",
         "## Points", "",
-        "| strategy | keep | MACs (M) | params (M) | images seen | FP32 top-1 [95%] | INT8 top-1 [95%] | "
-        "PTQ top-1 (PyTorch) | QAT top-1 (PyTorch) | "
+        "| strategy | keep | seed | MACs (M) | params (M) | images seen | FP32 top-1 [95%] | INT8 top-1 [95%] | "
+        "INT8 - FP32 (pt) | PTQ top-1 (PyTorch) | QAT top-1 (PyTorch) | "
         + " | ".join(f"{p.upper()} ms @{b}" for b in batches for p in PRECISIONS) + " |",
-        "|---|---|---|---|---|---|---|---|---|" + "---|" * (2 * len(batches)),
+        "|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * (2 * len(batches)),
     ]
     for r in result["rows"]:
-        cells = [r["strategy"], f"{r['keep']:g}", f"{r['macs_M']:.2f}", f"{r['params_M']:.3f}",
+        cells = [r["strategy"], f"{r['keep']:g}", f"+{r['seed']}", f"{r['macs_M']:.2f}", f"{r['params_M']:.3f}",
                  _images(r["images_seen"])]
         cells += [f"{r[f'{p}_top1']:.2f} [{r[f'{p}_ci'][0]:.1f}, {r[f'{p}_ci'][1]:.1f}]" for p in PRECISIONS]
+        cells.append(_pt(r["int8_top1"] - r["fp32_top1"]))
         cells += ["-" if r.get(k) is None else f"{r[k]:.2f}" for k in ("ptq_top1", "qat_top1")]
         cells += [f"{r[f'{p}_ms'][b]:.3f}" for b in batches for p in PRECISIONS]
         lines.append("| " + " | ".join(cells) + " |")
@@ -196,12 +202,14 @@ def study_markdown(recipe: Recipe, result: dict) -> str:
               "Widths per stage (a range where the layers of a stage differ):", "",
               "| strategy | keep | stem | stage 1 | stage 2 | stage 3 | stage 4 |", "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['strategy']} | {r['keep']:g} | " + " | ".join(map(_widths_cell, r["stage_widths"])) + " |")
+        if r["seed"] == 0:  # a point's widths do not depend on its seed
+            lines.append(f"| {r['strategy']} | {r['keep']:g} | " + " | ".join(map(_widths_cell, r["stage_widths"]))
+                         + " |")
     targets = [r for r in result["rows"] if "latency_target" in r]
     if targets:
         lines += ["", "## Latency targets", "", "| keep_latency | unpruned ms (table) | budget ms | predicted ms | "
                   f"measured FP32 ms @{batch} |", "|---|---|---|---|---|"]
-        for r in targets:
+        for r in (r for r in targets if r["seed"] == 0):
             t = r["latency_target"]
             lines.append(f"| {r['keep']:g} | {t['before_ms']:.3f} | {t['budget_ms']:.3f} | {t['predicted_ms']:.3f} | "
                          f"{r['fp32_ms'][batch]:.3f} |")

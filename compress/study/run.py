@@ -31,6 +31,7 @@ from .points import (
     point_name,
     pruned_images,
     pruned_recipe,
+    reseeded,
     scratch_recipe,
     scratch_widths,
     seed_from_base,
@@ -65,7 +66,8 @@ class Study:
         (DIR/points/<p>/tb); `base` gives it the shared trained model first. Returns the run's context."""
         writer = SummaryWriter(str(out_dir / "tb")) if self.env.main else None
         try:
-            pipeline = Pipeline(recipe, out_dir, dataclasses.replace(self.env, writer=writer), self.data)
+            data = self.data.reseeded(recipe.seed)  # a scratch point's own seed (`study.seeds`)
+            pipeline = Pipeline(recipe, out_dir, dataclasses.replace(self.env, writer=writer), data)
             run = pipeline.context
             if base is not None:
                 if self.env.main:
@@ -98,15 +100,16 @@ class Study:
         other = self._reader(recipe, shared)
         return other if all(other.dir.is_done(s) for s in recipe.stages) else None
 
-    def _point(self, strategy: str, keep: float, recipe: Recipe, base: StageContext, images: int) -> dict:
-        name = "unpruned" if strategy == "unpruned" else point_name(strategy, keep)
+    def _point(self, strategy: str, keep: float, recipe: Recipe, base: StageContext, images: int,
+               seed: int = 0) -> dict:
+        name = "unpruned" if strategy == "unpruned" else point_name(strategy, keep, seed)
         run = self._shared_point(recipe, name)
         if self.env.main:
             print(f"[study] {name}" + (f": reused from {run.out_dir}" if run else ""), file=sys.stderr)
         if run is None:
             from_scratch = strategy != "unpruned" and STRATEGIES[strategy].from_scratch
             run = self._run(recipe, self.out_dir / "points" / name, None if from_scratch else base)
-        return {"strategy": strategy, "keep": keep, "tag": name, "run": run, "images_seen": images}
+        return {"strategy": strategy, "keep": keep, "seed": seed, "tag": name, "run": run, "images_seen": images}
 
     def points(self) -> list[dict]:
         r, cfg = self.recipe, self.recipe.study
@@ -123,7 +126,9 @@ class Study:
                     images = precipe.train.epochs * self.data.images_per_epoch()
                 else:
                     precipe, images = pruned_recipe(r, strategy, keep), base_images + ft_images
-                points.append(self._point(strategy, keep, precipe, base, images))
+                for seed in range(cfg.seeds):
+                    points.append(self._point(strategy, keep, reseeded(precipe, seed, from_scratch), base, images,
+                                              seed))
         return points
 
     def bench(self, points: list[dict]) -> dict:
@@ -178,10 +183,11 @@ class Study:
             "groups_plain": len(channel_groups(base.load("reparam").eval(), self.example.cpu())),
         }
         batches = sorted({b for (_, _, b) in latency}, key=lambda b: (b != bench["main_batch"], b))
+        first = [(pt, row) for pt, row in zip(points, rows) if pt["seed"] == 0]  # the curves: each point's first seed
         result = {
             "base": {"dir": str(base.out_dir), "top1": base.summary["stages"]["train"]["top1"]},
             "rows": rows,
-            "comparisons": compare(points, rows, batches, self.recipe.study.bootstrap_resamples),
+            "comparisons": compare(*map(list, zip(*first)), batches, self.recipe.study.bootstrap_resamples),
             "coupling": coupling,
             "machine": bench["machine"],
             "settings": {**bench["settings"], "batches": batches, "main_batch": bench["main_batch"]},
