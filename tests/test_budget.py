@@ -11,7 +11,7 @@ import torch_pruning as tp
 from test_latency_table import SIZE, SPECS, tiny_plain
 
 from compress.prune.budget import select_within_budget
-from compress.prune.cost import LatencyCost, MacCost
+from compress.prune.cost import ChainMacCost, LatencyCost, MacCost
 from compress.prune.latency_table import LatencyTable, LayerShape
 from compress.prune.slots import plain_specs
 from repvgg import LayerSpec, PlainRepVGG, RepVGG
@@ -24,6 +24,27 @@ def test_mac_cost_counts_what_torch_pruning_counts_on_the_built_model():
     specs = [LayerSpec(c, w, s.stride, s.groups) for s, c, w in zip(SPECS, (3, *widths[:-1]), widths)]
     built = PlainRepVGG(specs, 10)
     assert MacCost(model, example).cost(widths) == tp.utils.count_ops_and_params(built, example)[0]
+
+
+def test_chain_mac_cost_is_torch_prunings_count_as_a_sum_over_slots():
+    model, example = tiny_plain(), torch.randn(1, 3, SIZE, SIZE)
+    cost = ChainMacCost(model, example)
+    for widths in [(16, 24, 8, 40), (8, 8, 8, 8), (16, 32, 32, 64)]:
+        chained = cost.constant + sum(cost.slot_cost(i, widths[i - 1] if i else None, w) for i, w in enumerate(widths))
+        assert chained == cost.cost(widths) == MacCost(model, example).cost(widths)
+
+
+def test_budget_search_on_macs_matches_brute_force():
+    model, example = tiny_plain(), torch.randn(1, 3, SIZE, SIZE)
+    cost = ChainMacCost(model, example)
+    rng = np.random.default_rng(0)
+    choices = [[8, 16], [8, 16, 24, 32], [8, 16, 24, 32], [8, 24, 40, 64]]
+    kept = [np.cumsum(rng.uniform(0.1, 2.0, len(c))).tolist() for c in choices]
+    budget = 0.5 * cost.cost([c[-1] for c in choices])
+    widths = select_within_budget(choices, kept, cost, budget, "prune.keep_macs=0.5")
+    assert cost.cost(widths) <= budget
+    value = sum(v[c.index(w)] for v, c, w in zip(kept, choices, widths))
+    assert value == pytest.approx(brute_force(choices, kept, cost, budget))
 
 
 def synthetic_table() -> LatencyTable:

@@ -29,7 +29,8 @@ def tiny_plain(seed: int = 0) -> PlainRepVGG:
 
 
 def quick_options(cache, **latency) -> LatencyOptions:
-    return LatencyOptions(**{**QUICK, "cache_dir": cache, **latency})
+    """Quick table settings; plans trusted as predicted (verify 0) unless a test is about the measured check."""
+    return LatencyOptions(**{**QUICK, "cache_dir": cache, "verify": 0, **latency})
 
 
 def latency_prune(target: Target, latency: LatencyOptions, **options) -> PruneOptions:

@@ -21,13 +21,7 @@ IMAGE = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 BATCH = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convs on a shared 2-core box: one thread is many times faster than two fighting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(groups=None, seed: int = 0) -> RepVGG:
@@ -64,7 +58,7 @@ def assert_exact_reparam(model: RepVGG) -> None:
 
 
 @pytest.mark.parametrize("scope", ["global", "local"])
-@pytest.mark.parametrize("importance", ["l1", "l2", "taylor", "hessian", "lamp", "random"])
+@pytest.mark.parametrize("importance", ["l1", "l2", "taylor", "sensitivity", "hessian", "lamp", "random"])
 def test_every_criterion_and_scope_reaches_keep_macs(importance, scope):
     model = reparameterize(tiny())
     report = prune_model(model, options(importance=importance, scope=scope), IMAGE, batches=data())
@@ -76,7 +70,9 @@ def test_every_criterion_and_scope_reaches_keep_macs(importance, scope):
     widths = report["widths_after"]
     assert widths == model.widths() and widths[0] == 16  # the first layer is not pruned
     assert all(w % 8 == 0 and w <= w0 for w, w0 in zip(widths, report["widths_before"]))
-    assert 0 < report["channel_ratio"] < 1
+    # global scope plans within the MAC budget (no ratio), local scope bisects one ratio for every layer
+    assert report["planner"] == ("budget" if scope == "global" else "ranking")
+    assert (report["channel_ratio"] is None) if scope == "global" else 0 < report["channel_ratio"] < 1
     assert model(BATCH).shape == (4, 10)
 
 
@@ -209,8 +205,10 @@ def test_gradient_criteria_without_data_fail_in_one_line(importance):
 def test_mode_mismatch_and_unreachable_target_fail_in_one_line():
     with pytest.raises(ValueError, match=r"^prune\.mode=multibranch needs a RepVGG, got a PlainRepVGG$"):
         prune_model(reparameterize(tiny()), options(mode="multibranch"), IMAGE)
-    with pytest.raises(ValueError, match=r"^prune\.keep_macs=0\.05 is not reachable within ±2%: [^\n]*$"):
+    with pytest.raises(ValueError, match=r"^prune\.keep_macs=0\.05 is not reachable: [^\n]*$"):
         prune_model(reparameterize(tiny()), options("keep_macs", 0.05, max_layer_ratio=0.5), IMAGE)
+    with pytest.raises(ValueError, match=r"^prune\.keep_macs=0\.05 is not reachable within ±2%: [^\n]*$"):
+        prune_model(reparameterize(tiny()), options("keep_macs", 0.05, max_layer_ratio=0.5, planner="ranking"), IMAGE)
 
 
 def test_min_width_keeps_every_pruned_layer_at_least_that_wide():

@@ -20,7 +20,7 @@ def test_a_registered_criterion_is_a_valid_prune_importance(monkeypatch):
     with pytest.raises(RecipeError) as err:
         validate_recipe({**A0, "prune": {"importance": "lamb"}})
     assert str(err.value).startswith("recipe key 'prune.importance': unknown criterion 'lamb' (did you mean 'lamp'?)")
-    assert "valid: l1, l2, taylor, hessian, lamp, random, l2-copy" in str(err.value)
+    assert "valid: l1, l2, taylor, sensitivity, hessian, lamp, random, l2-copy" in str(err.value)
 
 
 def test_a_registered_strategy_is_a_study_strategy_with_its_own_settings(monkeypatch):

@@ -13,6 +13,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from repvgg import PlainRepVGG
+
 from .latency_table import LatencyTable
 from .slots import architecture, layer_slots
 
@@ -47,6 +49,33 @@ class MacCost:
             arch = architecture(self.model, widths).to_empty(device=self.example_input.device).eval()
             self.cache[widths] = float(tp.utils.count_ops_and_params(arch, self.example_input)[0])
         return self.cache[widths]
+
+
+class ChainMacCost(MacCost):
+    """MACs of a plain model as a `ChainCost`, for the budget search: Torch-Pruning counts a plain layer (3x3 conv,
+    bias, ReLU) writing `cout` channels of an HxW map from `cin` as H W cout (9 cin / groups + 2), and the head as
+    a constant plus a term in the last width; checked against TP's count of the unpruned model when built. (A
+    training-time RepVGG is no chain: its identity branches come and go with the widths.)"""
+
+    def __init__(self, model: PlainRepVGG, example_input: torch.Tensor):
+        super().__init__(model, example_input)
+        size, self.layers = example_input.shape[-1], []
+        for spec in model.layer_specs():
+            size = (size - 1) // spec.stride + 1  # 3x3, padding 1
+            self.layers.append((size * size, spec.groups))
+        self.head_per_channel = size * size + model.linear.out_features  # pooling, then the Linear's weights
+        widths = model.widths()
+        counted = self.cost(widths)
+        self.constant = counted - sum(self.slot_cost(i, widths[i - 1] if i else None, w) for i, w in enumerate(widths))
+        if self.constant != model.linear.out_features:  # the head's bias adds
+            raise RuntimeError(f"prune: Torch-Pruning counts {counted:.0f} MACs for the plain model, the per-layer "
+                               f"formula {counted - self.constant + model.linear.out_features:.0f}")
+
+    def slot_cost(self, i: int, width_in: int | None, width: int) -> float:
+        area, groups = self.layers[i]
+        cin = self.example_input.shape[1] if width_in is None else width_in
+        head = self.head_per_channel * width if i == len(self.layers) - 1 else 0
+        return area * width * (9 * cin / groups + 2) + head
 
 
 class LatencyCost:

@@ -49,7 +49,8 @@ class LatencyOptions:
     """How a latency table is measured: on `provider` (a runtime of `compress.runtime.RUNTIMES` that runs ONNX files:
     ONNX Runtime's CPU provider, OpenVINO's CPU device) with `threads` (None: all cores), `batch` and `precision`,
     `grid_points` widths per axis of each layer's grid, every model timed over `rounds` rounds; cached under
-    `cache_dir` (None: the user's cache directory)."""
+    `cache_dir` (None: the user's cache directory). A plan made from it is timed whole against the unpruned model
+    and re-planned up to `verify` times until it measures within tolerance of the target (`pruning._verify`)."""
 
     provider: str = "cpu"
     threads: int | None = None
@@ -58,11 +59,12 @@ class LatencyOptions:
     grid_points: int = 8
     rounds: int = 3
     cache_dir: Path | None = None
+    verify: int = 3  # plans timed against the unpruned model and corrected, at most this many times (0: trust the table)
 
     def cache_key(self) -> dict:
         """The settings a table's numbers depend on, for its cache key: all but where the cache lies."""
         values = asdict(self)
-        del values["cache_dir"]
+        del values["cache_dir"], values["verify"]  # the table does not depend on how its plans are checked
         return values
 
 
@@ -73,7 +75,16 @@ class PruneOptions:
     `max_layer_ratio` of a layer removed and no layer below `min_width` channels (None: `round_to`), TP's
     `isomorphic` ranking, widths in multiples of `round_to` (None: `default_round_to` of the example input's
     device), over `steps` iterative steps, the first layer pruned only if `prune_first_layer`, taylor / hessian
-    reading `gradient_batches` batches, and a latency target's table measured as `latency` says."""
+    reading `gradient_batches` batches, and a latency target's table measured as `latency` says.
+
+    `planner`: "budget" chooses the widths that keep the most importance within the target's cost (MACs of a
+    plain model, or a latency table's milliseconds; `budget.select_within_budget`), under global scope;
+    "ranking" bisects the ratio of Torch-Pruning's global ranking until the cost fits (`plan.search_ratio`), as
+    local scope, isomorphic ranking and multi-branch MAC targets always do. The `sensitivity` criterion measures
+    its loss curves on `sensitivity_images` images at `sensitivity_grid` widths per slot, cached in the file
+    `sensitivity_cache` (None: not cached) under the model's weights and these settings. `reconstruct` re-fits
+    a pruned plain model's layers to the unpruned one's outputs on `reconstruct_images` images, by least squares
+    with ridge `reconstruct_ridge` (`reconstruct`)."""
 
     target: Target = Target("keep_macs", 0.5)
     mode: Literal["plain", "multibranch"] = "plain"
@@ -87,6 +98,13 @@ class PruneOptions:
     prune_first_layer: bool = False
     gradient_batches: int = 4
     latency: LatencyOptions = LatencyOptions()
+    planner: Literal["budget", "ranking"] = "budget"
+    sensitivity_images: int = 2048
+    sensitivity_grid: int = 8
+    sensitivity_cache: Path | None = None
+    reconstruct: bool = False
+    reconstruct_images: int = 512
+    reconstruct_ridge: float = 1e-3
 
 
 def default_round_to(device_type: str) -> int:

@@ -7,17 +7,23 @@ How a prune runs:
    blocks together) and the widths each may take (`slots`).
 2. The widths are planned against a cost (`cost`): MACs for `keep_macs`, milliseconds from a latency table
    measured on this machine's runtime (`latency`) for `keep_latency` / `target_ms`.
-   - `keep_macs` (and a latency target under `scope: local` or `isomorphic`): the pruning ratio is bisected until
-     the planned architecture keeps the target fraction of the cost within ±2% (`plan`), uniform per slot or by
-     TP's global ranking.
-   - `keep_latency` / `target_ms` (global scope): the widths that keep the most importance within the budget,
-     each layer's latency depending on its width and its input's (`budget`).
+   - Planner `budget` (global scope): the widths whose summed value is largest within the budget, each layer's cost
+     depending on its width and its input's (`budget`); a slot's value at a width comes from the criterion
+     (`importance.slot_values`: for taylor and sensitivity, minus the loss it costs).
+   - Planner `ranking`, local scope, isomorphic ranking and a multi-branch model's MACs: the pruning ratio is
+     bisected until the planned architecture keeps the target fraction of the cost within ±2% (`plan`), uniform
+     per slot or by TP's global ranking.
+   - A latency plan is then timed whole against the unpruned model and planned again with a corrected budget until
+     it measures on target (`_verify`).
    - `channel_ratio`: one ratio, no search.
-3. TP prunes the real model to the planned widths, its importance picking the channels (`realize`).
+3. TP prunes the real model to the planned widths, its importance picking the channels (`realize`), and a plain
+   model's pruned layers are re-fitted to the unpruned model's outputs when asked (`reconstruct`).
 """
 
 from __future__ import annotations
 
+import copy
+import sys
 from collections.abc import Callable, Iterable
 
 import torch
@@ -27,52 +33,103 @@ from torch import nn
 from repvgg import PlainRepVGG, RepVGG, channel_groups
 
 from .budget import select_within_budget
-from .cost import LatencyCost, MacCost
+from .cost import ChainMacCost, LatencyCost, MacCost
 from .errors import PruneError
-from .importance import accumulate_gradients, gradient_batches, kept_importance, make_importance
+from .importance import accumulate_gradients, first_images, gradient_batches, make_importance, slot_values
 from .latency import load_or_build_table
 from .latency_table import LatencyTable
+from .measure import measure_ratios
 from .options import PruneOptions, default_round_to
 from .plan import Planner, search_ratio
 from .realize import realize
+from .reconstruct import reconstruct
 from .slots import layer_widths, slot_widths, slots_of
+
+VERIFY_TOLERANCE = 0.02  # |measured / unpruned - target| a latency plan may miss by before it is planned again
 
 
 def _check_mode(model: nn.Module, options: PruneOptions) -> None:
     want = PlainRepVGG if options.mode == "plain" else RepVGG
     if not isinstance(model, want):
         raise PruneError(f"prune.mode={options.mode} needs a {want.__name__}, got a {type(model).__name__}")
+    if options.reconstruct and options.mode != "plain":
+        raise PruneError("prune.reconstruct: re-fits plain layers; prune.mode=multibranch has none (set it false)")
 
 
 def _plan(model, options: PruneOptions, example_input, importance, slots, seed: int, round_to: int, macs: MacCost,
-          latency_table: LatencyTable | None) -> tuple[tuple[int, ...], float | None, dict | None]:
-    """The planned slot widths, the pruning ratio they come from (None for the budget search) and, for a latency
-    target, what the report records about it."""
+          latency_table: LatencyTable | None, batches: list) -> tuple[tuple[int, ...], float | None, dict]:
+    """The planned slot widths, the pruning ratio they come from (None for the budget search) and what the report
+    records about the plan (its planner; the budget search's value; a latency target's prediction, table and the
+    measured check of each plan)."""
     target = options.target
 
     def planner() -> Planner:
         return Planner(model, example_input, importance, slots, options, seed)
 
-    if target.kind == "keep_macs":
-        return (*search_ratio(planner(), macs, target.value, target.name, options, round_to), None)
     if target.kind == "channel_ratio":
         plan = planner()
-        return plan(min(target.value, plan.max_ratio)), target.value, None
-    if latency_table is None:
-        latency_table = load_or_build_table(model, options.latency, example_input.shape[-1], round_to)
-    cost = LatencyCost(latency_table, model)
+        return plan(min(target.value, plan.max_ratio)), target.value, {"planner": "ratio"}
+    if target.latency:
+        if latency_table is None:
+            latency_table = load_or_build_table(model, options.latency, example_input.shape[-1], round_to)
+        cost = LatencyCost(latency_table, model)
+    else:
+        cost = macs
     before = cost.cost([s.init for s in slots])
     budget = target.value if target.kind == "target_ms" else target.value * before
-    ratio = None
-    if options.scope == "global" and not options.isomorphic:
+    budgeted = (options.planner == "budget" and options.scope == "global" and not options.isomorphic
+                and (target.latency or isinstance(model, PlainRepVGG)))  # multi-branch MACs are no chain
+    report = {"planner": "budget" if budgeted else "ranking"}
+    if budgeted:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # random importance: a draw of its own, the global generator left as it was
-            kept = kept_importance(model, example_input, importance, slots)
-        widths = select_within_budget([s.choices() for s in slots], kept, cost, budget, target.name)
+            values, report["values"] = slot_values(model, example_input, importance, slots, options, batches)
+        chain = cost if target.latency else ChainMacCost(model, example_input)
+
+        def plan_within(limit: float) -> tuple[tuple[int, ...], float | None]:
+            return select_within_budget([s.choices() for s in slots], values, chain, limit, target.name), None
     else:
-        widths, ratio = search_ratio(planner(), cost, budget / before, target.name, options, round_to)
-    report = {"before_ms": before, "predicted_ms": cost.cost(widths), "budget_ms": budget, "table": latency_table.summary()}
+        def plan_within(limit: float) -> tuple[tuple[int, ...], float | None]:
+            return search_ratio(planner(), cost, limit / before, target.name, options, round_to)
+
+    widths, ratio = plan_within(budget)
+    if target.latency:
+        report["latency"] = {"before_ms": before, "budget_ms": budget, "table": latency_table.summary()}
+        if options.latency.verify:
+            widths, ratio, report["latency"]["rounds"] = _verify(model, options, example_input.shape[-1], budget,
+                                                                 (widths, ratio), plan_within)
+        report["latency"]["predicted_ms"] = cost.cost(widths)
+    if budgeted:
+        report["values"]["plan"] = sum(v[s.choices().index(w)] for v, s, w in zip(values, slots, widths))
     return widths, ratio, report
+
+
+def _verify(model, options: PruneOptions, image_size: int, budget: float, first: tuple, plan_within: Callable,
+            ) -> tuple[tuple[int, ...], float | None, list[dict]]:
+    """Close the latency loop: time the plan against the unpruned model (`measure.measure_ratios`, as the bench
+    compares them) and, while the measured ratio misses the target's by more than VERIFY_TOLERANCE, scale the
+    budget by the miss (the table's error at this plan, taken as proportional) and plan again, up to
+    `options.latency.verify` times. Returns the plan that measured closest to the target, not above it by more
+    than the tolerance where one does, and every round's figures."""
+    target, plan, rounds = options.target, first, []
+    for attempt in range(options.latency.verify + 1):
+        measured = measure_ratios(model, [plan[0]], options.latency, image_size, log=_stderr)
+        goal = target.value if target.kind == "keep_latency" else target.value / measured["unpruned_ms"]
+        got = measured["candidates"][0]["ratio"]
+        rounds.append({"budget_ms": budget, "widths": list(plan[0]), "ratio": plan[1], "measured_ratio": got,
+                       "target_ratio": goal, "unpruned_ms": measured["unpruned_ms"]})
+        if abs(got - goal) <= VERIFY_TOLERANCE or attempt == options.latency.verify:
+            break
+        budget *= goal / got
+        plan = plan_within(budget)
+    within = [r for r in rounds if r["measured_ratio"] <= r["target_ratio"] + VERIFY_TOLERANCE] or rounds
+    best = min(within, key=lambda r: abs(r["measured_ratio"] - r["target_ratio"]))
+    best["chosen"] = True
+    return tuple(best["widths"]), best["ratio"], rounds
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
 
 
 def prune_model(
@@ -106,9 +163,14 @@ def prune_model(
         if data:
             accumulate_gradients(model, importance, data, example_input.device)
         seed = int(torch.randint(2**31 - 1, ()))
-        widths, ratio, latency = _plan(model, options, example_input, importance, slots, seed, round_to, macs,
-                                       latency_table)
-        realize(model, options, example_input, importance, slots, widths, data, seed, between_steps, was_training)
+        widths, ratio, plan = _plan(model, options, example_input, importance, slots, seed, round_to, macs,
+                                    latency_table, batches)
+        reference = copy.deepcopy(model) if options.reconstruct else None
+        kept = realize(model, options, example_input, importance, slots, widths, data, seed, between_steps,
+                       was_training)
+        if reference is not None:
+            images = first_images(batches or [], options.reconstruct_images)
+            refit = reconstruct(model, reference, kept, images, ridge=options.reconstruct_ridge)
         macs_after, params_after = tp.utils.count_ops_and_params(model, example_input)
     finally:
         model.zero_grad(set_to_none=True)
@@ -132,6 +194,7 @@ def prune_model(
         "channels_removed": 1 - sum(widths[i] for i in prunable) / sum(slots[i].init for i in prunable),
         "round_to": round_to,
     }
-    if latency is not None:
-        report["latency"] = latency
+    report.update(plan)
+    if options.reconstruct:
+        report["reconstruct"] = refit
     return report

@@ -32,12 +32,14 @@ class Timing:
         return min(self.runs)
 
 
-def time_round(timings: list[Timing], runtime: str, threads: int | None, shift: int, rng: np.random.Generator) -> None:
+def time_round(timings: list[Timing], runtime: str, threads: int | None, shift: int, rng: np.random.Generator,
+               warmup: int = WARMUP, iters: int = ITERS) -> None:
     """Time each model once on `runtime` (a name in compress.runtime.RUNTIMES that runs ONNX files) with `threads`
-    threads (None: all cores), round-robin from `timings[shift]`, one session alive at a time."""
+    threads (None: all cores), round-robin from `timings[shift]`, one session alive at a time: `warmup` untimed runs,
+    then `iters` timed ones added to its `runs`."""
     for t in timings[shift:] + timings[:shift]:
         session = open_onnx(t.path, runtime, threads)
-        t.runs += time_runs(session.step(t.input(rng)), WARMUP, ITERS)
+        t.runs += time_runs(session.step(t.input(rng)), warmup, iters)
         del session  # the only reference to the session: freed before the next one starts
 
 

@@ -3,6 +3,7 @@ target. The recipe's `prune` section becomes the pruner's own typed options here
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import torch
@@ -11,7 +12,7 @@ from repvgg import PlainRepVGG, RepVGG
 
 from ..context import StageContext
 from ..figures import log_prune
-from ..prune import LatencyOptions, PruneOptions, load_or_build_table, prune_model
+from ..prune import LatencyOptions, PruneOptions, criterion, load_or_build_table, prune_model
 from ..recipe import LatencyCfg, PruneCfg
 from ..rundir import PipelineError
 from ..train import evaluate
@@ -21,7 +22,7 @@ from .finetune import finetune_model
 def latency_options(cfg: LatencyCfg) -> LatencyOptions:
     """The latency table's options from the recipe's `prune.latency` section."""
     return LatencyOptions(provider=cfg.provider, threads=cfg.threads, batch=cfg.batch, precision=cfg.precision,
-                          grid_points=cfg.grid_points, rounds=cfg.rounds, cache_dir=cfg.cache_dir)
+                          grid_points=cfg.grid_points, rounds=cfg.rounds, cache_dir=cfg.cache_dir, verify=cfg.verify)
 
 
 def prune_options(cfg: PruneCfg) -> PruneOptions:
@@ -29,7 +30,11 @@ def prune_options(cfg: PruneCfg) -> PruneOptions:
     return PruneOptions(target=cfg.target, mode=cfg.mode, importance=cfg.importance, scope=cfg.scope,
                         max_layer_ratio=cfg.max_layer_ratio, min_width=cfg.min_width, isomorphic=cfg.isomorphic,
                         round_to=cfg.round_to, steps=cfg.steps, prune_first_layer=cfg.prune_first_layer,
-                        gradient_batches=cfg.gradient_batches, latency=latency_options(cfg.latency))
+                        gradient_batches=cfg.gradient_batches, latency=latency_options(cfg.latency),
+                        planner=cfg.planner, sensitivity_images=cfg.sensitivity_images,
+                        sensitivity_grid=cfg.sensitivity_grid, sensitivity_cache=cfg.sensitivity_cache,
+                        reconstruct=cfg.reconstruct, reconstruct_images=cfg.reconstruct_images,
+                        reconstruct_ridge=cfg.reconstruct_ridge)
 
 
 def _expect(model, cls, stage: str, mode: str):
@@ -51,6 +56,8 @@ def run(c: StageContext) -> dict | None:
     every rank prunes the same model the same way (fixed batches, same seed) and checks it did."""
     cfg = c.recipe.prune
     options = prune_options(cfg)
+    if options.sensitivity_cache is None:
+        options = dataclasses.replace(options, sensitivity_cache=c.out_dir / "sensitivity.json")
     if cfg.mode == "plain":
         model = _expect(c.load("reparam"), PlainRepVGG, "reparam", cfg.mode)
     else:
@@ -70,7 +77,12 @@ def run(c: StageContext) -> dict | None:
             wait=(lambda: torch.distributed.barrier(group=c.env.wait_group)) if every_rank else None,
             log=(lambda line: print(f"[prune] {line}", file=sys.stderr)) if c.env.main else None)
     # fixed, unaugmented batches for taylor/hessian: the same importance whenever (and wherever) it is run
-    batches = c.data.calibration_loader(cfg.gradient_batches * c.data.cfg.batch_size)
+    images = cfg.gradient_batches * c.data.cfg.batch_size
+    if criterion(cfg.importance).measured:
+        images = max(images, cfg.sensitivity_images)
+    if cfg.reconstruct:
+        images = max(images, cfg.reconstruct_images)
+    batches = c.data.calibration_loader(images)
     report = prune_model(model, options, example, batches=batches, between_steps=finetune_between_steps,
                          latency_table=table)
     if every_rank:

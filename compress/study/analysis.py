@@ -41,6 +41,7 @@ def point_row(point: dict, latency: dict, macs_params: tuple[float, float], num_
         row[f"{precision}_ci"] = [100 * low, 100 * high]
         row[f"{precision}_n"] = entry["n"]
         row[f"{precision}_ms"] = {b: ms for (tag, p, b), ms in latency.items() if (tag, p) == (point["tag"], precision)}
+    row["pruned_top1"] = stages.get("prune", {}).get("top1")  # right after pruning, before fine-tuning (PyTorch)
     quantize = stages.get("quantize", {})  # INT8 in PyTorch (fake-quant): after calibration alone, then after QAT
     row["ptq_top1"] = quantize.get("ptq_top1", quantize.get("top1"))
     row["qat_top1"] = quantize.get("top1") if quantize.get("mode") == "qat" else None

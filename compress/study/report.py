@@ -65,6 +65,8 @@ def log_tensorboard(writer, rows: list[dict], batch: int, fig) -> None:
     writer.add_custom_scalars(layout)
     for r in rows:  # the HParams dashboard: one run per point, sortable and filterable
         metrics = {"hparam/macs_M": r["macs_M"], "hparam/images_seen": float(r["images_seen"])}
+        if r.get("pruned_top1") is not None:
+            metrics["hparam/pruned_top1"] = r["pruned_top1"]
         for precision in PRECISIONS:
             metrics[f"hparam/{precision}_top1"] = r[f"{precision}_top1"]
             metrics[f"hparam/{precision}_ms"] = r[f"{precision}_ms"][batch]
@@ -162,7 +164,8 @@ def study_markdown(recipe: Recipe, result: dict) -> str:
         f"init on as many images as base plus fine-tune"
         f"{', distilled from the same teacher' if recipe.study.scratch_distill else ''}, then the same QAT.",
         "- Top-1: of the exported ONNX files, on the test set, with 95% Wilson intervals; PTQ and QAT top-1: the "
-        "INT8 model in PyTorch (fake-quant) after calibration alone and after QAT. Seed: the offset from the "
+        "INT8 model in PyTorch (fake-quant) after calibration alone and after QAT; pruned top-1: the model right "
+        "after pruning, before any fine-tuning (the allocation's quality). Seed: the offset from the "
         "recipe's seed of the point's fine-tune and QAT (a scratch point's training); curves and comparisons use "
         "seed +0.",
         f"- Latency: ONNX Runtime CPU, batches {', '.join(map(str, batches))}, {s['rounds']} alternating rounds of "
@@ -170,14 +173,14 @@ def study_markdown(recipe: Recipe, result: dict) -> str:
         f"onnxruntime {m.get('onnxruntime')}.",
         "",
         "## Points", "",
-        "| strategy | keep | seed | MACs (M) | params (M) | images seen | FP32 top-1 [95%] | INT8 top-1 [95%] | "
-        "INT8 - FP32 (pt) | PTQ top-1 (PyTorch) | QAT top-1 (PyTorch) | "
+        "| strategy | keep | seed | MACs (M) | params (M) | images seen | pruned top-1 (PyTorch) | FP32 top-1 [95%] | "
+        "INT8 top-1 [95%] | INT8 - FP32 (pt) | PTQ top-1 (PyTorch) | QAT top-1 (PyTorch) | "
         + " | ".join(f"{p.upper()} ms @{b}" for b in batches for p in PRECISIONS) + " |",
-        "|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * (2 * len(batches)),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * (2 * len(batches)),
     ]
     for r in result["rows"]:
         cells = [r["strategy"], f"{r['keep']:g}", f"+{r['seed']}", f"{r['macs_M']:.2f}", f"{r['params_M']:.3f}",
-                 _images(r["images_seen"])]
+                 _images(r["images_seen"]), "-" if r.get("pruned_top1") is None else f"{r['pruned_top1']:.2f}"]
         cells += [f"{r[f'{p}_top1']:.2f} [{r[f'{p}_ci'][0]:.1f}, {r[f'{p}_ci'][1]:.1f}]" for p in PRECISIONS]
         cells.append(_pt(r["int8_top1"] - r["fp32_top1"]))
         cells += ["-" if r.get(k) is None else f"{r[k]:.2f}" for k in ("ptq_top1", "qat_top1")]

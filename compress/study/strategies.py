@@ -28,7 +28,13 @@ class Strategy:
 LATENCY_POINTS = {"precision": "fp32", "batch": 8}
 
 STRATEGIES: dict[str, Strategy] = {
-    "plain": Strategy("re-parameterize, then prune each layer by global importance ranking", "#1f77b4"),
+    "plain": Strategy("re-parameterize, then prune each layer: the widths that keep the most value (the recipe's "
+                      "criterion: the loss it costs, by default) within the MAC budget, re-fitted to the unpruned "
+                      "model's outputs", "#1f77b4"),
+    "plain-ranking": Strategy("plain as Torch-Pruning prunes it: L2 magnitudes normalised per layer, one global "
+                              "ranking bisected to the MAC target, no re-fit (this toolkit's default before "
+                              "pruning in loss units)", "#8c564b",
+                              prune={"importance": "l2", "planner": "ranking", "reconstruct": False}),
     "plain-uniform": Strategy("the same, one ratio for every layer", "#2ca02c", prune={"scope": "local"}),
     "plain-latency": Strategy("plain, to the same fraction of the plain model's measured FP32 latency (batch 8) "
                               "instead of its MACs", "#ff7f0e", target="keep_latency",
@@ -36,7 +42,7 @@ STRATEGIES: dict[str, Strategy] = {
     "plain-rebranch": Strategy("plain, fine-tuned as re-branched RepVGG blocks, folded back", "#17becf",
                                structure="rebranch"),
     "multibranch": Strategy("prune the coupled training-time model, then re-parameterize", "#d62728",
-                            prune={"mode": "multibranch"}, structure="plain"),
+                            prune={"mode": "multibranch", "reconstruct": False}, structure="plain"),
     "scratch": Strategy("per-stage widths searched to the same MACs, trained from random init on at least as many "
                         "images as base + fine-tune, distilled from the same teacher", "#9467bd", from_scratch=True),
 }

@@ -1,0 +1,80 @@
+"""Measuring planned architectures against the unpruned one, the way `compress.bench` compares the artifacts: for a
+latency-targeted prune to check (and correct) what its latency table predicted.
+
+The table's sum underestimates some width combinations (bilinear interpolation, and the planner picks the widths the
+table happens to favour), so a plan predicted at half the unpruned latency can measure well above it. Here whole
+plain models are timed: the unpruned architecture and each candidate, as ONNX graphs with random weights
+(`onnx_layers.plain_model`) on the table's runtime, threads, batch and precision, one session alive at a time.
+
+Every model is timed once per round, round-robin, the start shifted by one model each round, for several rounds.
+A shared machine drifts (other work, clocks, caches) over seconds to minutes; within one round every model sees
+nearly the same machine, so a candidate's time divided by the unpruned time of the same round cancels the drift,
+which absolute times would carry. The ratio reported is the median of those per-round ratios, and a model's time
+in a round the median of its runs: what `compress.bench` reports for the pruned model against the plain one, the
+number the target is checked against.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from .onnx_layers import plain_model
+from .options import LatencyOptions, PruneOptions
+from .slots import architecture, plain_specs, slot_widths, slots_of
+from .timing import Timing, time_round
+
+# Runs per model and round: the benchmark's defaults (`BenchOptions` warmup, iters). The table times hundreds of
+# models and affords 2 + 5; here a handful of whole models are timed, so a round's median rests on enough runs to
+# shrug off a burst, and a fresh session's warm-up (allocation, kernel choice) is over as it is in the benchmark.
+WARMUP, ITERS = 10, 20
+
+
+def measure_ratios(model: nn.Module, candidates: list[tuple[int, ...]], options: LatencyOptions, image_size: int,
+                   rounds: int = 5, log: Callable[[str], None] | None = None) -> dict:
+    """Time the plain models of `model` (PlainRepVGG or training-time RepVGG, unpruned) and of each candidate's slot
+    widths on `options.provider` (`options.threads`, `options.batch`, `options.precision`) at `image_size`, over
+    `rounds` alternating rounds (see the module docstring); `log` gets a line per round.
+
+    Returns {"unpruned_ms", "candidates": [{"widths", "ms", "ratio"}], "rounds", "seconds"}: medians over rounds of
+    each round's median, and of each round's candidate / unpruned ratio."""
+    if rounds < 1:
+        raise ValueError(f"measure_ratios: rounds={rounds}, give at least 1")
+    unpruned = slot_widths(slots_of(model, PruneOptions(), 1))  # the model's own widths: what pruning starts from
+    for widths in candidates:
+        if len(widths) != len(unpruned):
+            raise ValueError(f"measure_ratios: widths {list(widths)} give {len(widths)} slots; the model has "
+                             f"{len(unpruned)} ({list(unpruned)})")
+    start = time.perf_counter()
+    int8, classes = options.precision == "int8", model.linear.out_features
+    input_shape = (options.batch, plain_specs(model)[0].in_channels, image_size, image_size)
+    rng = np.random.default_rng(0)
+    per_round: list[list[float]] = []  # [round][model]: that round's median, the unpruned model first
+    named = [("unpruned", unpruned), *((f"candidate{k}", tuple(w)) for k, w in enumerate(candidates))]
+    with tempfile.TemporaryDirectory(prefix="measure-") as tmp:
+        timings = [Timing(Path(tmp) / f"{name}.onnx",
+                          plain_model(plain_specs(architecture(model, widths)), image_size, classes, int8),
+                          input_shape, np.dtype(np.float32))
+                   for name, widths in named]
+        for r in range(rounds):
+            round_start = time.perf_counter()
+            time_round(timings, options.provider, options.threads, r % len(timings), rng, WARMUP, ITERS)
+            per_round.append([statistics.median(t.runs[-ITERS:]) for t in timings])  # this round's runs only
+            if log is not None:
+                ratios = " ".join(f"{ms / per_round[-1][0]:.3f}" for ms in per_round[-1][1:])
+                log(f"[measure] round {r + 1}/{rounds}: unpruned {per_round[-1][0]:.3f} ms, ratios {ratios} "
+                    f"({time.perf_counter() - round_start:.1f} s)")
+    ms = np.array(per_round)
+    return {
+        "unpruned_ms": float(np.median(ms[:, 0])),
+        "candidates": [{"widths": [int(w) for w in widths], "ms": float(np.median(ms[:, k + 1])),
+                        "ratio": float(np.median(ms[:, k + 1] / ms[:, 0]))} for k, widths in enumerate(candidates)],
+        "rounds": rounds,
+        "seconds": time.perf_counter() - start,
+    }

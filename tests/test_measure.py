@@ -1,0 +1,121 @@
+"""Measuring planned architectures against the unpruned one (`compress.prune.measure`): the unpruned architecture
+timed as a candidate measures about 1, a much narrower one below it, on a tiny plain model (ONNX Runtime); and a
+runtime registered in RUNTIMES is the one the options name, opened round-robin, one session at a time."""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from compress.prune import LatencyOptions
+from compress.prune.measure import measure_ratios
+from compress.runtime import RUNTIMES
+from repvgg import LayerSpec, PlainRepVGG
+
+SIZE = 32  # 16 leaves the session overhead a third of the unpruned time, and the narrow ratio near 0.7
+SPECS = [LayerSpec(3, 16, 2, 1), LayerSpec(16, 32, 1, 1), LayerSpec(32, 32, 2, 1), LayerSpec(32, 32, 1, 1)]
+UNPRUNED, NARROW = (16, 32, 32, 32), (8, 8, 8, 8)
+QUICK = LatencyOptions(threads=1, batch=2)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> PlainRepVGG:
+    torch.manual_seed(0)
+    return PlainRepVGG(SPECS, 10).eval()
+
+
+def test_the_unpruned_architecture_measures_about_one_and_a_narrow_one_less(tiny):
+    lines = []
+    out = measure_ratios(tiny, [UNPRUNED, NARROW], QUICK, SIZE, rounds=2, log=lines.append)
+    same, narrow = (c["ratio"] for c in out["candidates"])
+    assert abs(same - 1) < 0.3  # the same graph, timed in another session: only noise on a busy machine
+    assert narrow < 0.8 * same
+    assert len(lines) == 2 and lines[0].startswith("[measure] round 1/2")
+
+
+def test_the_result_echoes_the_widths_with_positive_medians(tiny):
+    out = measure_ratios(tiny, [NARROW, (16, 16, 24, 32)], QUICK, SIZE, rounds=1)
+    assert out["rounds"] == 1 and out["seconds"] > 0 and out["unpruned_ms"] > 0
+    assert [c["widths"] for c in out["candidates"]] == [list(NARROW), [16, 16, 24, 32]]
+    assert all(c["ms"] > 0 and c["ratio"] > 0 for c in out["candidates"])
+
+
+def test_widths_for_another_number_of_slots_are_refused(tiny):
+    with pytest.raises(ValueError, match="give 3 slots; the model has 4"):
+        measure_ratios(tiny, [(8, 8, 8)], QUICK, SIZE)
+
+
+class SpinSession:
+    """A model whose every call takes `ms`, spinning (a sleep wakes late, by the scheduler's whim)."""
+
+    timing = "spin"
+
+    def __init__(self, ms: float):
+        self.ms = ms
+
+    def step(self, x: np.ndarray):
+        def call():
+            end = time.perf_counter() + self.ms / 1000
+            while time.perf_counter() < end:
+                pass
+
+        return call
+
+
+class Recording:
+    """The fake runtime: every ONNX file it opened, with the threads asked for, in order."""
+
+    name, label, opens = "recording", "Recording", "onnx"
+
+    def __init__(self):
+        self.opened: list[tuple[str, int | None]] = []
+
+    def unavailable(self, device="cpu", sample=None):
+        return None
+
+    def version(self):
+        return "recording 1"
+
+    def open(self, model, threads=None, device="cpu"):
+        self.opened.append((model.stem, threads))
+        return SpinSession(0.2)
+
+
+def test_the_options_provider_and_threads_are_the_ones_timed(tiny, monkeypatch):
+    runtime = Recording()
+    monkeypatch.setitem(RUNTIMES, runtime.name, runtime)
+    out = measure_ratios(tiny, [NARROW, UNPRUNED], LatencyOptions(provider="recording", threads=3, batch=2), SIZE,
+                         rounds=2)
+    # one session per model and round, round-robin, the second round starting one model later
+    assert runtime.opened == [(name, 3) for name in ("unpruned", "candidate0", "candidate1",
+                                                     "candidate0", "candidate1", "unpruned")]
+    assert out["unpruned_ms"] >= 0.2 and all(c["ms"] >= 0.2 for c in out["candidates"])
+
+
+def test_a_plan_that_measures_off_target_is_planned_again_with_a_scaled_budget(tmp_path, monkeypatch):
+    """The table says the plan keeps 0.5 of the latency; the machine (faked here: the measurement only) says each
+    plan costs 1.2x its prediction. The loop scales the budget down and keeps the plan that measures on target."""
+    import compress.prune.pruning as pruning
+    from compress.prune import PruneOptions, Target, load_or_build_table, prune_model
+    from compress.prune.cost import LatencyCost
+
+    model = PlainRepVGG(SPECS, 10).eval()
+    latency = LatencyOptions(threads=1, batch=2, grid_points=3, rounds=1, cache_dir=tmp_path, verify=3)
+    table = load_or_build_table(model, latency, SIZE, 8, log=lambda line: None)
+    cost = LatencyCost(table, model)
+    unpruned = cost.cost(UNPRUNED)
+
+    def measured(_model, candidates, _options, _size, log=None):
+        return {"unpruned_ms": unpruned, "candidates": [
+            {"widths": list(w), "ratio": 1.2 * cost.cost(w) / unpruned} for w in candidates]}
+
+    monkeypatch.setattr(pruning, "measure_ratios", measured)
+    report = prune_model(model, PruneOptions(target=Target("keep_latency", 0.6), round_to=8, latency=latency),
+                         torch.randn(1, 3, SIZE, SIZE), latency_table=table)
+    rounds = report["latency"]["rounds"]
+    assert len(rounds) >= 2 and rounds[0]["measured_ratio"] > 0.6 + 0.02  # the first plan missed
+    assert rounds[1]["budget_ms"] == pytest.approx(rounds[0]["budget_ms"] * 0.6 / rounds[0]["measured_ratio"])
+    chosen = [r for r in rounds if r.get("chosen")]
+    assert len(chosen) == 1 and chosen[0]["measured_ratio"] <= 0.6 + 0.02
+    assert tuple(chosen[0]["widths"]) == tuple(report["widths_after"])
