@@ -106,9 +106,15 @@ def run_report(recipe: Recipe, summary: dict, out_dir: Path) -> str:
     check = (stages.get("bench") or {}).get("prune_latency")
     if check:
         measured = _fmt(check["measured_ms"], ".2f") if check["measured_ms"] is not None else "not timed by bench"
+        ratio = (f"; {check['artifact']} / {check['artifact'].replace('pruned', 'plain')} "
+                 f"{check['measured_ratio']:.3f} measured for {check['target_ratio']:.3f} (median of per-round ratios)"
+                 if "measured_ratio" in check else "")
+        rounds = (stages.get("prune") or {}).get("latency", {}).get("rounds") or []
+        loop = (f"; the plan was timed {len(rounds)} time(s) against the unpruned model: "
+                + ", ".join(f"{r['measured_ratio']:.3f}" for r in rounds) if rounds else "")
         lines += [f"Latency target ({check['artifact']}, {_label(check['provider'])}, batch "
                   f"{check['batch']}): budget {check['budget_ms']:.2f} ms, predicted {check['predicted_ms']:.2f} ms, "
-                  f"measured {measured} ms", ""]
+                  f"measured {measured} ms{ratio}{loop}", ""]
     prune = stages.get("prune")
     if prune and "widths_after" in prune:
         lines += [f"Widths, plain -> pruned (MACs kept {prune['keep_macs_achieved']:.3f}):",

@@ -23,31 +23,41 @@ def bench_options(cfg: BenchCfg) -> BenchOptions:
                         runtimes=tuple(cfg.providers) if cfg.providers is not None else None)
 
 
+def _round_ratio(numerator: list[float], denominator: list[float]) -> float:
+    """The median of per-round ratios of two models timed in the same rounds (machine drift cancels)."""
+    ratios = sorted(a / b for a, b in zip(numerator, denominator))
+    return ratios[len(ratios) // 2]
+
+
 def int8_speedups(results: list[dict], batch: int) -> dict:
-    """FP32/INT8 latency of each quantized artifact against its own FP32 twin: the median of per-round ratios
-    (both were timed in the same rounds, so machine drift cancels)."""
+    """FP32/INT8 latency of each quantized artifact against its own FP32 twin: the median of per-round ratios."""
     rounds = {(r["artifact"], r["provider"]): r["round_medians_ms"] for r in results if r["batch"] == batch}
     speedups = {}
     for (name, provider), int8 in rounds.items():
         fp32 = rounds.get((name.replace("_int8", "_fp32"), provider))
         if name.endswith("_int8") and fp32:
-            ratios = sorted(f / i for f, i in zip(fp32, int8))
-            speedups[f"{name}@{provider}"] = ratios[len(ratios) // 2]
+            speedups[f"{name}@{provider}"] = _round_ratio(fp32, int8)
     return speedups
 
 
 def _latency_check(c: StageContext, results: list[dict]) -> dict | None:
     """The prune stage's latency prediction beside the bench's measurement of the same file, runtime and batch
-    (the pruned model in the table's precision), when the run pruned to a latency target and bench timed it."""
+    (the pruned model in the table's precision), when the run pruned to a latency target and bench timed it: its
+    median, and the median of its per-round ratios to the unpruned plain file of that precision, which
+    `prune.keep_latency` aims at."""
     prune = c.summary["stages"].get("prune", {}).get("latency")
     if not prune:
         return None
     cfg = c.recipe.prune.latency
-    artifact = f"pruned_{cfg.precision}"
-    measured = next((r["median_ms"] for r in results
-                     if (r["artifact"], r["provider"], r["batch"]) == (artifact, cfg.provider, cfg.batch)), None)
-    return {"artifact": artifact, "provider": cfg.provider, "batch": cfg.batch, "budget_ms": prune["budget_ms"],
-            "predicted_ms": prune["predicted_ms"], "measured_ms": measured}
+    artifact, reference = f"pruned_{cfg.precision}", f"plain_{cfg.precision}"
+    rounds = {r["artifact"]: r for r in results if (r["provider"], r["batch"]) == (cfg.provider, cfg.batch)}
+    measured = rounds.get(artifact)
+    check = {"artifact": artifact, "provider": cfg.provider, "batch": cfg.batch, "budget_ms": prune["budget_ms"],
+             "predicted_ms": prune["predicted_ms"], "measured_ms": measured and measured["median_ms"]}
+    if measured and reference in rounds:
+        check["measured_ratio"] = _round_ratio(measured["round_medians_ms"], rounds[reference]["round_medians_ms"])
+        check["target_ratio"] = prune["budget_ms"] / prune["before_ms"]
+    return check
 
 
 def run(c: StageContext) -> dict:
