@@ -142,3 +142,14 @@ def test_budget_below_the_narrowest_widths_fails_in_one_line():
     with pytest.raises(ValueError, match=r"^prune\.target_ms=0\.1 is not reachable: the narrowest widths allowed cost "
                                          r"2\.5 ms, over the budget of 0\.1 ms [^\n]*$"):
         select_within_budget(choices, [[1, 2], [1, 2]], StepLatency([1.0, 1.0]), 0.1, "prune.target_ms=0.1")
+
+
+def test_with_no_value_to_tell_plans_apart_the_budget_goes_to_channels():
+    """Scores of zero (a criterion that sees nothing, e.g. Taylor on an untrained model): the plan still spends the
+    budget, on the most channels it buys, instead of stopping at the cheapest widths."""
+    choices = [list(range(16, 97, 8)) for _ in range(3)]
+    cost = StepLatency([1.0, 1.0, 1.0])
+    budget = 0.6 * cost.cost([c[-1] for c in choices])
+    widths = select_within_budget(choices, [[0.0] * len(c) for c in choices], cost, budget, "prune.keep_latency=x")
+    best = max(sum(w) for w in itertools.product(*choices) if cost.cost(w) <= budget)
+    assert sum(widths) == best and cost.cost(widths) <= budget

@@ -32,10 +32,17 @@ class _Front:
 
 
 def _pareto(cost, value, channels, came_from, max_front: int) -> _Front:
-    """The points no other beats on both cost and importance, thinned to `max_front` spread over the cost range."""
+    """The points no other beats on both cost and (importance, then channels), thinned to `max_front` spread over
+    the cost range. Channels break ties of importance, so that a plan whose extra channels are worth nothing to the
+    criterion (a flat curve, scores of zero) still spends the budget on them rather than stopping short of it."""
+    if not len(cost):
+        return _Front(cost, value, channels, came_from)
     order = np.lexsort((-channels, -value, cost))  # by cost, then most importance, then most channels
-    best_before = np.maximum.accumulate(np.concatenate([[-np.inf], value[order][:-1]]))
-    keep = order[value[order] > best_before]
+    # (importance, channels) as one exact integer: importance's dense rank, then the channel count
+    rank = np.unique(value, return_inverse=True)[1].astype(np.int64)
+    score = (rank * (int(channels.max()) + 1) + channels)[order]
+    best_before = np.maximum.accumulate(np.concatenate([[-1], score[:-1]]))
+    keep = order[score > best_before]
     if len(keep) > max_front:
         keep = keep[np.unique(np.linspace(0, len(keep) - 1, max_front).round().astype(int))]
     return _Front(cost[keep], value[keep], channels[keep], came_from[keep])
