@@ -1,6 +1,7 @@
 """`python compress.py --recipe R [--out DIR] [--set k=v ...] [--stages a,b] [--dry-run]`,
-`python compress.py latency-table --recipe R [--set k=v ...]` and `python compress.py inspect PATH` (also installed
-as `repvgg-compress`). Parse, validate once, dispatch; every expected failure is one line."""
+`python compress.py latency-table --recipe R [--set k=v ...]`, `python compress.py inspect PATH` and
+`python compress.py profile FILE.onnx [--threads N] [--batch B] [--image-size S] [--runs R]` (also installed as
+`repvgg-compress`). Parse, validate once, dispatch; every expected failure is one line."""
 
 from __future__ import annotations
 
@@ -123,14 +124,39 @@ def latency_table_main(args) -> int:
     not depend on them)."""
     from .models import initial_model, recipe_architecture
     from .prune import print_latency_table
-    from .stages.prune import latency_options
+    from .stages.prune import latency_options, resolve_provider
 
     recipe = load_recipe(args.recipe, args.overrides)
     device_type = _device(recipe, 0).type
     recipe = recipe.resolved(device_type)
     classes = recipe.model.num_classes or 1000  # the head is not in the table
     model = recipe_architecture(recipe, classes) or initial_model(recipe, classes)[0]
-    print_latency_table(model, latency_options(recipe.prune.latency), recipe.data.image_size, recipe.prune.round_to)
+    options, _ = resolve_provider(latency_options(recipe.prune.latency), model,
+                                  recipe.data.image_size, log=lambda line: print(line, file=sys.stderr))
+    print_latency_table(model, options, recipe.data.image_size, recipe.prune.round_to)
+    return 0
+
+
+def profile_main(argv: list[str]) -> int:
+    """`compress.py profile FILE.onnx`: ONNX Runtime's CPU kernel times of the file, per op type and per node."""
+    from .profile import format_profile, profile_onnx
+
+    ap = argparse.ArgumentParser(prog="compress.py profile", description=profile_main.__doc__)
+    ap.add_argument("path", type=Path, metavar="FILE.onnx")
+    ap.add_argument("--threads", type=int, help="intra-op threads (default: ORT's, all physical cores)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--image-size", type=int, help="input height and width (default: the file's, when fixed)")
+    ap.add_argument("--runs", type=int, default=20, help="profiled runs, after 5 warm-up runs")
+    ap.add_argument("--debug", action="store_true", help="full tracebacks")
+    args = ap.parse_args(argv)
+    try:
+        result = profile_onnx(args.path, args.threads, args.batch, args.image_size, args.runs)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_profile(result))
     return 0
 
 
@@ -140,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         from .describe import inspect_main
 
         return inspect_main(argv[1:])
+    if argv[:1] == ["profile"]:
+        return profile_main(argv[1:])
     latency_table = argv[:1] == ["latency-table"]
     args = _parser().parse_args(argv[1:] if latency_table else argv)
     if args.recipe is None:

@@ -101,3 +101,9 @@ def test_pipeline_prunes_to_keep_latency_and_bench_measures_the_prediction(tiny_
     out = capsys.readouterr().out
     assert "Latency target (pruned_fp32, ORT CPU, batch 2): budget" in out
     assert re.search(r"pruned_fp32 / plain_fp32 [\d.]+ measured for 0.700", out)
+
+
+def test_latency_provider_takes_auto_or_a_runtime_of_onnx_files():
+    assert LatencyCfg(provider="auto").provider == "auto" and LatencyCfg(provider="openvino").provider == "openvino"
+    with pytest.raises(ValueError, match="unknown runtime of ONNX files 'torch'"):
+        LatencyCfg(provider="torch")

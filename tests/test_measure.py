@@ -93,10 +93,9 @@ def test_the_options_provider_and_threads_are_the_ones_timed(tiny, monkeypatch):
     assert out["unpruned_ms"] >= 0.2 and all(c["ms"] >= 0.2 for c in out["candidates"])
 
 
-def test_a_plan_that_measures_off_target_is_planned_again_with_a_scaled_budget(tmp_path, monkeypatch):
+def test_a_plan_that_measures_off_target_is_planned_again_with_a_scaled_budget(tmp_path):
     """The table says the plan keeps 0.5 of the latency; the machine (faked here: the measurement only) says each
     plan costs 1.2x its prediction. The loop scales the budget down and keeps the plan that measures on target."""
-    import compress.prune.pruning as pruning
     from compress.prune import PruneOptions, Target, load_or_build_table, prune_model
     from compress.prune.cost import LatencyCost
 
@@ -110,12 +109,42 @@ def test_a_plan_that_measures_off_target_is_planned_again_with_a_scaled_budget(t
         return {"unpruned_ms": unpruned, "candidates": [
             {"widths": list(w), "ratio": 1.2 * cost.cost(w) / unpruned} for w in candidates]}
 
-    monkeypatch.setattr(pruning, "measure_ratios", measured)
     report = prune_model(model, PruneOptions(target=Target("keep_latency", 0.6), round_to=8, latency=latency),
-                         torch.randn(1, 3, SIZE, SIZE), latency_table=table)
+                         torch.randn(1, 3, SIZE, SIZE), latency_table=table, measure=measured)
     rounds = report["latency"]["rounds"]
     assert len(rounds) >= 2 and rounds[0]["measured_ratio"] > 0.6 + 0.02  # the first plan missed
     assert rounds[1]["budget_ms"] == pytest.approx(rounds[0]["budget_ms"] * 0.6 / rounds[0]["measured_ratio"])
     chosen = [r for r in rounds if r.get("chosen")]
     assert len(chosen) == 1 and chosen[0]["measured_ratio"] <= 0.6 + 0.02
     assert tuple(chosen[0]["widths"]) == tuple(report["widths_after"])
+
+
+def test_auto_provider_picks_the_fastest_runtime_that_runs_here(tiny, monkeypatch):
+    """Two runtimes of ONNX files, one faked slow: `auto` takes the faster and says what each measured."""
+    from compress.stages.prune import resolve_provider
+
+    class Slow:
+        label, opens = "Slow", "onnx"
+
+        def unavailable(self, device="cpu", sample=None):
+            return None
+
+        def open(self, model, threads=None, device="cpu"):
+            session = RUNTIMES["cpu"].open(model, threads, device)
+            step = session.step
+
+            def slowed(x):
+                run = step(x)
+                return lambda: (time.sleep(0.002), run())[1]
+
+            session.step = slowed
+            return session
+
+    monkeypatch.setitem(RUNTIMES, "slow", Slow())
+    for name in [n for n in RUNTIMES if n not in ("cpu", "slow")]:
+        monkeypatch.delitem(RUNTIMES, name)
+    options, choice = resolve_provider(LatencyOptions(provider="auto", threads=1, batch=2), tiny, SIZE)
+    assert options.provider == "cpu" and choice["chosen"] == "cpu"
+    assert set(choice["unpruned_ms"]) == {"cpu", "slow"} and choice["unpruned_ms"]["slow"] > 2
+    same, none = resolve_provider(QUICK, tiny, SIZE)
+    assert same is QUICK and none is None

@@ -40,7 +40,8 @@ def _smoke_recipe(tiny_recipe, tmp_path, **study):
         data={"image_size": 16, "test_subset": 200},
         train={"epochs": 2, "lr": 0.05},
         prune={"round_to": 8, "importance": "l2",
-               "latency": {"threads": 1, "rounds": 1, "grid_points": 3, "cache_dir": str(tmp_path / "cache")}},
+               "latency": {"threads": 1, "rounds": 1, "grid_points": 3, "cache_dir": str(tmp_path / "cache"),
+                           "verify": 0}},  # the measured check of a plan: tests/test_measure.py
         finetune={"epochs": 1, "lr": 0.01, "train_subset": 640, "distill": {"alpha": 0.5, "temperature": 4.0}},
         quantize={"mode": "qat", "epochs": 1, "calibration_size": 64, "lr": 1e-4, "train_subset": 320},
         bench={"batch_sizes": [8, 1], "warmup": 2, "iters": 5, "rounds": 2, "threads": 1},

@@ -16,6 +16,7 @@ number the target is checked against.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import tempfile
 import time
@@ -24,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 from torch import nn
+
+from compress.runtime import RUNTIMES
 
 from .onnx_layers import plain_model
 from .options import LatencyOptions, PruneOptions
@@ -78,3 +81,21 @@ def measure_ratios(model: nn.Module, candidates: list[tuple[int, ...]], options:
         "rounds": rounds,
         "seconds": time.perf_counter() - start,
     }
+
+
+def fastest_runtime(model: nn.Module, options: LatencyOptions, image_size: int, rounds: int = 3,
+                    log: Callable[[str], None] | None = None) -> tuple[str, dict[str, float]]:
+    """Of the runtimes that run ONNX files here (`compress.runtime.RUNTIMES`), the one that runs `model`'s unpruned
+    plain stack fastest at the options' threads, batch and precision: its name, and each one's median ms."""
+    times = {}
+    for name, runtime in RUNTIMES.items():
+        if runtime.opens == "onnx" and runtime.unavailable() is None:
+            on = dataclasses.replace(options, provider=name)
+            times[name] = measure_ratios(model, [], on, image_size, rounds)["unpruned_ms"]
+    if not times:
+        raise ValueError("prune.latency.provider=auto: no runtime of ONNX files can run here")
+    chosen = min(times, key=times.get)
+    if log is not None:
+        log(f"[latency] fastest runtime for {options.precision}: {chosen} ("
+            + ", ".join(f"{n} {ms:.3f} ms" for n, ms in times.items()) + ")")
+    return chosen, times

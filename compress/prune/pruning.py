@@ -57,7 +57,8 @@ def _check_mode(model: nn.Module, options: PruneOptions) -> None:
 
 
 def _plan(model, options: PruneOptions, example_input, importance, slots, seed: int, round_to: int, macs: MacCost,
-          latency_table: LatencyTable | None, batches: list) -> tuple[tuple[int, ...], float | None, dict]:
+          latency_table: LatencyTable | None, batches: list, measure: Callable[..., dict],
+          ) -> tuple[tuple[int, ...], float | None, dict]:
     """The planned slot widths, the pruning ratio they come from (None for the budget search) and what the report
     records about the plan (its planner; the budget search's value; a latency target's prediction, table and the
     measured check of each plan)."""
@@ -97,7 +98,7 @@ def _plan(model, options: PruneOptions, example_input, importance, slots, seed: 
         report["latency"] = {"before_ms": before, "budget_ms": budget, "table": latency_table.summary()}
         if options.latency.verify:
             widths, ratio, report["latency"]["rounds"] = _verify(model, options, example_input.shape[-1], budget,
-                                                                 (widths, ratio), plan_within)
+                                                                 (widths, ratio), plan_within, measure)
         report["latency"]["predicted_ms"] = cost.cost(widths)
     if budgeted:
         report["values"]["plan"] = sum(v[s.choices().index(w)] for v, s, w in zip(values, slots, widths))
@@ -105,7 +106,7 @@ def _plan(model, options: PruneOptions, example_input, importance, slots, seed: 
 
 
 def _verify(model, options: PruneOptions, image_size: int, budget: float, first: tuple, plan_within: Callable,
-            ) -> tuple[tuple[int, ...], float | None, list[dict]]:
+            measure: Callable[..., dict]) -> tuple[tuple[int, ...], float | None, list[dict]]:
     """Close the latency loop: time the plan against the unpruned model (`measure.measure_ratios`, as the bench
     compares them) and, while the measured ratio misses the target's by more than VERIFY_TOLERANCE, scale the
     budget by the miss (the table's error at this plan, taken as proportional) and plan again, up to
@@ -113,7 +114,7 @@ def _verify(model, options: PruneOptions, image_size: int, budget: float, first:
     than the tolerance where one does, and every round's figures."""
     target, plan, rounds = options.target, first, []
     for attempt in range(options.latency.verify + 1):
-        measured = measure_ratios(model, [plan[0]], options.latency, image_size, log=_stderr)
+        measured = measure(model, [plan[0]], options.latency, image_size, log=_stderr)
         goal = target.value if target.kind == "keep_latency" else target.value / measured["unpruned_ms"]
         got = measured["candidates"][0]["ratio"]
         rounds.append({"budget_ms": budget, "widths": list(plan[0]), "ratio": plan[1], "measured_ratio": got,
@@ -139,6 +140,7 @@ def prune_model(
     batches: Iterable | None = None,
     between_steps: Callable[[nn.Module, int], None] | None = None,
     latency_table: LatencyTable | None = None,
+    measure: Callable[..., dict] = measure_ratios,
 ) -> dict:
     """Prune `model` in place (a PlainRepVGG for mode=plain, a training-time RepVGG for mode=multibranch).
 
@@ -146,7 +148,8 @@ def prune_model(
     `options.steps` > 1 the channels go over TP's iterative steps and `between_steps(model, i)` runs after step i
     (0-based) of every step but the last (the fine-tune stage follows the last); it must leave the
     architecture as it found it (fold any BN it inserted). A latency target uses `latency_table`, or reads or
-    builds the one `options.latency` asks for (`load_or_build_table`) when none is given. Returns the report (MACs,
+    builds the one `options.latency` asks for (`load_or_build_table`) when none is given; `measure` times a latency
+    plan against the unpruned model (`measure.measure_ratios`; under DDP, rank 0's timing shared with the others). Returns the report (MACs,
     params, widths, and for a latency target its predicted latency, budget and table)."""
     _check_mode(model, options)
     data = gradient_batches(options, batches)
@@ -164,7 +167,7 @@ def prune_model(
             accumulate_gradients(model, importance, data, example_input.device)
         seed = int(torch.randint(2**31 - 1, ()))
         widths, ratio, plan = _plan(model, options, example_input, importance, slots, seed, round_to, macs,
-                                    latency_table, batches)
+                                    latency_table, batches, measure)
         reference = copy.deepcopy(model) if options.reconstruct else None
         kept = realize(model, options, example_input, importance, slots, widths, data, seed, between_steps,
                        was_training)

@@ -151,8 +151,10 @@ class LatencyCfg(Section):
     """How `prune.keep_latency` / `prune.target_ms` measure latency: a per-layer table timed on this machine's runtime
     (its own settings, not `bench`'s, so that changing the benchmark never recomputes the prune stage)."""
 
-    # a runtime that runs ONNX files: ONNX Runtime's CPU provider, OpenVINO's CPU device, ...
-    provider: Annotated[str, one_of(RUNTIMES, "runtime of ONNX files", lambda runtime: runtime.opens == "onnx")] = "cpu"
+    # a runtime that runs ONNX files: ONNX Runtime's CPU provider, OpenVINO's CPU device, ...; auto: the one that
+    # runs the unpruned model fastest here, in the table's precision (timed by the prune stage, recorded in its summary)
+    provider: Literal["auto"] | Annotated[
+        str, one_of(RUNTIMES, "runtime of ONNX files", lambda runtime: runtime.opens == "onnx")] = "cpu"
     threads: int | None = Field(None, gt=0)  # None: all cores
     batch: int = Field(8, gt=0)
     precision: Literal["fp32", "int8"] = "fp32"  # int8: QDQ layers, as the quantize + export stages deploy them

@@ -13,6 +13,7 @@ from repvgg import PlainRepVGG, RepVGG
 from ..context import StageContext
 from ..figures import log_prune
 from ..prune import LatencyOptions, PruneOptions, criterion, load_or_build_table, prune_model
+from ..prune.measure import fastest_runtime, measure_ratios
 from ..recipe import LatencyCfg, PruneCfg
 from ..rundir import PipelineError
 from ..train import evaluate
@@ -35,6 +36,16 @@ def prune_options(cfg: PruneCfg) -> PruneOptions:
                         sensitivity_grid=cfg.sensitivity_grid, sensitivity_cache=cfg.sensitivity_cache,
                         reconstruct=cfg.reconstruct, reconstruct_images=cfg.reconstruct_images,
                         reconstruct_ridge=cfg.reconstruct_ridge)
+
+
+def resolve_provider(options: LatencyOptions, model: torch.nn.Module, image_size: int,
+                     log=None) -> tuple[LatencyOptions, dict | None]:
+    """`provider: auto` made the fastest runtime here (`fastest_runtime`), and what was timed to choose it; other
+    providers as they are."""
+    if options.provider != "auto":
+        return options, None
+    chosen, times = fastest_runtime(model, options, image_size, log=log)
+    return dataclasses.replace(options, provider=chosen), {"chosen": chosen, "unpruned_ms": times}
 
 
 def _expect(model, cls, stage: str, mode: str):
@@ -70,12 +81,25 @@ def run(c: StageContext) -> dict | None:
         finetune_model(c, m, step_cfg, tag=f"prune_step{step}", key=f"{c.dir.artifact_key('prune')}:{step}")
 
     example = c.data.example_input().to(c.device)
-    table = None
+    table, choice = None, None
+    log = (lambda line: print(f"[prune] {line}", file=sys.stderr)) if c.env.main else None
     if options.target.latency:  # rank 0 measures the table (or reads it from the cache), other pruning ranks wait
+        if c.env.main or not every_rank:
+            latency, choice = resolve_provider(options.latency, model, example.shape[-1], log=log)
+        if every_rank:  # every pruning rank plans on rank 0's choice
+            shared = [latency if c.env.main else None]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            latency = shared[0]
+        options = dataclasses.replace(options, latency=latency)
         table = load_or_build_table(
             model, options.latency, example.shape[-1], cfg.round_to, rank=c.env.rank,
-            wait=(lambda: torch.distributed.barrier(group=c.env.wait_group)) if every_rank else None,
-            log=(lambda line: print(f"[prune] {line}", file=sys.stderr)) if c.env.main else None)
+            wait=(lambda: torch.distributed.barrier(group=c.env.wait_group)) if every_rank else None, log=log)
+    measure = measure_ratios
+    if every_rank:  # rank 0 alone times a plan (timings on every rank would share the cores), the others take it
+        def measure(*args, **kwargs):
+            shared = [measure_ratios(*args, **kwargs) if c.env.main else None]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            return shared[0]
     # fixed, unaugmented batches for taylor/hessian: the same importance whenever (and wherever) it is run
     images = cfg.gradient_batches * c.data.cfg.batch_size
     if criterion(cfg.importance).measured:
@@ -84,7 +108,9 @@ def run(c: StageContext) -> dict | None:
         images = max(images, cfg.reconstruct_images)
     batches = c.data.calibration_loader(images)
     report = prune_model(model, options, example, batches=batches, between_steps=finetune_between_steps,
-                         latency_table=table)
+                         latency_table=table, measure=measure)
+    if choice is not None:
+        report["latency"]["provider_choice"] = choice
     if every_rank:
         _same_on_every_rank(report["widths_after"])
     if not c.env.main:
