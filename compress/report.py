@@ -47,6 +47,11 @@ def artifact_table(artifacts: dict, bench: dict | None) -> list[str]:
     header = ["artifact", "top-1 %", "images", "MACs (M)", "params (M)", "file MB"]
     for p in providers:
         header += [f"{_label(p)} ms @{batch}", f"x vs {REFERENCE} ({_label(p)})"]
+    if len(providers) > 1:
+        header.append("fastest")  # the runtime to deploy this file on, by its median here
+    stems = (bench or {}).get("stem_share") or {}
+    if stems:
+        header.append("stem share (ORT CPU profile)")
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, a in artifacts.items():
         macs, params = a.get("macs"), a.get("params")
@@ -54,6 +59,11 @@ def artifact_table(artifacts: dict, bench: dict | None) -> list[str]:
                  _fmt(params and params / 1e6, ".2f"), f"{a['size_bytes'] / 1e6:.1f}"]
         for p in providers:
             cells += [_fmt(latency.get((name, p)), ".2f"), _fmt(speedup.get((name, p)), ".2f")]
+        if len(providers) > 1:
+            timed = [p for p in providers if latency.get((name, p)) is not None]
+            cells.append(_label(min(timed, key=lambda p: latency[(name, p)])) if timed else "-")
+        if stems:
+            cells.append(f"{100 * stems[name]:.1f}%" if name in stems else "-")
         rows.append("| " + " | ".join(cells) + " |")
     return rows
 

@@ -183,6 +183,10 @@ def test_every_stage_fills_summary_and_tensorboard(tiny_recipe, tmp_path, capsys
         assert float(cells[1]) == round(a["top1"], 2) and float(cells[3]) == round(a["macs"] / 1e6, 1)
         assert int(cells[2]) == a["n"] and float(cells[6]) > 0  # images evaluated; ORT CPU latency at batch 1
         assert cells[7] == "1.00" if name == "plain_fp32" else float(cells[7]) > 0  # speed-up over plain FP32
+        assert cells[-2] in ("ORT CPU", "PyTorch")  # the runtime with the lowest median for this file
+        # the stem's share of each INT8 file's time (ORT CPU profile); the FP32 files have none
+        assert (0 < float(cells[-1].rstrip("%")) < 100) if name.endswith("int8") else cells[-1] == "-"
+    assert set(stages["bench"]["stem_share"]) == {"plain_int8", "pruned_int8"}
     assert "tensorboard --logdir" in report and str(out / "onnx") in report
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -137,6 +137,17 @@ def test_the_report_names_a_registered_runtime_by_its_label(numpy_runtime):
     assert row.startswith("| wide |") and "| 2.00 |" in row
 
 
+def test_the_report_marks_each_files_fastest_runtime(numpy_runtime):
+    results = [{"artifact": a, "provider": p, "batch": 8, "median_ms": ms}
+               for a, p, ms in (("plain_int8", "cpu", 8.1), ("plain_int8", "numpy", 6.2),
+                                ("plain_fp32", "cpu", 30.0), ("plain_fp32", "numpy", 41.0))]
+    rows = artifact_table({a: {"size_bytes": 10**6} for a in ("plain_fp32", "plain_int8")},
+                          {"main_batch": 8, "results": results})
+    assert rows[0].endswith("| fastest |")
+    assert rows[2].startswith("| plain_fp32 |") and rows[2].endswith("| ORT CPU |")
+    assert rows[3].startswith("| plain_int8 |") and rows[3].endswith("| NumPy |")
+
+
 def test_get_runtime_names_the_valid_ones_in_one_line(numpy_runtime):
     assert get_runtime("numpy") is numpy_runtime
     with pytest.raises(ValueError, match=r"^unknown runtime 'ort'; valid: cpu, cuda, tensorrt, openvino, torch, numpy$"):

@@ -1,6 +1,6 @@
 """Stage `bench`: the latency of every exported file on every runtime asked for (and PyTorch eager for the FP32
-models), alternated over rounds; INT8 speed-ups over each file's FP32 twin; the latency target's prediction beside
-its measurement."""
+models), alternated over rounds; INT8 speed-ups over each file's FP32 twin; each INT8 file's stem share of its time
+(ORT CPU profile); the latency target's prediction beside its measurement."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from ..bench import BenchOptions, benchmark
 from ..context import StageContext
 from ..deploy import isa_warning
 from ..figures import accuracy_latency_figure, log_bench
+from ..profile import profile_onnx
 from ..recipe import BenchCfg
 from ..rundir import PipelineError
 from .export import onnx_sources
@@ -75,6 +76,11 @@ def run(c: StageContext) -> dict:
                        reference=reference, torch_device=c.device)
     main_batch = cfg.main_batch or cfg.batch_sizes[0]
     result["int8_speedup"] = int8_speedups(result["results"], main_batch)
+    # what is left of an INT8 file's time in its 3-channel stem, which INT8 kernels barely speed up (ORT CPU profile)
+    size = cfg.image_size or c.data.cfg.image_size
+    result["stem_share"] = {name: profile_onnx(p, threads=cfg.threads, batch=main_batch, image_size=size,
+                                               runs=cfg.iters, warmup=cfg.warmup)["stem"]["share"]
+                            for name, p in paths.items() if name.endswith("int8")}
     predicted = _latency_check(c, result["results"])
     if predicted:
         result["prune_latency"] = predicted
