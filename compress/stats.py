@@ -1,5 +1,6 @@
-"""How sure a study's numbers are: a Wilson interval for one top-1, and paired-bootstrap intervals for the
-difference of two strategies at equal measured latency, each interpolated along its accuracy-latency curve.
+"""How sure a study's numbers are: a Wilson interval for one top-1, and paired-bootstrap intervals (and p-values)
+for the difference of two strategies at equal measured latency, each interpolated along the upper hull of its
+accuracy-latency points, with Holm's correction for the number of comparisons made.
 
 All of them cover the sampling of test images only (one trained model per point), not training seeds.
 """
@@ -49,6 +50,30 @@ def interpolate(latencies: Sequence[float], values: np.ndarray, at: float) -> np
     return sum(w * np.asarray(values[i], dtype=np.float64) for i, w in weights.items())
 
 
+def upper_hull(latencies: Sequence[float], accuracies: Sequence[float]) -> list[int]:
+    """The indices, in latency order, of a curve's points on its upper hull: the Pareto points (none faster and at
+    least as accurate) on the concave envelope from above. Every latency between two hull points is achievable at
+    the straight line between them, by sending that share of the inputs to each model, so a point under the
+    hull (slower for its accuracy, or a noisy timing) never sets the curve; of points at one latency, the most
+    accurate stands for it."""
+    order = sorted(range(len(latencies)), key=lambda i: (latencies[i], -accuracies[i]))
+    pareto = []
+    for i in order:
+        if (not pareto or accuracies[i] > accuracies[pareto[-1]]) and (not pareto or latencies[i] > latencies[pareto[-1]]):
+            pareto.append(i)
+    hull: list[int] = []
+    for i in pareto:  # monotone chain: drop a middle point on or under the line from its neighbours
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            cross = ((latencies[b] - latencies[a]) * (accuracies[i] - accuracies[a])
+                     - (accuracies[b] - accuracies[a]) * (latencies[i] - latencies[a]))
+            if cross < 0:
+                break
+            hull.pop()
+        hull.append(i)
+    return hull
+
+
 def shared_latencies(a: Sequence[float], b: Sequence[float]) -> list[float]:
     """The latencies two curves can be compared at without extrapolating: each curve's measured points that lie
     inside the other's range."""
@@ -69,7 +94,21 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int = 2000, seed: 
     means = np.concatenate([diff[rng.integers(0, diff.size, size=(n, diff.size))].mean(axis=1)
                             for n in _chunks(resamples, max(1, 2_000_000 // diff.size))])
     lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    return {"diff": float(diff.mean()), "low": float(lo), "high": float(hi), "significant": bool(lo > 0 or hi < 0)}
+    # two-sided bootstrap p-value: twice the share of resampled differences on the far side of 0 (at most 1)
+    p = min(1.0, 2 * min(float((means <= 0).mean()), float((means >= 0).mean())))
+    return {"diff": float(diff.mean()), "low": float(lo), "high": float(hi), "p": p,
+            "significant": bool(lo > 0 or hi < 0)}
+
+
+def holm(p_values: Sequence[float], alpha: float = 0.05) -> list[bool]:
+    """Holm's step-down correction: which of `p_values` are significant with the family-wise error rate held at
+    `alpha` over all of them (the i-th smallest tested at alpha / (m - i), stopping at the first that fails)."""
+    m, out = len(p_values), [False] * len(p_values)
+    for rank, i in enumerate(sorted(range(m), key=lambda i: p_values[i])):
+        if p_values[i] > alpha / (m - rank):
+            break
+        out[i] = True
+    return out
 
 
 def _chunks(total: int, size: int) -> list[int]:

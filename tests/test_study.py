@@ -82,7 +82,8 @@ def test_digits_smoke_study_with_every_strategy_then_a_second_study_on_its_base(
         assert (f["predicted"] == f["label"]).mean() * 100 == pytest.approx(arts["pruned_fp32"]["top1"])
     for c in result["comparisons"]:
         assert c["a"] == "plain" and c["low"] <= c["diff"] <= c["high"]
-        assert c["significant"] == (c["low"] > 0 or c["high"] < 0)
+        assert c["significant_uncorrected"] == (c["low"] > 0 or c["high"] < 0) and 0 <= c["p"] <= 1
+        assert c["significant"] <= c["significant_uncorrected"]  # Holm over all the comparisons
     assert {c["batch"] for c in result["comparisons"]} <= {8, 1}
 
     # scratch: searched widths, distilled from the pruned points' teacher, on base + fine-tune images
@@ -146,20 +147,26 @@ def test_base_dir_without_a_finished_base_is_one_line(tiny_recipe, tmp_path, cap
     assert line.startswith("error: study.base_dir:") and "no finished train stage" in line
 
 
-def test_compare_interpolates_each_curve_at_the_shared_latencies_on_the_same_images():
+def point(strategy, latency, correct_first, keep=0.5, spread=0.0, images=1000):
+    """A study point and its row: the first `correct_first` of `images` test images right, at `latency` ms."""
     import numpy as np
 
-    from compress.study.analysis import compare
+    correct = (np.arange(images) < correct_first).astype(float)
+    return ({"strategy": strategy, "tag": f"{strategy}_{keep:g}", "correct": {"fp32": correct, "int8": correct},
+             "labels": np.zeros(images, dtype=np.int64)},
+            {"strategy": strategy, "keep": keep, "fp32_ms": {8: latency}, "int8_ms": {8: latency},
+             "fp32_top1": correct.mean() * 100, "int8_top1": correct.mean() * 100,
+             "fp32_spread_ms": {8: spread}, "int8_spread_ms": {8: spread}})
 
-    def point(strategy, latency, correct_first):
-        correct = (np.arange(1000) < correct_first).astype(float)  # the first N of 1,000 test images right
-        return ({"strategy": strategy, "correct": {"fp32": correct, "int8": correct}},
-                {"fp32_ms": {8: latency}, "int8_ms": {8: latency}})
+
+def test_compare_interpolates_each_curve_at_the_shared_latencies_on_the_same_images():
+    from compress.study.analysis import compare
 
     pairs = [point("unpruned", 4.0, 990), point("plain", 1.0, 600), point("plain", 2.0, 800),
              point("multibranch", 1.5, 500), point("multibranch", 3.0, 900), point("scratch", 5.0, 950)]
     points, rows = zip(*pairs)
-    result = [c for c in compare(list(points), list(rows), [8], resamples=500) if c["precision"] == "fp32"]
+    result = [c for c in compare(list(points), list(rows), [8], resamples=500)["comparisons"]
+              if c["precision"] == "fp32"]
     # both pruning curves end at the unpruned model (4 ms), not compared with itself; scratch (5 ms) is beyond
     assert [(c["b"], c["latency_ms"]) for c in result] == [("multibranch", 1.5), ("multibranch", 2.0),
                                                            ("multibranch", 3.0)]
@@ -168,6 +175,51 @@ def test_compare_interpolates_each_curve_at_the_shared_latencies_on_the_same_ima
     assert (at20["top1_a"], at20["top1_b"]) == pytest.approx((80.0, 50 * 2 / 3 + 90 / 3))  # multibranch a third on
     assert (at30["top1_a"], at30["top1_b"]) == pytest.approx(((80 + 99) / 2, 90.0))  # plain towards the unpruned
     assert at15["diff"] == pytest.approx(20.0) and at15["significant"] and at15["low"] > 15
+
+
+def test_compare_uses_each_curves_upper_hull():
+    from compress.study.analysis import compare
+
+    pairs = [point("unpruned", 4.0, 990, keep=1.0),
+             point("plain", 1.0, 600, keep=0.3), point("plain", 1.02, 500, keep=0.4),  # slower, worse: off the hull
+             point("plain", 2.0, 800, keep=0.5),
+             point("multibranch", 1.5, 500, keep=0.3, spread=0.5), point("multibranch", 1.8, 700, keep=0.5,
+                                                                         spread=0.5)]
+    points, rows = zip(*pairs)
+    result = compare(list(points), list(rows), [8], resamples=300)
+    assert {(o["strategy"], o["keep"]) for o in result["off_hull"]} == {("plain", 0.4)}
+    fp32 = {c["latency_ms"]: c for c in result["comparisons"] if c["precision"] == "fp32"}
+    # multibranch's own points (nothing of its curve interpolated, whatever its spread) and plain's 2.0 ms, where
+    # multibranch runs on towards the unpruned model; plain at 1.5 ms lies on its hull's line from 1.0 to 2.0 ms
+    assert sorted(fp32) == [1.5, 1.8, 2.0] and not result["skipped"]
+    assert fp32[1.5]["top1_a"] == pytest.approx(70.0)  # 60% -> 80%, halfway; the 1.02 ms point plays no part
+    assert all(c["significant"] <= c["significant_uncorrected"] for c in result["comparisons"])
+
+
+def test_compare_skips_an_interpolation_between_points_closer_than_their_spread():
+    from compress.study.analysis import compare
+
+    pairs = [point("plain", 1.0, 600, keep=0.3, spread=0.3), point("plain", 1.2, 800, keep=0.5, spread=0.3),
+             point("multibranch", 1.1, 500, keep=0.3), point("multibranch", 1.3, 700, keep=0.5)]
+    points, rows = zip(*pairs)
+    result = compare(list(points), list(rows), [8], resamples=300)
+    # at 1.1 ms plain would interpolate between 1.0 and 1.2 ms, 0.2 ms apart with a 0.3 ms spread: left out
+    assert {k["latency_ms"] for k in result["skipped"]} == {1.1}
+    assert {c["latency_ms"] for c in result["comparisons"]} == {1.2}
+    assert "plain interpolates between points 0.200 ms apart" in result["skipped"][0]["why"]
+
+
+def test_points_scored_on_other_test_images_are_one_line():
+    import numpy as np
+
+    from compress.study.analysis import StudyError, compare
+
+    pairs = [point("plain", 1.0, 600), point("multibranch", 1.0, 500, images=999)]
+    points, rows = zip(*pairs)
+    points[1]["labels"] = np.ones(999, dtype=np.int64)
+    with pytest.raises(StudyError, match=r"^study: multibranch_0.5 was evaluated on other test images than "
+                                         r"plain_0.5 \(999 vs 1000 labels"):
+        compare(list(points), list(rows), [8])
 
 
 def test_gpu_study_recipe_covers_all_six_strategies_and_passes_dry_run(capsys):
@@ -185,21 +237,21 @@ def test_train_distill_needs_its_teacher_in_one_line(tiny_recipe, tmp_path, caps
     assert "none.pt" in line and "not found" in line
 
 
-def test_conclusions_flag_a_curve_whose_smaller_model_is_not_faster():
+def test_conclusions_name_the_correction_and_what_was_left_out():
     from compress.study.report import conclusions
 
-    def row(strategy, keep, fp32_ms, int8_ms):
-        return {"strategy": strategy, "keep": keep, "seed": 0, "fp32_ms": {8: fp32_ms}, "int8_ms": {8: int8_ms}}
-
-    result = {"settings": {"main_batch": 8},
-              "rows": [row("unpruned", 1.0, 2.0, 1.0), row("plain", 0.5, 1.0, 0.45), row("plain", 0.3, 0.6, 0.46)],
+    result = {"settings": {"main_batch": 8}, "rows": [{"strategy": "plain", "keep": 0.5, "seed": 0}],
               "comparisons": [{"a": "plain", "b": "multibranch", "precision": "fp32", "batch": 8, "latency_ms": 0.8,
-                               "top1_a": 70.0, "top1_b": 65.0, "diff": 5.0, "low": 4.0, "high": 6.0,
-                               "significant": True}]}
+                               "top1_a": 70.0, "top1_b": 65.0, "diff": 5.0, "low": 4.0, "high": 6.0, "p": 0.001,
+                               "significant": True}],
+              "off_hull": [{"strategy": "plain", "keep": 0.3, "precision": "int8", "batch": 8}],
+              "skipped": [{"a": "plain", "b": "scratch", "precision": "fp32", "batch": 8, "latency_ms": 0.5,
+                           "why": "plain interpolates between points 0.010 ms apart, within their timing spread"}]}
     text = "\n".join(conclusions(result))
     assert "plain vs multibranch, FP32 at 0.800 ms (batch 8): 70.00 vs 65.00% top-1, +5.00 pt [+4.00, +6.00]" in text
-    assert "Caveat: plain at keep 0.3 is not faster than at keep 0.5 in INT8 (0.460 vs 0.450 ms)" in text
-    assert "in FP32" not in text  # 0.6 ms < 1.0 ms: that curve is fine
+    assert "Holm-corrected over all 1 comparisons" in text
+    assert "Off the upper hull, not compared: plain at keep 0.3 in INT8" in text
+    assert "Not compared: plain vs scratch FP32 at 0.500 ms: plain interpolates between points 0.010 ms apart" in text
 
 
 def test_a_further_seed_shares_the_base_and_retrains_what_follows(tmp_path):

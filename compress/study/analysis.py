@@ -7,8 +7,17 @@ import itertools
 
 import numpy as np
 
+from ..errors import UserError
 from ..files import read_predictions
-from ..stats import interpolate, paired_bootstrap, shared_latencies, wilson_interval
+from ..stats import (
+    holm,
+    interpolate,
+    interpolation_weights,
+    paired_bootstrap,
+    shared_latencies,
+    upper_hull,
+    wilson_interval,
+)
 from .strategies import STRATEGIES
 
 PRECISIONS = ("fp32", "int8")
@@ -21,14 +30,20 @@ def stage_widths(widths: list[int], num_blocks: list[int]) -> list[list[int]]:
     return [widths[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
-def correctness(entry: dict) -> np.ndarray:
-    """Per-image 0/1 correctness of an exported file, in test-set order."""
+class StudyError(UserError, ValueError):
+    """A study whose points cannot be compared as they are (one line)."""
+
+
+def correctness(entry: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image 0/1 correctness of an exported file, in test-set order, and the labels it was scored against."""
     predicted, label = read_predictions(entry["predictions"])
-    return (predicted == label).astype(np.float64)
+    return (predicted == label).astype(np.float64), label
 
 
-def point_row(point: dict, latency: dict, macs_params: tuple[float, float], num_blocks: list[int]) -> dict:
-    """One point's row: the exported files' top-1 (with 95% Wilson intervals) and measured latencies per batch."""
+def point_row(point: dict, latency: dict, macs_params: tuple[float, float], num_blocks: list[int],
+              spread: dict | None = None) -> dict:
+    """One point's row: the exported files' top-1 (with 95% Wilson intervals) and measured latencies per batch,
+    with their round-to-round spread (`spread`, same keys as `latency`: max - min of the round medians)."""
     stages = point["run"].summary["stages"]
     arts = stages["export"]["artifacts"]
     row = {"strategy": point["strategy"], "keep": point["keep"], "seed": point["seed"], "macs_M": macs_params[0] / 1e6,
@@ -41,6 +56,8 @@ def point_row(point: dict, latency: dict, macs_params: tuple[float, float], num_
         row[f"{precision}_ci"] = [100 * low, 100 * high]
         row[f"{precision}_n"] = entry["n"]
         row[f"{precision}_ms"] = {b: ms for (tag, p, b), ms in latency.items() if (tag, p) == (point["tag"], precision)}
+        row[f"{precision}_spread_ms"] = {b: ms for (tag, p, b), ms in (spread or {}).items()
+                                         if (tag, p) == (point["tag"], precision)}
     row["pruned_top1"] = stages.get("prune", {}).get("top1")  # right after pruning, before fine-tuning (PyTorch)
     quantize = stages.get("quantize", {})  # INT8 in PyTorch (fake-quant): after calibration alone, then after QAT
     row["ptq_top1"] = quantize.get("ptq_top1", quantize.get("top1"))
@@ -53,34 +70,81 @@ def point_row(point: dict, latency: dict, macs_params: tuple[float, float], num_
     return row
 
 
-def compare(points: list[dict], rows: list[dict], batches: list[int], resamples: int = 2000) -> list[dict]:
-    """`REFERENCE` against every other pruning strategy and scratch, at equal measured latency: for each
-    precision and batch, at every latency both curves reach (each curve's own points inside the other's range),
-    each side's per-image correctness interpolated along its curve, the difference bootstrapped over the same
-    resampled test images for both sides. Every pruning strategy's curve ends at the unpruned model (keep 1:
-    nothing pruned), which is not compared with itself; a from-scratch strategy's points are its own."""
+def compare(points: list[dict], rows: list[dict], batches: list[int], resamples: int = 2000) -> dict:
+    """`REFERENCE` against every other pruning strategy and scratch, at equal measured latency, along each side's
+    upper hull (`stats.upper_hull`): for each precision and batch, at every latency both hulls reach (each hull's
+    own points inside the other's range), each side's per-image correctness interpolated between its two hull
+    points around it, the difference bootstrapped over the same resampled test images for both sides. Every
+    pruning strategy's curve ends at the unpruned model (keep 1: nothing pruned), which is not compared with
+    itself; a from-scratch strategy's points are its own.
+
+    Left out, and listed: latencies where one side's two hull points differ in latency by less than the
+    benchmark's round-to-round spread of either (`{precision}_spread_ms`: the interpolation would rest on timing
+    noise). `significant` is Holm's call over every comparison made (`significant_uncorrected`: the interval's).
+    Returns {"comparisons", "skipped", "off_hull"}."""
+    _same_labels(points)
     curves, unpruned = {}, None
     for pt, row in zip(points, rows):
         if pt["strategy"] == "unpruned":
             unpruned = (pt, row)
         else:
             curves.setdefault(pt["strategy"], []).append((pt, row))
+    out = {"comparisons": [], "skipped": [], "off_hull": []}
     if REFERENCE not in curves:
-        return []
+        return out
     for strategy, members in curves.items():
         if not STRATEGIES[strategy].from_scratch and unpruned is not None:
             members.append(unpruned)
-    out = []
+    hulls = {}
+    for strategy, precision, batch in itertools.product(curves, PRECISIONS, batches):
+        members = curves[strategy]
+        on = upper_hull([row[f"{precision}_ms"][batch] for _, row in members],
+                        [row[f"{precision}_top1"] for _, row in members])
+        hulls[strategy, precision, batch] = [members[i] for i in on]
+        out["off_hull"] += [{"strategy": strategy, "keep": row["keep"], "precision": precision, "batch": batch}
+                            for k, (_, row) in enumerate(members) if k not in on]
     for other, precision, batch in itertools.product([s for s in curves if s != REFERENCE], PRECISIONS, batches):
         sides = []
         for strategy in (REFERENCE, other):
-            lat = [row[f"{precision}_ms"][batch] for _, row in curves[strategy]]
-            correct = np.stack([pt["correct"][precision] for pt, _ in curves[strategy]])
-            sides.append((lat, correct))
+            hull = hulls[strategy, precision, batch]
+            sides.append(([row[f"{precision}_ms"][batch] for _, row in hull],
+                          [row.get(f"{precision}_spread_ms", {}).get(batch, 0.0) for _, row in hull],
+                          np.stack([pt["correct"][precision] for pt, _ in hull])))
         itself = unpruned[1][f"{precision}_ms"][batch] if unpruned is not None else None
         for at in (t for t in shared_latencies(sides[0][0], sides[1][0]) if t != itself):
-            a, b = (interpolate(lat, correct, at) for lat, correct in sides)
+            where = {"a": REFERENCE, "b": other, "precision": precision, "batch": batch, "latency_ms": at}
+            gap = next((f"{s} interpolates between points {hi - lo:.3f} ms apart, within their timing spread"
+                        for s, (lat, spread, _) in zip((REFERENCE, other), sides)
+                        for lo, hi, w in [_bracket(lat, spread, at)] if w is not None and hi - lo < w), None)
+            if gap:
+                out["skipped"].append({**where, "why": gap})
+                continue
+            a, b = (interpolate(lat, correct, at) for lat, _, correct in sides)
             result = paired_bootstrap(a, b, resamples=resamples)
-            out.append({"a": REFERENCE, "b": other, "precision": precision, "batch": batch, "latency_ms": at,
-                        "top1_a": 100 * float(a.mean()), "top1_b": 100 * float(b.mean()), **result})
+            result["significant_uncorrected"] = result.pop("significant")
+            out["comparisons"].append({**where, "top1_a": 100 * float(a.mean()), "top1_b": 100 * float(b.mean()),
+                                       **result})
+    for c, call in zip(out["comparisons"], holm([c["p"] for c in out["comparisons"]])):
+        c["significant"] = call
     return out
+
+
+def _bracket(latencies: list[float], spreads: list[float], at: float) -> tuple[float, float, float | None]:
+    """The two points a curve interpolates between at `at` (latency of each) and the larger of their timing
+    spreads; spread None where `at` is one of the curve's own points (nothing interpolated)."""
+    weights = interpolation_weights(latencies, at) or {}
+    if len(weights) < 2:
+        return 0.0, 0.0, None
+    lo, hi = sorted(weights, key=lambda i: latencies[i])
+    return latencies[lo], latencies[hi], max(spreads[lo], spreads[hi])
+
+
+def _same_labels(points: list[dict]) -> None:
+    """Paired comparisons need every point's predictions on the same test images in the same order: one line
+    naming the first point whose labels differ from the first's."""
+    first = points[0]
+    for pt in points[1:]:
+        if pt["labels"].shape != first["labels"].shape or not np.array_equal(pt["labels"], first["labels"]):
+            raise StudyError(f"study: {pt['tag']} was evaluated on other test images than {first['tag']} "
+                             f"({pt['labels'].size} vs {first['labels'].size} labels, or in another order): "
+                             f"rerun it with the same data settings")

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 
 from ..figures import new_figure
@@ -90,12 +89,13 @@ def conclusions(result: dict) -> list[str]:
     main = [c for c in result["comparisons"] if c["batch"] == batch]
     lines = ["## Conclusions", ""]
     significant = [c for c in main if c["significant"]]
+    family = f"Holm-corrected over all {len(result['comparisons'])} comparisons of this report"
     if significant:
         lines.append(f"Significant differences at equal measured latency (batch {batch}; 95% paired bootstrap over "
-                     f"test images; + means the first is more accurate):")
+                     f"test images, {family}; + means the first is more accurate):")
         lines += [f"- {_comparison_line(c)}" for c in significant]
     else:
-        lines.append(f"No difference at equal measured latency (batch {batch}) is significant at 95%.")
+        lines.append(f"No difference at equal measured latency (batch {batch}) is significant at 95% ({family}).")
     counts = {}
     for c in main:
         n = counts.setdefault((c["b"], c["precision"].upper()), [0, 0])
@@ -107,7 +107,7 @@ def conclusions(result: dict) -> list[str]:
     missing = sorted({r["strategy"] for r in result["rows"]} - {c["b"] for c in main} - {"unpruned", "plain"})
     if missing:
         lines.append(f"- No shared latency range with plain (no extrapolation): {', '.join(missing)}.")
-    lines += _non_monotone([r for r in result["rows"] if r["seed"] == 0], batch)
+    lines += _left_out(result, batch)
     repeated = any(r["seed"] for r in result["rows"])
     lines += ["", "These intervals cover the sampling of test images only, not training seeds: every compared point "
               "is one trained model" + ("; the points table's further seeds show the spread between trainings."
@@ -115,17 +115,17 @@ def conclusions(result: dict) -> list[str]:
     return lines
 
 
-def _non_monotone(rows: list[dict], batch: int) -> list[str]:
-    """A caveat per curve whose smaller model was not measured faster than its larger one: interpolating between
-    the two rests on latency noise (or on layers too narrow for the kernels)."""
+def _left_out(result: dict, batch: int) -> list[str]:
+    """What the comparisons did not use, at the main batch: points under their curve's upper hull (slower than a
+    mix of two others that is at least as accurate), and latencies where a curve's two neighbouring points are
+    closer than their own timing spread."""
     lines = []
-    for strategy in dict.fromkeys(r["strategy"] for r in rows):
-        pts = sorted((r for r in rows if r["strategy"] == strategy), key=lambda r: r["keep"])
-        for precision, (small, large) in itertools.product(PRECISIONS, zip(pts, pts[1:])):
-            if small[f"{precision}_ms"][batch] >= large[f"{precision}_ms"][batch]:
-                lines.append(f"- Caveat: {strategy} at keep {small['keep']:g} is not faster than at keep "
-                             f"{large['keep']:g} in {precision.upper()} ({small[f'{precision}_ms'][batch]:.3f} vs "
-                             f"{large[f'{precision}_ms'][batch]:.3f} ms): comparisons between them rest on that.")
+    for o in (o for o in result.get("off_hull", []) if o["batch"] == batch):
+        lines.append(f"- Off the upper hull, not compared: {o['strategy']} at keep {o['keep']:g} in "
+                     f"{o['precision'].upper()} (a mix of two other points of its curve is as fast and more accurate).")
+    for k in (k for k in result.get("skipped", []) if k["batch"] == batch):
+        lines.append(f"- Not compared: {k['a']} vs {k['b']} {k['precision'].upper()} at {k['latency_ms']:.3f} ms: "
+                     f"{k['why']}.")
     return lines
 
 
@@ -187,16 +187,18 @@ def study_markdown(recipe: Recipe, result: dict) -> str:
         cells += [f"{r[f'{p}_ms'][b]:.3f}" for b in batches for p in PRECISIONS]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Comparisons at equal measured latency", "",
-              "Each side's per-image correctness interpolated linearly along its own latency curve; 95% paired "
-              "bootstrap over test images (the same resample for both sides).", "",
+              "Each side's per-image correctness interpolated linearly between the two points of its curve's upper "
+              "hull around that latency (a latency between two models is reached by routing that share of the "
+              "inputs to each); 95% paired bootstrap over test images (the same resample for both sides); "
+              "significance Holm-corrected over every comparison in this table.", "",
               "| compared | precision | batch | latency ms | top-1 a | top-1 b | a - b (pt) | 95% interval "
-              "| significant |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| p | significant (Holm) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     order = sorted(result["comparisons"], key=lambda c: (c["b"], c["batch"] != batch, c["precision"], c["latency_ms"]))
     for c in order:
         lines.append(f"| {c['a']} vs {c['b']} | {c['precision'].upper()} | {c['batch']} | {c['latency_ms']:.3f} | "
                      f"{c['top1_a']:.2f} | {c['top1_b']:.2f} | {_pt(c['diff'])} | "
-                     f"[{c['low']:+.2f}, {c['high']:+.2f}] | {'yes' if c['significant'] else 'no'} |")
+                     f"[{c['low']:+.2f}, {c['high']:+.2f}] | {c['p']:.3g} | {'yes' if c['significant'] else 'no'} |")
     coupling = result["coupling"]
     lines += ["", "## Coupling", "",
               f"Torch-Pruning's DependencyGraph finds {coupling['groups_training_time']} prunable groups in the "

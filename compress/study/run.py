@@ -167,16 +167,21 @@ class Study:
         """Benchmark every point, compare the strategies, then write study.md, study.json, pareto.png and the
         TensorBoard figure and HParams table."""
         bench = self.bench(points)
-        latency = {(*r["artifact"].split(":"), r["batch"]): r["median_ms"]  # (point, precision, batch)
-                   for r in bench["results"] if r["provider"] == "cpu"}
+        timed = [r for r in bench["results"] if r["provider"] == "cpu"]
+        latency = {(*r["artifact"].split(":"), r["batch"]): r["median_ms"] for r in timed}  # (point, precision, batch)
+        # how far a file's round medians spread: latencies closer than that are not told apart
+        spread = {(*r["artifact"].split(":"), r["batch"]): max(r["round_medians_ms"]) - min(r["round_medians_ms"])
+                  for r in timed}
         rows = []
         for pt in points:
             fp32_model = pt["run"].load("finetune").cpu().eval()  # the plain model where nothing was pruned
             pt["widths"] = fp32_model.widths()
             arts = pt["run"].summary["stages"]["export"]["artifacts"]
-            pt["correct"] = {p: correctness(next(e for n, e in arts.items() if n.endswith(p))) for p in PRECISIONS}
+            scored = {p: correctness(next(e for n, e in arts.items() if n.endswith(p))) for p in PRECISIONS}
+            pt["correct"] = {p: correct for p, (correct, _) in scored.items()}
+            pt["labels"] = scored["fp32"][1]
             macs_params = tp.utils.count_ops_and_params(fp32_model, self.example.cpu())
-            rows.append(point_row(pt, latency, macs_params, self.num_blocks))
+            rows.append(point_row(pt, latency, macs_params, self.num_blocks, spread))
         base = self.base_run
         coupling = {
             "groups_training_time": len(channel_groups(base.load("train").eval(), self.example.cpu())),
@@ -187,7 +192,7 @@ class Study:
         result = {
             "base": {"dir": str(base.out_dir), "top1": base.summary["stages"]["train"]["top1"]},
             "rows": rows,
-            "comparisons": compare(*map(list, zip(*first)), batches, self.recipe.study.bootstrap_resamples),
+            **compare(*map(list, zip(*first)), batches, self.recipe.study.bootstrap_resamples),
             "coupling": coupling,
             "machine": bench["machine"],
             "settings": {**bench["settings"], "batches": batches, "main_batch": bench["main_batch"]},
