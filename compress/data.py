@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
@@ -141,6 +143,44 @@ def _cifar10(cfg: DataCfg):
     return train, test, 10
 
 
+EVAL_SEED = 0  # evaluation subsets are drawn with this seed, not the run's: every run scores the same images
+
+
+def dataset_labels(dataset: Dataset) -> np.ndarray:
+    """Every image's label, read without decoding an image (ImageFolder and CIFAR-10 `targets`, tensor labels)."""
+    if isinstance(dataset, Subset):
+        return dataset_labels(dataset.dataset)[np.asarray(dataset.indices, dtype=np.int64)]
+    if isinstance(dataset, TransformedTensors):
+        return dataset.labels.numpy()
+    if isinstance(dataset, TensorDataset):
+        return dataset.tensors[1].numpy()
+    if hasattr(dataset, "targets"):
+        return np.asarray(dataset.targets)
+    raise DataError(f"data: cannot read the labels of a {type(dataset).__name__} without loading its images")
+
+
+def stratified_indices(labels: np.ndarray, n: int, seed: int = EVAL_SEED) -> list[int]:
+    """`n` indices (all, if there are fewer), each class taking its share of `n` (largest remainders), drawn at
+    random within the class (seeded), in ascending order: a test subset of a class-sorted folder holds every class
+    in its proportion, where the first `n` images would hold the first classes only."""
+    if n >= len(labels):
+        return list(range(len(labels)))
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = counts * n / len(labels)
+    take = np.floor(quota).astype(np.int64)
+    take[np.argsort(-(quota - take), kind="stable")[: n - take.sum()]] += 1
+    rng = np.random.default_rng(seed)
+    picked = [rng.choice(np.flatnonzero(labels == c), size=k, replace=False) for c, k in zip(classes, take)]
+    return sorted(int(i) for i in np.concatenate(picked))
+
+
+def stratified_subset(dataset: Dataset, n: int | None) -> Dataset:
+    """`dataset`'s stratified sample of `n` images (`stratified_indices`); all of it for None."""
+    if n is None or n >= len(dataset):
+        return dataset
+    return Subset(dataset, stratified_indices(dataset_labels(dataset), n))
+
+
 def _subset(dataset: Dataset, n: int | None, seed: int) -> Dataset:
     if n is None or n >= len(dataset):
         return dataset
@@ -198,21 +238,27 @@ class Data:
         return len(self.sampler) // self.cfg.batch_size
 
     def test_loader(self, shard: bool = False, limit: int | None = None) -> DataLoader:
-        """The test batches, in a fixed order: the first `limit` images when given. With `shard` under DDP, only
-        this process's share: every world_size-th image from its rank on, an exact partition of the test set (a
+        """The test batches, in a fixed order: a stratified sample of `limit` images when given
+        (`stratified_subset`, the same whatever the run's seed). With `shard` under DDP, only this process's
+        share: every world_size-th image from its rank on, an exact partition of the test set (a
         DistributedSampler would pad it with repeated images), for `evaluate(..., all_reduce=True)` on every
         rank."""
-        dataset = self.test_set
-        if limit is not None and limit < len(dataset):
-            dataset = Subset(dataset, range(limit))
+        dataset = stratified_subset(self.test_set, limit)
         if shard and self.world_size > 1:
             dataset = Subset(dataset, list(range(self.rank, len(dataset), self.world_size)))
         return self._loader(dataset, shuffle=False)
 
     def test_sample_loader(self, size: int) -> DataLoader:
-        """`size` test images drawn at random (seeded, fixed): a sample of every class even where the test set is
-        sorted by class, as an ImageFolder is."""
-        return self._loader(_subset(self.test_set, size, self.seed), shuffle=False)
+        """`size` test images, stratified (`stratified_subset`): every class even where the test set is sorted by
+        class, as an ImageFolder is."""
+        return self._loader(stratified_subset(self.test_set, size), shuffle=False)
+
+    def test_images(self, limit: int | None = None) -> dict:
+        """Which test images `test_loader(limit=limit)` scores, for the summary: their count and a hash of their
+        indices in the full test set."""
+        dataset = stratified_subset(self.test_set, limit)
+        indices = _indices(dataset)
+        return {"images": len(indices), "sha256": hashlib.sha256(np.asarray(indices, np.int64).tobytes()).hexdigest()[:16]}
 
     def calibration_loader(self, size: int) -> DataLoader:
         """`size` training images in a fixed order, with test-time transforms (no augmentation)."""
@@ -225,6 +271,14 @@ class Data:
 
     def example_input(self, batch: int = 1) -> torch.Tensor:
         return torch.stack([self.test_set[i][0] for i in range(batch)])
+
+
+def _indices(dataset: Dataset) -> list[int]:
+    """The indices of `dataset`'s images in the dataset beneath all its Subsets."""
+    if isinstance(dataset, Subset):
+        inner = _indices(dataset.dataset)
+        return [inner[i] for i in dataset.indices]
+    return list(range(len(dataset)))
 
 
 def _without_augmentation(dataset: Dataset, cfg: DataCfg) -> Dataset:
@@ -244,7 +298,7 @@ def build_data(cfg: DataCfg, seed: int = 0, rank: int = 0, world_size: int = 1) 
         train, test, classes = _imagefolder(cfg)
     else:
         train, test, classes = _cifar10(cfg)
-    train, test = _subset(train, cfg.train_subset, seed), _subset(test, cfg.test_subset, seed)
+    train, test = _subset(train, cfg.train_subset, seed), stratified_subset(test, cfg.test_subset)
     if len(train) < cfg.batch_size * world_size:
         raise DataError(f"data: {len(train)} training images, fewer than one batch of {cfg.batch_size * world_size}")
     return Data(train, test, classes, cfg, seed, rank, world_size)

@@ -55,12 +55,13 @@ def test_b1_prune50_recipe_end_to_end_from_a_timm_checkpoint(tmp_path):
     assert (out / "report.md").read_text() in proc.stdout
 
 
-def test_export_eval_subset_evaluates_the_first_images(tiny_recipe, tmp_path):
+def test_export_eval_subset_evaluates_a_stratified_sample_and_records_it(tiny_recipe, tmp_path):
     out = tmp_path / "run"
     recipe = tiny_recipe(stages=["train", "reparam", "export"], export={"eval_subset": 40})
     assert main(["--recipe", str(recipe), "--out", str(out)]) == 0
-    artifacts = json.loads((out / "summary.json").read_text())["stages"]["export"]["artifacts"]
-    assert {a["n"] for a in artifacts.values()} == {40}
+    export = json.loads((out / "summary.json").read_text())["stages"]["export"]
+    assert {a["n"] for a in export["artifacts"].values()} == {40}
+    assert export["test_images"]["images"] == 40 and len(export["test_images"]["sha256"]) == 16
     # a new subset re-evaluates the files; the trained model is reused
     assert main(["--recipe", str(recipe), "--out", str(out), "--set", "export.eval_subset=60"]) == 0
     stages = json.loads((out / "summary.json").read_text())["stages"]

@@ -178,3 +178,34 @@ def test_cifar10_batches_missing_is_one_line(tiny_recipe, capsys, tmp_path):
     line = one_line_error(capsys, ["--recipe", str(tiny_recipe()), "--set", "data.kind=cifar10",
                                    "--set", f"data.root={tmp_path / 'nothing'}"])
     assert "data.download: true" in line and "nothing" in line
+
+
+def test_evaluation_subsets_of_a_class_sorted_test_set_are_stratified_and_seed_free():
+    """An ImageFolder lists its test images class by class: the first 100 of 1,000 would all be class 0."""
+    import numpy as np
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from compress.data import Data, stratified_indices
+    from compress.recipe import DataCfg
+
+    labels = torch.arange(10).repeat_interleave(torch.tensor([200, 200, 100, 100, 100, 100, 50, 50, 50, 50]))
+    test = TensorDataset(torch.zeros(len(labels), 1), labels)
+    for seed in (0, 7):  # the run's seed does not move the evaluation sample
+        data = Data(test, test, 10, DataCfg(), seed)
+        scored = torch.cat([y for _, y in data.test_loader(limit=100)]).numpy()
+        assert np.bincount(scored, minlength=10).tolist() == [20, 20, 10, 10, 10, 10, 5, 5, 5, 5]
+        assert data.test_images(100) == Data(test, test, 10, DataCfg(), 0).test_images(100)
+    assert data.test_images(None)["images"] == 1000 and data.test_images(100) != data.test_images(99)
+    few = np.array([0] * 5 + [1] * 3 + [2] * 2)
+    odd = stratified_indices(few, 5)  # quotas 2.5, 1.5, 1: floors 2, 1, 1, the one left to the first largest remainder
+    assert sorted(odd) == odd and np.bincount(few[odd]).tolist() == [3, 1, 1]
+
+
+def test_a_stratified_subset_keys_its_sampling_and_no_subset_keys_nothing_new():
+    from compress.recipe import DataCfg, ExportCfg
+
+    assert DataCfg().key_values("evaluation") == {"test_subset": None}  # all images: as before
+    assert DataCfg(test_subset=500).key_values("evaluation") == {"test_subset": 500,
+                                                                 "test_subset_sampling": "stratified"}
+    assert ExportCfg(eval_subset=100).key_values("evaluation")["eval_subset_sampling"] == "stratified"

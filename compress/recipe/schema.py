@@ -36,12 +36,19 @@ def one_of(table: Mapping[str, object], what: str, fits: Callable[[object], bool
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    # evaluation subsets whose sampling changed (first N, or unstratified, to stratified): set, their key names
+    # the sampling, so that evaluations of the older samples are not reused; unset (all images), nothing changes
+    _stratified: tuple[str, ...] = ()
 
     def key_values(self, role: str = ROLE_WEIGHTS) -> dict:
         """This section's values that change `role` (`compress.keys`), for the run directory's keys."""
         values = self.model_dump(mode="json")
-        return {name: values[name] for name, field in type(self).model_fields.items()
-                if role_of(field) == role and not (values[name] is None and (field.json_schema_extra or {}).get("when_set"))}
+        out = {name: values[name] for name, field in type(self).model_fields.items()
+               if role_of(field) == role and not (values[name] is None and (field.json_schema_extra or {}).get("when_set"))}
+        for name in self._stratified:
+            if name in out and out[name] is not None:
+                out[f"{name}_sampling"] = "stratified"
+        return out
 
 
 class ModelCfg(Section):
@@ -77,6 +84,7 @@ class ModelCfg(Section):
 
 
 class DataCfg(Section):
+    _stratified = ("test_subset",)
     kind: Literal["digits", "imagefolder", "cifar10"] = "digits"
     root: Path | None = None
     image_size: int = Field(32, gt=0)
@@ -85,7 +93,7 @@ class DataCfg(Section):
     augment: Literal["none", "cifar", "imagenet"] = "cifar"
     download: bool = Field(False, json_schema_extra=NO_EFFECT)  # cifar10 python batches only
     train_subset: int | None = Field(None, gt=0)  # first N of a fixed shuffled order: CPU-affordable runs
-    test_subset: int | None = Field(None, gt=0, json_schema_extra=EVALUATION)
+    test_subset: int | None = Field(None, gt=0, json_schema_extra=EVALUATION)  # a stratified sample (seed 0)
     # a run under "fail" only finishes without bad images, where "skip" trains on the same data
     bad_images: Literal["fail", "skip"] = Field("fail", json_schema_extra=NO_EFFECT)
 
@@ -276,9 +284,10 @@ ARTIFACT_NAMES = ("train_fp32", "plain_fp32", "plain_int8", "pruned_fp32", "prun
 
 
 class ExportCfg(Section):
+    _stratified = ("eval_subset", "parity_images")
     opset: int = Field(17, ge=17)
     artifacts: list[Literal[ARTIFACT_NAMES]] | None = None  # None: every model the run produced
-    # test images each exported file is evaluated on (the first of the test set); None: all of it
+    # test images each exported file is evaluated on (a stratified sample, seed 0); None: all of it
     eval_subset: int | None = Field(None, gt=0, json_schema_extra=EVALUATION)
     # INT8 parity: each INT8 file against its fake-quant model on this many test images, on every CPU runtime here;
     # the run stops unless they predict the same class on at least `int8_agreement` of them

@@ -97,4 +97,4 @@ def run(c: StageContext) -> dict:
         artifacts[name] = entry
     if not artifacts:
         raise PipelineError("export found no model to export: run train or reparam first")
-    return {"artifacts": artifacts}
+    return {"artifacts": artifacts, "test_images": c.data.test_images(c.recipe.export.eval_subset)}
