@@ -148,3 +148,26 @@ def test_auto_provider_picks_the_fastest_runtime_that_runs_here(tiny, monkeypatc
     assert set(choice["unpruned_ms"]) == {"cpu", "slow"} and choice["unpruned_ms"]["slow"] > 2
     same, none = resolve_provider(QUICK, tiny, SIZE)
     assert same is QUICK and none is None
+
+
+def test_a_correction_below_the_floors_keeps_the_best_plan_measured(tmp_path):
+    """Every plan measures 3x its prediction: the corrected budget soon falls below the narrowest widths the floors
+    allow; the loop stops there and keeps the plan closest to the target, saying why it stopped."""
+    from compress.prune import PruneOptions, Target, load_or_build_table, prune_model
+    from compress.prune.cost import LatencyCost
+
+    model = PlainRepVGG(SPECS, 10).eval()
+    latency = LatencyOptions(threads=1, batch=2, grid_points=3, rounds=1, cache_dir=tmp_path, verify=3)
+    table = load_or_build_table(model, latency, SIZE, 8, log=lambda line: None)
+    cost = LatencyCost(table, model)
+
+    def measured(_model, candidates, _options, _size, log=None):
+        return {"unpruned_ms": cost.cost(UNPRUNED), "candidates": [
+            {"widths": list(w), "ratio": 3.0 * cost.cost(w) / cost.cost(UNPRUNED)} for w in candidates]}
+
+    report = prune_model(model, PruneOptions(target=Target("keep_latency", 0.6), round_to=8, latency=latency),
+                         torch.randn(1, 3, SIZE, SIZE), latency_table=table, measure=measured)
+    rounds = report["latency"]["rounds"]
+    assert "not reachable" in rounds[-1]["stopped"]
+    chosen = [r for r in rounds if r.get("chosen")]
+    assert len(chosen) == 1 and chosen[0]["measured_ratio"] == min(r["measured_ratio"] for r in rounds)

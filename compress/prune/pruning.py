@@ -122,7 +122,11 @@ def _verify(model, options: PruneOptions, image_size: int, budget: float, first:
         if abs(got - goal) <= VERIFY_TOLERANCE or attempt == options.latency.verify:
             break
         budget *= goal / got
-        plan = plan_within(budget)
+        try:
+            plan = plan_within(budget)
+        except PruneError as e:  # the corrected budget is below what the floors allow: keep what was measured
+            rounds[-1]["stopped"] = str(e)
+            break
     within = [r for r in rounds if r["measured_ratio"] <= r["target_ratio"] + VERIFY_TOLERANCE] or rounds
     best = min(within, key=lambda r: abs(r["measured_ratio"] - r["target_ratio"]))
     best["chosen"] = True
