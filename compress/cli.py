@@ -72,7 +72,11 @@ def run(args) -> int:
     if args.dry_run:
         print(json.dumps(recipe.model_dump(mode="json"), indent=2))
         if recipe.study is not None:
-            plan = [f"study over {recipe.study.strategies} x keep_macs {recipe.study.keep_macs}"]
+            study = recipe.study
+            plan = [f"study over {study.strategies} x keep_macs {study.keep_macs}"
+                    + (f" x {study.seeds} seeds" if study.seeds > 1 else "")
+                    + (f"; prune or retrain at keep_latency {study.budget_keep_latency:g} on added images "
+                       f"{study.added_images}" if study.added_images else "")]
         print(f"plan: {' -> '.join(plan)}  (run dir {out_dir})")
         return 0
     if args.resume and not (out_dir / "summary.json").exists() and not any(out_dir.glob("*.ckpt")):

@@ -281,3 +281,27 @@ def test_reseeded_data_draws_another_training_subset():
     assert data.reseeded(None) is data and data.reseeded(0) is data
     first, other = (d.with_train_subset(100).train_set.indices for d in (data, data.reseeded(1)))
     assert first != other and len(first) == len(other) == 100
+
+
+@pytest.mark.slow
+def test_digits_prune_or_retrain_curve_with_two_budgets(tiny_recipe, tmp_path):
+    recipe = _smoke_recipe(tiny_recipe, tmp_path, strategies=["plain"], keep_macs=[0.6], added_images=[320, 640],
+                           budget_keep_latency=0.6)
+    out = tmp_path / "budget"
+    assert main(["--recipe", recipe, "--out", str(out)]) == 0
+    budget = json.loads((out / "study.json").read_text())["budget"]
+    sides = [(r["side"], r["added_images"]) for r in budget["rows"]]
+    assert sides[:2] == [("budget-plain", 320), ("budget-plain", 640)]
+    assert [s for s, _ in sides[2:]] == ["budget-scratch"] * 3 and sides[-1][1] is None  # the last: equal total
+    scratch = {r["added_images"]: r for r in budget["rows"] if r["side"] == "budget-scratch"}
+    assert scratch[320]["images_seen"] <= 320 and scratch[None]["images_seen"] > 640
+    # the scratch widths were matched to the pruned model's measured latency (within 5%, else the closest tried)
+    match = budget["match"]
+    assert match["tries"] and 0 < match["pruned_ratio"] < 1
+    assert min(abs(t["measured_ratio"] / match["pruned_ratio"] - 1) for t in match["tries"]) < 0.5
+    md = (out / "study.md").read_text()
+    first = md.splitlines()[2]  # the title, a blank line, then the prune-or-retrain sentence
+    assert first == budget["verdict"] and ("matched pruning" in first or "did not match" in first)
+    assert "## Prune or retrain" in md and (out / "prune_or_retrain.png").stat().st_size > 10_000
+    pruned = json.loads((out / "points" / "budget-plain_add320" / "summary.json").read_text())["stages"]
+    assert pruned["prune"]["latency"]["budget_ms"] == pytest.approx(0.6 * pruned["prune"]["latency"]["before_ms"])

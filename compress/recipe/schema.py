@@ -333,6 +333,10 @@ class StudyCfg(Section):
     # the recipe's seed + 0, 1, ...), every scratch point trained as many times (seed + 0, 1, ...); the curves and
     # comparisons use the first, the points table lists them all
     seeds: int = Field(1, ge=1)
+    # the prune-or-retrain curve (`compress.study.budget`): at `budget_keep_latency` of the unpruned latency, the
+    # pruned model fine-tuned and a latency-matched model trained from scratch on each number of added images
+    added_images: list[Annotated[int, Field(gt=0)]] | None = None
+    budget_keep_latency: float = Field(0.5, gt=0, lt=1)
     bootstrap_resamples: int = Field(2000, ge=100)
 
     @model_validator(mode="after")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -90,20 +91,23 @@ def seed_from_base(base: StageContext, point: StageContext) -> None:
 
 def scratch_widths(recipe: Recipe, keep: float, num_classes: int, example: torch.Tensor, unit: int) -> list[int]:
     """Per-stage widths (stem, stages 1-4) of the recipe's architecture whose plain model has `keep` of its MACs,
-    within 2% where the widths allow: every stage scaled by one factor (bisected), so the shape stays the
-    original's, with widths rounded to multiples of `unit`, or of a finer step (unit/2, ... 1) where rounding
-    to `unit` misses the target by more than 2%."""
+    within 2% where the widths allow (`scaled_widths`)."""
     arch = recipe_architecture(recipe, num_classes)
     full = arch.config()["widths"]
     with torch.device("meta"):  # only its shapes: the pruner's memoised MAC count sizes each candidate
         plain = PlainRepVGG([b.spec for b in arch.blocks()], num_classes)
     cost = MacCost(plain, example)
     depths = [1, *arch.num_blocks]
+    return scaled_widths(full, lambda widths: cost.cost([w for w, n in zip(widths, depths) for _ in range(n)]),
+                         keep * cost.cost([w for w, n in zip(full, depths) for _ in range(n)]), unit)
 
-    def macs(widths: list[int]) -> float:  # stage widths -> every plain layer's
-        return cost.cost([w for w, n in zip(widths, depths) for _ in range(n)])
 
-    target = keep * macs(full)
+def scaled_widths(full: list[int], cost: Callable[[list[int]], float], target: float, unit: int,
+                  tolerance: float = MAC_TOLERANCE) -> list[int]:
+    """Stage widths `full` scaled by one factor (bisected) so that `cost` (growing with the widths) is `target`
+    within `tolerance` where the widths allow, so the shape stays the original's: widths rounded to multiples of
+    `unit`, or of a finer step (unit/2, ... 1) where rounding to `unit` misses the target by more. The closest
+    found otherwise."""
 
     def scaled(f: float, step: int) -> list[int]:
         return [max(step, int(round(w * f / step)) * step) for w in full]
@@ -111,11 +115,11 @@ def scratch_widths(recipe: Recipe, keep: float, num_classes: int, example: torch
     best, step = None, unit
     while step >= 1:
         lo, hi = 0.0, 1.0
-        for _ in range(20):  # MACs grow with the factor
+        for _ in range(20):
             mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if macs(scaled(mid, step)) < target else (lo, mid)
-        best = min((scaled(lo, step), scaled(hi, step)), key=lambda w: abs(macs(w) / target - 1))
-        if abs(macs(best) / target - 1) <= MAC_TOLERANCE:
+            lo, hi = (mid, hi) if cost(scaled(mid, step)) < target else (lo, mid)
+        best = min((scaled(lo, step), scaled(hi, step)), key=lambda w: abs(cost(w) / target - 1))
+        if abs(cost(best) / target - 1) <= tolerance:
             break
         step //= 2
     return best

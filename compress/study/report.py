@@ -9,6 +9,7 @@ from ..figures import new_figure
 from ..files import write_json, write_text
 from ..recipe import Recipe
 from .analysis import PRECISIONS
+from .budget import budget_figure
 from .strategies import STRATEGIES, UNPRUNED_COLOUR
 
 
@@ -18,8 +19,14 @@ def write_report(recipe: Recipe, result: dict, out_dir: Path, writer=None) -> No
     curves = [r for r in result["rows"] if r["seed"] == 0]  # further seeds: in the points table only
     fig = pareto_figure(curves, result["settings"]["main_batch"])
     fig.savefig(out_dir / "pareto.png", dpi=120)
+    budget = budget_figure(result["budget"]["rows"]) if "budget" in result else None
+    if budget is not None:
+        budget.savefig(out_dir / "prune_or_retrain.png", dpi=120)
     if writer is not None:
         log_tensorboard(writer, curves, result["settings"]["main_batch"], fig)
+        if budget is not None:
+            writer.add_figure("study/prune_or_retrain", budget, 0)
+            writer.flush()
 
 
 def pareto_figure(rows: list[dict], batch: int):
@@ -129,6 +136,26 @@ def _left_out(result: dict, batch: int) -> list[str]:
     return lines
 
 
+def budget_section(budget: dict, batch: int) -> list[str]:
+    """The prune-or-retrain curve: the verdicts, how the scratch widths were matched, every point."""
+    match = budget["match"]
+    tries = ", ".join(f"{t['measured_ratio']:.3f}" for t in match["tries"])
+    lines = ["", "## Prune or retrain", "", f"- FP32: {budget['verdict']}", f"- INT8: {budget['verdict_int8']}",
+             f"- Latency: the pruned side keeps {budget['keep_latency']:g} of the unpruned FP32 latency (batch 8); its "
+             f"model measured {match['pruned_ratio']:.3f} of the unpruned one, the scratch widths "
+             f"{match['tries'][-1]['widths']} measured {tries} (searched on the latency table, {match['provider']}, "
+             f"within 5%).", "- Added images: the pruned side's fine-tune; the scratch side's whole training. "
+             "Equal total images: scratch trained on the base's images plus the recipe's fine-tune.", "",
+             "| side | added images | seed | images seen | FP32 top-1 [95%] | INT8 top-1 [95%] | FP32 ms @" + f"{batch} |",
+             "|---|---|---|---|---|---|---|"]
+    for r in budget["rows"]:
+        added = "equal total" if r["added_images"] is None else f"{r['added_images']:,}"
+        lines.append(f"| {r['side']} | {added} | +{r['seed']} | {_images(r['images_seen'])} | "
+                     + " | ".join(f"{r[f'{p}_top1']:.2f} [{r[f'{p}_ci'][0]:.1f}, {r[f'{p}_ci'][1]:.1f}]"
+                                  for p in PRECISIONS) + f" | {r['fp32_ms'][batch]:.3f} |")
+    return lines
+
+
 def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
@@ -150,6 +177,8 @@ def study_markdown(recipe: Recipe, result: dict) -> str:
     ft, q = recipe.finetune, recipe.quantize
     batch, batches = s["main_batch"], s["batches"]
     lines = [f"# Study: {recipe.name}", ""]
+    if "budget" in result:
+        lines += [result["budget"]["verdict"], ""]
     lines += [f"Base: the trained multi-branch model has {result['base']['top1']:.2f}% top-1 on the test set "
               f"(PyTorch; {result['base']['dir']}).", ""]
     lines += conclusions(result)
@@ -199,6 +228,8 @@ def study_markdown(recipe: Recipe, result: dict) -> str:
         lines.append(f"| {c['a']} vs {c['b']} | {c['precision'].upper()} | {c['batch']} | {c['latency_ms']:.3f} | "
                      f"{c['top1_a']:.2f} | {c['top1_b']:.2f} | {_pt(c['diff'])} | "
                      f"[{c['low']:+.2f}, {c['high']:+.2f}] | {c['p']:.3g} | {'yes' if c['significant'] else 'no'} |")
+    if "budget" in result:
+        lines += budget_section(result["budget"], batch)
     coupling = result["coupling"]
     lines += ["", "## Coupling", "",
               f"Torch-Pruning's DependencyGraph finds {coupling['groups_training_time']} prunable groups in the "

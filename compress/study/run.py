@@ -25,6 +25,7 @@ from ..prune import default_round_to
 from ..recipe import Recipe
 from ..stages.bench import bench_options
 from .analysis import PRECISIONS, compare, correctness, point_row
+from .budget import PRUNED, SCRATCH, finetune_with, latency_matched_widths, scratch_with, verdict, with_side
 from .points import (
     base_recipe,
     check_base_dir,
@@ -101,13 +102,13 @@ class Study:
         return other if all(other.dir.is_done(s) for s in recipe.stages) else None
 
     def _point(self, strategy: str, keep: float, recipe: Recipe, base: StageContext, images: int,
-               seed: int = 0) -> dict:
-        name = "unpruned" if strategy == "unpruned" else point_name(strategy, keep, seed)
+               seed: int = 0, name: str | None = None) -> dict:
+        name = name or ("unpruned" if strategy == "unpruned" else point_name(strategy, keep, seed))
         run = self._shared_point(recipe, name)
         if self.env.main:
             print(f"[study] {name}" + (f": reused from {run.out_dir}" if run else ""), file=sys.stderr)
         if run is None:
-            from_scratch = strategy != "unpruned" and STRATEGIES[strategy].from_scratch
+            from_scratch = strategy == SCRATCH or (strategy in STRATEGIES and STRATEGIES[strategy].from_scratch)
             run = self._run(recipe, self.out_dir / "points" / name, None if from_scratch else base)
         return {"strategy": strategy, "keep": keep, "seed": seed, "tag": name, "run": run, "images_seen": images}
 
@@ -129,6 +130,42 @@ class Study:
                 for seed in range(cfg.seeds):
                     points.append(self._point(strategy, keep, reseeded(precipe, seed, from_scratch), base, images,
                                               seed))
+        return points
+
+    def budget_points(self) -> list[dict]:
+        """The prune-or-retrain curve's points (`compress.study.budget`), after `points` (it reads the base); none
+        without `study.added_images`."""
+        r, cfg = self.recipe, self.recipe.study
+        if not cfg.added_images:
+            return []
+        base, points = self.base_run, []
+        base_images, ft_images = pruned_images(r, self.data)
+        pruned = pruned_recipe(r, "plain-latency", cfg.budget_keep_latency)
+        for added in cfg.added_images:
+            precipe = finetune_with(pruned, added, self.data)
+            images = precipe.finetune.epochs * self.data.with_train_subset(precipe.finetune.train_subset)\
+                .images_per_epoch()
+            for seed in range(cfg.seeds):
+                pt = self._point(PRUNED, cfg.budget_keep_latency, reseeded(precipe, seed, False), base,
+                                 base_images + images, seed, f"{PRUNED}_add{added}" + (f"_seed{seed}" if seed else ""))
+                points.append(with_side(pt, PRUNED, images))
+        plain = base.load("reparam").cpu().eval()
+        arch = recipe_architecture(r, self.data.num_classes)
+        depths = [1, *arch.num_blocks]
+        log = (lambda line: print(line, file=sys.stderr)) if self.env.main else None
+        widths, self.budget_match = latency_matched_widths(
+            r, plain, arch.config()["widths"], depths, points[0]["run"].summary["stages"]["prune"],
+            self.example.shape[-1], self.unit, log=log)
+        teacher = base.dir.path("reparam").resolve() if cfg.scratch_distill else None
+        for added in [*cfg.added_images, None]:  # None: equal total images (base plus the recipe's fine-tune)
+            images = added if added is not None else base_images + ft_images
+            precipe = scratch_with(r, widths, images, self.data, teacher)
+            seen = precipe.train.epochs * self.data.with_train_subset(precipe.data.train_subset).images_per_epoch()
+            for seed in range(cfg.seeds):
+                tag = f"{SCRATCH}_{'add' + str(added) if added is not None else 'total'}" + (f"_seed{seed}" if seed else "")
+                pt = self._point(SCRATCH, cfg.budget_keep_latency, reseeded(precipe, seed, True), base, seen, seed,
+                                 tag)
+                points.append(with_side(pt, SCRATCH, seen if added is not None else None))
         return points
 
     def bench(self, points: list[dict]) -> dict:
@@ -159,21 +196,21 @@ class Study:
         """Every DDP rank trains the points together; rank 0 alone benchmarks them (one benchmark at a time on
         the machine) and writes the report while the others wait. The result on rank 0, None elsewhere."""
         points = self.points()
-        result = self.report(points) if self.env.main else None
+        budget = self.budget_points()
+        result = self.report(points, budget) if self.env.main else None
         points[0]["run"].wait_for_main()
         return result
 
-    def report(self, points: list[dict]) -> dict:
-        """Benchmark every point, compare the strategies, then write study.md, study.json, pareto.png and the
-        TensorBoard figure and HParams table."""
-        bench = self.bench(points)
+    def report(self, points: list[dict], budget: list[dict] = ()) -> dict:
+        """Benchmark every point, compare the strategies, then write study.md, study.json, pareto.png (and the
+        prune-or-retrain figure, with `study.added_images`) and the TensorBoard figures and HParams table."""
+        bench = self.bench([*points, *budget])
         timed = [r for r in bench["results"] if r["provider"] == "cpu"]
         latency = {(*r["artifact"].split(":"), r["batch"]): r["median_ms"] for r in timed}  # (point, precision, batch)
         # how far a file's round medians spread: latencies closer than that are not told apart
         spread = {(*r["artifact"].split(":"), r["batch"]): max(r["round_medians_ms"]) - min(r["round_medians_ms"])
                   for r in timed}
-        rows = []
-        for pt in points:
+        def row_of(pt: dict) -> dict:
             fp32_model = pt["run"].load("finetune").cpu().eval()  # the plain model where nothing was pruned
             pt["widths"] = fp32_model.widths()
             arts = pt["run"].summary["stages"]["export"]["artifacts"]
@@ -181,7 +218,9 @@ class Study:
             pt["correct"] = {p: correct for p, (correct, _) in scored.items()}
             pt["labels"] = scored["fp32"][1]
             macs_params = tp.utils.count_ops_and_params(fp32_model, self.example.cpu())
-            rows.append(point_row(pt, latency, macs_params, self.num_blocks, spread))
+            return point_row(pt, latency, macs_params, self.num_blocks, spread)
+
+        rows = [row_of(pt) for pt in points]
         base = self.base_run
         coupling = {
             "groups_training_time": len(channel_groups(base.load("train").eval(), self.example.cpu())),
@@ -198,5 +237,10 @@ class Study:
             "settings": {**bench["settings"], "batches": batches, "main_batch": bench["main_batch"]},
             "timings": self.timings,
         }
+        if budget:
+            budget_rows = [with_side(row_of(pt), pt["side"], pt["added_images"]) for pt in budget]
+            result["budget"] = {"rows": budget_rows, "verdict": verdict(budget_rows),
+                                "verdict_int8": verdict(budget_rows, "int8"), "match": self.budget_match,
+                                "keep_latency": self.recipe.study.budget_keep_latency}
         write_report(self.recipe, result, self.out_dir, self.env.writer)
         return result

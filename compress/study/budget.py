@@ -1,0 +1,143 @@
+"""The prune-or-retrain curve (`study.added_images`): at one latency, what a user holding a trained model pays in
+training images to get there by pruning, or by training a small model from scratch.
+
+For each budget N of added training images, and each seed (`study.seeds`):
+- the pruned side: the base pruned to `study.budget_keep_latency` of its measured FP32 latency at batch 8 (the
+  `plain-latency` strategy, with the recipe's pruning settings), fine-tuned on N images;
+- the scratch side: the recipe's architecture at stage widths whose latency matches the pruned model's, searched
+  on the same latency table and then timed against the unpruned model the way the prune checks its plan (within
+  5% of the pruned model's measured ratio), trained from random init on N images, distilled from the same
+  teacher when `study.scratch_distill`;
+- and scratch once more at the base's images plus the recipe's fine-tune: equal *total* images, counting the
+  base's training for the pruned side.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from repvgg import PlainRepVGG
+
+from ..data import Data
+from ..prune import load_or_build_table
+from ..prune.cost import LatencyCost
+from ..prune.measure import measure_ratios
+from ..recipe import Recipe
+from ..stages.prune import latency_options, resolve_provider
+from .points import scaled_widths, scratch_recipe, updated
+
+MATCH = 0.05  # a scratch model's measured latency ratio within this (relative) of the pruned model's
+PRUNED, SCRATCH = "budget-plain", "budget-scratch"
+
+
+def finetune_with(recipe: Recipe, images: int, data: Data) -> Recipe:
+    """`recipe` fine-tuning on `images` added images: a subset of the training set, or whole epochs of it."""
+    if images <= len(data.train_set):
+        return updated(recipe, finetune={"epochs": 1, "train_subset": images})
+    return updated(recipe, finetune={"epochs": math.ceil(images / data.images_per_epoch()), "train_subset": None})
+
+
+def scratch_with(recipe: Recipe, widths: list[int], images: int, data: Data, teacher) -> Recipe:
+    """A scratch point at stage `widths` trained from random init on `images` images (a subset of the training
+    set, or whole epochs of it), with its warm-up cut to what the schedule leaves."""
+    point = scratch_recipe(recipe, widths, data, teacher)
+    if images <= len(data.train_set):
+        return updated(point, data={"train_subset": images}, train={"epochs": 1, "warmup_epochs": 0})
+    epochs = math.ceil(images / data.images_per_epoch())
+    return updated(point, train={"epochs": epochs, "warmup_epochs": min(recipe.train.warmup_epochs, epochs - 1)})
+
+
+def expanded(stage_widths: list[int], depths: list[int]) -> list[int]:
+    """Per-stage widths as the per-layer widths of the plain stack (stem, then each stage's blocks)."""
+    return [w for w, n in zip(stage_widths, depths) for _ in range(n)]
+
+
+def latency_matched_widths(recipe: Recipe, plain: PlainRepVGG, full: list[int], depths: list[int], prune: dict,
+                           image_size: int, unit: int, log=None) -> tuple[list[int], dict]:
+    """Stage widths whose plain stack runs as fast as the pruned model (`prune`: its prune-stage summary): searched
+    to the pruned plan's predicted time on the same latency table, then timed against the unpruned model and
+    searched again, the target scaled by the miss, until the measured ratio is within MATCH of the pruned
+    model's (at most three times). Returns the widths and what was measured."""
+    options, _ = resolve_provider(latency_options(recipe.prune.latency), plain, image_size, log=log)
+    table = load_or_build_table(plain, options, image_size, recipe.prune.round_to or unit, log=log)
+    cost = LatencyCost(table, plain)
+    latency = prune["latency"]
+    chosen = next((r for r in latency.get("rounds", []) if r.get("chosen")), None)
+    pruned_ratio = chosen["measured_ratio"] if chosen else latency["predicted_ms"] / latency["before_ms"]
+    target, tries = latency["predicted_ms"], []
+    for _ in range(3):
+        widths = scaled_widths(full, lambda w: cost.cost(expanded(w, depths)), target, unit, tolerance=MATCH / 2)
+        got = measure_ratios(plain, [tuple(expanded(widths, depths))], options, image_size, log=log)
+        ratio = got["candidates"][0]["ratio"]
+        tries.append({"widths": widths, "table_ms": cost.cost(expanded(widths, depths)), "measured_ratio": ratio})
+        if abs(ratio / pruned_ratio - 1) <= MATCH:
+            break
+        target *= pruned_ratio / ratio
+    best = min(tries, key=lambda t: abs(t["measured_ratio"] / pruned_ratio - 1))
+    return best["widths"], {"pruned_ratio": pruned_ratio, "tries": tries, "provider": options.provider}
+
+
+def side_means(rows: list[dict], side: str, precision: str) -> dict[int, float]:
+    """Mean top-1 over seeds of one side's points, by added images."""
+    by = {}
+    for r in rows:
+        if r["side"] == side and r["added_images"] is not None:
+            by.setdefault(r["added_images"], []).append(r[f"{precision}_top1"])
+    return {n: float(np.mean(v)) for n, v in sorted(by.items())}
+
+
+def verdict(rows: list[dict], precision: str = "fp32") -> str:
+    """The prune-or-retrain sentence: the fewest added images at which scratch matches pruning (means over seeds),
+    or that it did not within the budgets run."""
+    pruned, scratch = side_means(rows, PRUNED, precision), side_means(rows, SCRATCH, precision)
+    shared = [n for n in pruned if n in scratch]
+    seeds = len({r["seed"] for r in rows})
+    what = f"{precision.upper()} top-1, mean of {seeds} seed{'s' * (seeds != 1)}"
+    matched = next((n for n in shared if scratch[n] >= pruned[n]), None)
+    if matched is not None:
+        return (f"At equal added images, training from scratch matched pruning from {matched:,} images on "
+                f"({scratch[matched]:.2f}% vs {pruned[matched]:.2f}%, {what}).")
+    if not shared:
+        return "No budget was run on both sides."
+    last = shared[-1]
+    return (f"Training from scratch did not match pruning at equal added images within the budgets run: at "
+            f"{last:,} added images, {scratch[last]:.2f}% vs {pruned[last]:.2f}% for the pruned model ({what}).")
+
+
+def budget_figure(rows: list[dict]):
+    """Top-1 against added images, FP32 and INT8, both sides: every seed's point with its 95% Wilson interval, a
+    line through the means; scratch at equal total images as a star."""
+    from ..figures import new_figure
+
+    fig = new_figure((12, 4.5))
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, precision in zip(axes, ("fp32", "int8")):
+        for side, colour in ((PRUNED, "#1f77b4"), (SCRATCH, "#9467bd")):
+            pts = [r for r in rows if r["side"] == side and r["added_images"] is not None]
+            x = [r["added_images"] for r in pts]
+            y = [r[f"{precision}_top1"] for r in pts]
+            err = [[v - r[f"{precision}_ci"][0] for v, r in zip(y, pts)], [r[f"{precision}_ci"][1] - v
+                                                                             for v, r in zip(y, pts)]]
+            ax.errorbar(x, y, yerr=err, fmt="o", color=colour, capsize=3, alpha=0.7)
+            means = side_means(rows, side, precision)
+            ax.plot(list(means), list(means.values()), color=colour, label=side)
+        for r in (r for r in rows if r["added_images"] is None):
+            ax.plot([r["images_seen"]], [r[f"{precision}_top1"]], "*", color="#9467bd", markersize=10,
+                    label="scratch, equal total images")
+        ax.set_xscale("log")
+        ax.set_xlabel("added training images (log)")
+        ax.set_title(precision.upper())
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("top-1 (%) of the exported file, 95% interval")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Prune or retrain: top-1 at one latency against the images each side is given")
+    fig.tight_layout()
+    return fig
+
+
+def with_side(row: dict, side: str, added: int | None) -> dict:
+    """A points-table row marked with its side of the curve and its added images (None: equal total images)."""
+    return {**row, "side": side, "added_images": added}
+
