@@ -18,6 +18,16 @@ def new_figure(figsize: tuple[float, float]) -> Figure:
     return fig
 
 
+def finish_panels(fig, axes, ylabel: str, title: str):
+    """The ends of a figure of side-by-side panels (one per precision): each panel titled and gridded by the
+    caller's loop; the y label and legend on the first, the figure's title, a tight layout."""
+    axes[0].set_ylabel(ylabel)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 def widths_figure(before: list[int], after: list[int]) -> Figure:
     """Each layer's output channels before and after pruning, as overlaid bars."""
     fig = new_figure((max(6, len(before) * 0.35), 3.5))

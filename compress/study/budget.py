@@ -109,7 +109,7 @@ def verdict(rows: list[dict], precision: str = "fp32") -> str:
 def budget_figure(rows: list[dict]):
     """Top-1 against added images, FP32 and INT8, both sides: every seed's point with its 95% Wilson interval, a
     line through the means; scratch at equal total images as a star."""
-    from ..figures import new_figure
+    from ..figures import finish_panels, new_figure
 
     fig = new_figure((12, 4.5))
     axes = fig.subplots(1, 2, sharey=True)
@@ -130,11 +130,8 @@ def budget_figure(rows: list[dict]):
         ax.set_xlabel("added training images (log)")
         ax.set_title(precision.upper())
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("top-1 (%) of the exported file, 95% interval")
-    axes[0].legend(fontsize=8)
-    fig.suptitle("Prune or retrain: top-1 at one latency against the images each side is given")
-    fig.tight_layout()
-    return fig
+    return finish_panels(fig, axes, "top-1 (%) of the exported file, 95% interval",
+                         "Prune or retrain: top-1 at one latency against the images each side is given")
 
 
 def with_side(row: dict, side: str, added: int | None) -> dict:

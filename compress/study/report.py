@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..figures import new_figure
+from ..figures import finish_panels, new_figure
 from ..files import write_json, write_text
 from ..recipe import Recipe
 from .analysis import PRECISIONS
@@ -52,11 +52,8 @@ def pareto_figure(rows: list[dict], batch: int):
         ax.set_xlabel(f"latency (ms, ONNX Runtime CPU, batch {batch}, measured)")
         ax.set_title(f"{precision.upper()}")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("top-1 (%) of the exported ONNX file, 95% interval")
-    axes[0].legend(fontsize=8)
-    fig.suptitle("Accuracy vs latency: pruning after re-parameterization vs before, vs training small")
-    fig.tight_layout()
-    return fig
+    return finish_panels(fig, axes, "top-1 (%) of the exported ONNX file, 95% interval",
+                         "Accuracy vs latency: pruning after re-parameterization vs before, vs training small")
 
 
 def log_tensorboard(writer, rows: list[dict], batch: int, fig) -> None:
