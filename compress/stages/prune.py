@@ -88,7 +88,7 @@ def run(c: StageContext) -> dict | None:
             latency, choice = resolve_provider(options.latency, model, example.shape[-1], log=log)
         if every_rank:  # every pruning rank plans on rank 0's choice
             shared = [latency if c.env.main else None]
-            torch.distributed.broadcast_object_list(shared, src=0)
+            torch.distributed.broadcast_object_list(shared, src=0, group=c.env.wait_group)
             latency = shared[0]
         options = dataclasses.replace(options, latency=latency)
         table = load_or_build_table(
@@ -98,7 +98,7 @@ def run(c: StageContext) -> dict | None:
     if every_rank:  # rank 0 alone times a plan (timings on every rank would share the cores), the others take it
         def measure(*args, **kwargs):
             shared = [measure_ratios(*args, **kwargs) if c.env.main else None]
-            torch.distributed.broadcast_object_list(shared, src=0)
+            torch.distributed.broadcast_object_list(shared, src=0, group=c.env.wait_group)
             return shared[0]
     # fixed, unaugmented batches for taylor/hessian: the same importance whenever (and wherever) it is run
     images = cfg.gradient_batches * c.data.cfg.batch_size
