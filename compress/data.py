@@ -258,7 +258,8 @@ class Data:
         indices in the full test set."""
         dataset = stratified_subset(self.test_set, limit)
         indices = _indices(dataset)
-        return {"images": len(indices), "sha256": hashlib.sha256(np.asarray(indices, np.int64).tobytes()).hexdigest()[:16]}
+        digest = hashlib.sha256(np.asarray(indices, np.int64).tobytes()).hexdigest()[:16]
+        return {"images": len(indices), "sha256": digest}
 
     def calibration_loader(self, size: int) -> DataLoader:
         """`size` training images in a fixed order, with test-time transforms (no augmentation)."""

@@ -59,7 +59,7 @@ def upper_hull(latencies: Sequence[float], accuracies: Sequence[float]) -> list[
     order = sorted(range(len(latencies)), key=lambda i: (latencies[i], -accuracies[i]))
     pareto = []
     for i in order:
-        if (not pareto or accuracies[i] > accuracies[pareto[-1]]) and (not pareto or latencies[i] > latencies[pareto[-1]]):
+        if not pareto or (accuracies[i] > accuracies[pareto[-1]] and latencies[i] > latencies[pareto[-1]]):
             pareto.append(i)
     hull: list[int] = []
     for i in pareto:  # monotone chain: drop a middle point on or under the line from its neighbours

@@ -59,7 +59,7 @@ class LatencyOptions:
     grid_points: int = 8
     rounds: int = 3
     cache_dir: Path | None = None
-    verify: int = 3  # plans timed against the unpruned model and corrected, at most this many times (0: trust the table)
+    verify: int = 3  # plans timed against the unpruned model and corrected at most this often (0: trust the table)
 
     def cache_key(self) -> dict:
         """The settings a table's numbers depend on, for its cache key: all but where the cache lies."""

@@ -153,8 +153,9 @@ def prune_model(
     (0-based) of every step but the last (the fine-tune stage follows the last); it must leave the
     architecture as it found it (fold any BN it inserted). A latency target uses `latency_table`, or reads or
     builds the one `options.latency` asks for (`load_or_build_table`) when none is given; `measure` times a latency
-    plan against the unpruned model (`measure.measure_ratios`; under DDP, rank 0's timing shared with the others). Returns the report (MACs,
-    params, widths, and for a latency target its predicted latency, budget and table)."""
+    plan against the unpruned model (`measure.measure_ratios`; under DDP, rank 0's timing shared with the others).
+    Reconstruction (`options.reconstruct`) re-fits the pruned plain layers on `batches`' images. Returns the report
+    (MACs, params, widths, the plan, and for a latency target its predicted latency, budget, table and checks)."""
     _check_mode(model, options)
     data = gradient_batches(options, batches)
     round_to = options.round_to or default_round_to(example_input.device.type)

@@ -43,8 +43,10 @@ class Section(BaseModel):
     def key_values(self, role: str = ROLE_WEIGHTS) -> dict:
         """This section's values that change `role` (`compress.keys`), for the run directory's keys."""
         values = self.model_dump(mode="json")
+        unset = [name for name, field in type(self).model_fields.items()
+                 if values[name] is None and (field.json_schema_extra or {}).get("when_set")]
         out = {name: values[name] for name, field in type(self).model_fields.items()
-               if role_of(field) == role and not (values[name] is None and (field.json_schema_extra or {}).get("when_set"))}
+               if role_of(field) == role and name not in unset}
         for name in self._stratified:
             if name in out and out[name] is not None:
                 out[f"{name}_sampling"] = "stratified"

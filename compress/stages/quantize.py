@@ -26,7 +26,8 @@ def calibration_options(cfg: QuantCfg) -> dict:
 def ptq(c: StageContext, model: nn.Module) -> nn.Module:
     """`model` quantized by PTQ alone, with the recipe's calibration settings (the export stage's INT8 reference)."""
     cfg = c.recipe.quantize
-    return quantize_model(model, c.data.reseeded(cfg.seed).calibration_loader(cfg.calibration_size), c.data.example_input(),
+    calibration = c.data.reseeded(cfg.seed).calibration_loader(cfg.calibration_size)
+    return quantize_model(model, calibration, c.data.example_input(),
                           **calibration_options(cfg))
 
 

@@ -143,7 +143,7 @@ def budget_section(budget: dict, batch: int) -> list[str]:
              f"{match['tries'][-1]['widths']} measured {tries} (searched on the latency table, {match['provider']}, "
              f"within 5%).", "- Added images: the pruned side's fine-tune; the scratch side's whole training. "
              "Equal total images: scratch trained on the base's images plus the recipe's fine-tune.", "",
-             "| side | added images | seed | images seen | FP32 top-1 [95%] | INT8 top-1 [95%] | FP32 ms @" + f"{batch} |",
+             f"| side | added images | seed | images seen | FP32 top-1 [95%] | INT8 top-1 [95%] | FP32 ms @{batch} |",
              "|---|---|---|---|---|---|---|"]
     for r in budget["rows"]:
         added = "equal total" if r["added_images"] is None else f"{r['added_images']:,}"

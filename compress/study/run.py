@@ -162,7 +162,7 @@ class Study:
             precipe = scratch_with(r, widths, images, self.data, teacher)
             seen = precipe.train.epochs * self.data.with_train_subset(precipe.data.train_subset).images_per_epoch()
             for seed in range(cfg.seeds):
-                tag = f"{SCRATCH}_{'add' + str(added) if added is not None else 'total'}" + (f"_seed{seed}" if seed else "")
+                tag = f"{SCRATCH}_{f'add{added}' if added is not None else 'total'}" + (f"_seed{seed}" if seed else "")
                 pt = self._point(SCRATCH, cfg.budget_keep_latency, reseeded(precipe, seed, True), base, seen, seed,
                                  tag)
                 points.append(with_side(pt, SCRATCH, seen if added is not None else None))
