@@ -179,5 +179,5 @@ def test_the_recipe_accepts_a_registered_runtime_by_name(numpy_runtime):
                               "prune": {"keep_latency": 0.5, "latency": {"provider": "numpy"}}})
     assert recipe.bench.providers == ["cpu", "numpy"] and recipe.prune.latency.provider == "numpy"
     with pytest.raises(RecipeError, match=r"recipe key 'prune.latency.provider': unknown runtime of ONNX files "
-                                          r"'torch'; valid: cpu, cuda, tensorrt, openvino, numpy"):
+                                          r"'torch'; valid: auto, cpu, cuda, tensorrt, openvino, numpy"):
         validate_recipe({"name": "r", "model": {"name": "RepVGG-A0"}, "prune": {"latency": {"provider": "torch"}}})

@@ -21,12 +21,13 @@ from repvgg import CONFIGS
 from .errors import suggest
 
 
-def one_of(table: Mapping[str, object], what: str, fits: Callable[[object], bool] = lambda entry: True) -> AfterValidator:
-    """A validator: the value is the name of an entry of `table` that `fits` (the table is read when validating, so
-    an entry registered later counts)."""
+def one_of(table: Mapping[str, object], what: str, fits: Callable[[object], bool] = lambda entry: True,
+           also: tuple[str, ...] = ()) -> AfterValidator:
+    """A validator: the value is the name of an entry of `table` that `fits`, or one of `also` (the table is read
+    when validating, so an entry registered later counts)."""
 
     def check(name: str) -> str:
-        names = [key for key, entry in table.items() if fits(entry)]
+        names = [*also, *(key for key, entry in table.items() if fits(entry))]
         if name not in names:
             raise ValueError(f"unknown {what} '{name}'{suggest(name, names)}; valid: {', '.join(names)}")
         return name
@@ -163,8 +164,8 @@ class LatencyCfg(Section):
 
     # a runtime that runs ONNX files: ONNX Runtime's CPU provider, OpenVINO's CPU device, ...; auto: the one that
     # runs the unpruned model fastest here, in the table's precision (timed by the prune stage, recorded in its summary)
-    provider: Literal["auto"] | Annotated[
-        str, one_of(RUNTIMES, "runtime of ONNX files", lambda runtime: runtime.opens == "onnx")] = "cpu"
+    provider: Annotated[str, one_of(RUNTIMES, "runtime of ONNX files", lambda runtime: runtime.opens == "onnx",
+                                    also=("auto",))] = "cpu"
     threads: int | None = Field(None, gt=0)  # None: all cores
     batch: int = Field(8, gt=0)
     precision: Literal["fp32", "int8"] = "fp32"  # int8: QDQ layers, as the quantize + export stages deploy them
