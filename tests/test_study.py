@@ -295,6 +295,8 @@ def test_digits_prune_or_retrain_curve_with_two_budgets(tiny_recipe, tmp_path):
     assert [s for s, _ in sides[2:]] == ["budget-scratch"] * 3 and sides[-1][1] is None  # the last: equal total
     scratch = {r["added_images"]: r for r in budget["rows"] if r["side"] == "budget-scratch"}
     assert scratch[320]["images_seen"] <= 320 and scratch[None]["images_seen"] > 640
+    trained = json.loads((out / "points" / "budget-scratch_add320" / "summary.json").read_text())["stages"]["train"]
+    assert trained["images_seen"] == scratch[320]["images_seen"]  # what the point really trained on
     # the scratch widths were matched to the pruned model's measured latency (within 5%, else the closest tried)
     match = budget["match"]
     assert match["tries"] and 0 < match["pruned_ratio"] < 1

@@ -67,7 +67,8 @@ class Study:
         (DIR/points/<p>/tb); `base` gives it the shared trained model first. Returns the run's context."""
         writer = SummaryWriter(str(out_dir / "tb")) if self.env.main else None
         try:
-            data = self.data.reseeded(recipe.seed)  # a scratch point's own seed (`study.seeds`)
+            # a scratch point's own seed (`study.seeds`) and training images (the prune-or-retrain curve's)
+            data = self.data.reseeded(recipe.seed).with_train_subset(recipe.data.train_subset)
             pipeline = Pipeline(recipe, out_dir, dataclasses.replace(self.env, writer=writer), data)
             run = pipeline.context
             if base is not None:
