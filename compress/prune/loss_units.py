@@ -42,10 +42,6 @@ def slot_outputs(model: nn.Module) -> list[list[nn.Module]]:
     return [[model.stage0], *(list(getattr(model, f"stage{s}")) for s in range(1, 5))]
 
 
-def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(model(x), y)
-
-
 def taylor_scores(model: nn.Module, batches: Iterable, device: torch.device) -> list[torch.Tensor]:
     """Per slot, per output channel: the mean over `batches` of (sum a * dL/da)^2, the squared first-order loss
     change of zeroing the channel (module docstring). The model's parameter gradients are left cleared."""
@@ -65,7 +61,7 @@ def taylor_scores(model: nn.Module, batches: Iterable, device: torch.device) -> 
         with torch.enable_grad():
             for x, y in batches:
                 captured.clear()
-                _loss(model, x.to(device), y.to(device)).backward()
+                F.cross_entropy(model(x.to(device)), y.to(device)).backward()
                 for i, outs in captured.items():
                     change = sum((a * a.grad).sum(dim=(0, 2, 3)) for a in outs)
                     scores[i] += change.detach().double().cpu() ** 2
