@@ -10,10 +10,14 @@ GEMM kernels, which consume K in steps of 4-16 (VNNI) or 64 (AMX) and pad the re
   side is odd, so that the block grid covers it), the kernel zero-padded to 4x4 and its 2x2 blocks moved into
   channels: K = 2 x 2 x 12 = 48, and a stride-1 conv over a quarter of the pixels. Exact: each output sums the same
   products plus products with the zero 4th kernel row/column.
+- `fp32_stem(model)`: an INT8 graph's stem run in FP32: it reads the float input (no QuantizeLinear /
+  DequantizeLinear pair) and the dequantized INT8 kernel, so the kernel the file was trained and checked with; its
+  output is quantized for the next conv as before. Not bit-exact: the input is no longer rounded to 8 bits, which
+  only removes error.
 
-Both keep the file's contract (a 3-channel input 'input', dynamic batch) and metadata. Float rounding of the
+All keep the file's contract (a 3-channel input 'input', dynamic batch) and metadata. Float rounding of the
 reordered sums differs at the ulp level; INT8 accumulates the same integers. Whether a rewrite is faster depends
-on the CPU and the runtime: apply one only where a measurement (benchmarks/stem_rewrites.py) says so; the caller
+on the CPU and the runtime: apply one only where a measurement (benchmarks/graph_rewrites.py) says so; the caller
 decides.
 """
 
@@ -67,6 +71,20 @@ def _initializer(graph: onnx.GraphProto, name: str) -> onnx.TensorProto:
     if found is None:
         raise ValueError(f"stem rewrite: '{name}' is not an initializer")
     return found
+
+
+def _drop_dead(graph: onnx.GraphProto) -> None:
+    """Remove the nodes whose outputs nothing reads (and that are no graph output), then the unread initializers."""
+    outputs = {o.name for o in graph.output}
+    while True:
+        read = {t for n in graph.node for t in n.input} | outputs
+        dead = [n for n in graph.node if not any(o in read for o in n.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    for init in [i for i in graph.initializer if i.name not in read]:
+        graph.initializer.remove(init)
 
 
 def _fresh(graph: onnx.GraphProto, base: str) -> str:
@@ -208,3 +226,35 @@ def space_to_depth(model: onnx.ModelProto) -> onnx.ModelProto:
 
     return _rewrite(model, "s2d", ops, weight,
                     {"kernel_shape": [2, 2], "strides": [1, 1], "pads": [0, 0, 0, 0], "dilations": [1, 1], "group": 1})
+
+
+def fp32_stem(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of the INT8 QDQ `model` whose stem is a float conv: on the graph input directly, with the
+    dequantized kernel (per output channel: (q - zero point) x scale). For runtimes where the 3-channel stem runs
+    faster in FP32 than as an INT8 conv (see the module docstring)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    conv = find_stem(out)
+    reader, _ = _weight_reader(graph, conv)
+    if reader is conv:
+        raise ValueError("fp32_stem: the stem's kernel is already float (not an INT8 QDQ graph)")
+    if _attr(reader, "axis", 1) != 0 and len(_initializer(graph, reader.input[1]).dims) > 0:
+        raise ValueError("fp32_stem: the stem's kernel scales are not per output channel (axis 0)")
+    producer = _producers(graph)
+    chain, x = [], conv.input[0]  # the Identity / Q / DQ nodes between the graph input and the stem
+    while x in producer:
+        chain.append(producer[x])
+        x = chain[-1].input[0]
+    if any(node.op_type in _REWRITTEN for node in chain):
+        raise ValueError("fp32_stem: the stem is already rewritten (a Pad or SpaceToDepth feeds it)")
+    q = numpy_helper.to_array(_initializer(graph, reader.input[0])).astype(np.float32)
+    scale = numpy_helper.to_array(_initializer(graph, reader.input[1])).astype(np.float32).reshape(-1, 1, 1, 1)
+    zero = (numpy_helper.to_array(_initializer(graph, reader.input[2])).astype(np.float32).reshape(-1, 1, 1, 1)
+            if len(reader.input) > 2 else np.zeros_like(scale))
+    weight = numpy_helper.from_array((q - zero) * scale, _fresh(graph, f"{reader.input[0]}_fp32"))
+    conv.input[0], conv.input[1] = x, weight.name
+    graph.initializer.append(weight)
+    _drop_dead(graph)  # the stem's input Q/DQ and weight DQ, unless something else reads them
+    onnx.checker.check_model(out, full_check=True)
+    return out

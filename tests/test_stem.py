@@ -9,7 +9,7 @@ from onnx import helper, numpy_helper
 
 from compress.export import export_onnx
 from compress.quant import quantize_model, use_reference_kernels
-from compress.stem import PAD_CHANNELS, find_stem, pad_channels, space_to_depth
+from compress.stem import PAD_CHANNELS, find_stem, fp32_stem, pad_channels, space_to_depth
 from repvgg import LayerSpec, PlainRepVGG
 
 use_reference_kernels()  # no NNCF extension build
@@ -165,3 +165,33 @@ def test_refusals_are_one_line(graphs):
         pad_channels(pad_channels(graphs["fp32", 2, 16], 4), 4)
     with pytest.raises(ValueError, match=r"^stem rewrite: the stem is already rewritten"):
         pad_channels(space_to_depth(graphs["int8", 2, 16]), 16)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_fp32_stem_runs_the_dequantized_kernel_on_the_float_input(graphs, stride, tmp_path):
+    original = graphs["int8", stride, 16]
+    rewritten = fp32_stem(original)
+    check_contract(original, rewritten)
+    stem = find_stem(rewritten)
+    assert stem.input[0] == "input"  # no Q/DQ in front of it
+    # its kernel is the INT8 one dequantized per output channel, so the one the INT8 file computes with
+    producer = {o: n for n in original.graph.node for o in n.output}
+    dq = producer[find_stem(original).input[1]]
+    inits = {i.name: numpy_helper.to_array(i) for i in original.graph.initializer}
+    q, scale, zero = (inits[producer[t].input[0]] if t in producer else inits[t] for t in dq.input[:3])
+    expected = (q.astype(np.float32) - zero.reshape(-1, 1, 1, 1)) * scale.reshape(-1, 1, 1, 1)
+    got = next(numpy_helper.to_array(i) for i in rewritten.graph.initializer if i.name == stem.input[1])
+    assert got.dtype == np.float32 and np.array_equal(got, expected)
+    assert len(rewritten.graph.node) < len(original.graph.node)  # the dropped input Q/DQ and weight DQ
+    for x in inputs(16):
+        ref = run(original, x)
+        out = run(rewritten, x, optimized=str(tmp_path / "optimized.onnx"))
+        # only the input's 8-bit rounding is gone: the logits move by a fraction of their range
+        assert 0 < np.abs(out - ref).max() <= 0.1 * np.abs(ref).max()
+    fused = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert fused.count("QLinearConv") == 2 and ("Conv" in fused or "FusedConv" in fused)  # the rest stays INT8
+
+
+def test_fp32_stem_refuses_a_float_graph(graphs):
+    with pytest.raises(ValueError, match=r"^fp32_stem: the stem's kernel is already float \(not an INT8 QDQ graph\)$"):
+        fp32_stem(graphs["fp32", 2, 16])
