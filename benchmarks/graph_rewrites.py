@@ -29,7 +29,7 @@ def slim(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
         import onnxslim
     except ImportError as e:
-        raise ValueError("onnxslim is not installed") from e
+        raise ValueError("onnxslim: not installed") from e
     return onnxslim.slim(model)
 
 
@@ -54,7 +54,7 @@ def bench_file(path: Path, args: argparse.Namespace, tmp: Path) -> None:
         try:
             variants[name] = rewrite(original)
         except ValueError as e:
-            skipped.append(f"{name}: {e}")
+            skipped.append(str(e))
     dims = original.graph.input[0].type.tensor_type.shape.dim
     x = np.random.default_rng(0).standard_normal((args.batch, *(d.dim_value for d in dims[1:]))).astype(np.float32)
     sessions = {}
