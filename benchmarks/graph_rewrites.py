@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 
 from compress.runtime import open_onnx, time_runs
-from compress.stem import PAD_CHANNELS, find_stem, fp32_stem, pad_channels, space_to_depth
+from compress.stem import STEM_REWRITES, find_stem
 
 
 def slim(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -33,8 +33,7 @@ def slim(model: onnx.ModelProto) -> onnx.ModelProto:
     return onnxslim.slim(model)
 
 
-REWRITES = {**{f"pad{c}": (lambda m, c=c: pad_channels(m, c)) for c in PAD_CHANNELS}, "space_to_depth": space_to_depth,
-            "fp32_stem": fp32_stem, "onnxslim": slim}
+REWRITES = {**{k: v for k, v in STEM_REWRITES.items() if k != "none"}, "onnxslim": slim}
 
 
 def stem_k(model: onnx.ModelProto) -> int:

@@ -95,6 +95,7 @@ def run(args) -> int:
         wait_group = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=timeouts.wait_timeout_s))
     torch.manual_seed(recipe.seed)
     data = build_data(recipe.data, recipe.seed, rank, world_size)
+    recipe = _resolve_stems(recipe, data.num_classes, device.type, rank, world_size)
     try:
         with contextlib.ExitStack() as stack:
             writer = None
@@ -122,6 +123,26 @@ def run(args) -> int:
     return 0
 
 
+def _resolve_stems(recipe: Recipe, num_classes: int, device_type: str, rank: int, world_size: int) -> Recipe:
+    """`export.stem` / `stem_fp32` "auto" resolved (`compress.stem_choice`): timed on rank 0 alone, its recipe
+    broadcast, so every rank keys the same choice."""
+    if "auto" not in (recipe.export.stem, recipe.export.stem_fp32):
+        return recipe
+    from .models import initial_model, recipe_architecture
+    from .prune.slots import plain_specs
+    from .stem_choice import resolve_stems
+
+    resolved = [None]
+    if rank == 0:
+        classes = recipe.model.num_classes or num_classes
+        model = recipe_architecture(recipe, classes) or initial_model(recipe, classes)[0]
+        resolved[0] = resolve_stems(recipe, plain_specs(model)[0], device_type,
+                                    log=lambda line: print(line, file=sys.stderr))
+    if world_size > 1:
+        torch.distributed.broadcast_object_list(resolved, src=0)
+    return resolved[0]
+
+
 def latency_table_main(args) -> int:
     """`compress.py latency-table --recipe R`: build (or read from the cache) and print the latency table the
     recipe's `prune.latency` settings ask for, for the recipe's starting model (random weights do: latency does
@@ -134,6 +155,7 @@ def latency_table_main(args) -> int:
     device_type = _device(recipe, 0).type
     recipe = recipe.resolved(device_type)
     classes = recipe.model.num_classes or 1000  # the head is not in the table
+    recipe = _resolve_stems(recipe, classes, device_type, 0, 1)  # the table times the stem the export writes
     model = recipe_architecture(recipe, classes) or initial_model(recipe, classes)[0]
     options, _ = resolve_provider(latency_options(recipe.prune.latency), model,
                                   recipe.data.image_size, log=lambda line: print(line, file=sys.stderr))

@@ -18,6 +18,8 @@ from .runtime import cpu_flags
 TARGET_DEVICES = ("cpu-vnni", "cpu-avx2", "gpu")
 INT32_ACCUMULATING_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # any of them: no int16 saturation
 METADATA_KEY = "repvgg_compress.target_device"  # where an exported file records its target
+# the runtime each target deploys on, where target-specific choices are timed (`export.stem: auto`)
+TARGET_RUNTIMES = {"cpu-vnni": "cpu", "cpu-avx2": "cpu", "gpu": "tensorrt"}
 
 
 def cpu_target(flags: list[str] | None = None) -> str:

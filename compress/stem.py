@@ -24,6 +24,7 @@ decides.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -258,3 +259,21 @@ def fp32_stem(model: onnx.ModelProto) -> onnx.ModelProto:
     _drop_dead(graph)  # the stem's input Q/DQ and weight DQ, unless something else reads them
     onnx.checker.check_model(out, full_check=True)
     return out
+
+
+# export.stem's choices: name -> rewrite of a whole ONNX file ("none": the file as exported). `fp32` is for INT8
+# files only; the others are exact in both precisions. A rewrite that does not fit the stem raises a ValueError.
+STEM_REWRITES: dict[str, Callable[[onnx.ModelProto], onnx.ModelProto]] = {
+    "none": lambda model: model,
+    **{f"pad{c}": (lambda model, c=c: pad_channels(model, c)) for c in PAD_CHANNELS},
+    "space_to_depth": space_to_depth,
+    "fp32": fp32_stem,
+}
+FP32_STEM_REWRITES = tuple(name for name in STEM_REWRITES if name != "fp32")  # those an FP32 file can take
+
+
+def rewrite_stem(path: str | Path, name: str) -> None:
+    """Rewrite the ONNX file `path` in place with `STEM_REWRITES[name]`; a ValueError (one line) where it does not
+    fit the file's stem."""
+    model = onnx.load(str(path))
+    onnx.save(STEM_REWRITES[name](model), str(path))

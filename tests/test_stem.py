@@ -9,13 +9,13 @@ from onnx import helper, numpy_helper
 
 from compress.export import export_onnx
 from compress.quant import quantize_model, use_reference_kernels
-from compress.stem import PAD_CHANNELS, find_stem, fp32_stem, pad_channels, space_to_depth
+from compress.stem import PAD_CHANNELS, STEM_REWRITES, find_stem, fp32_stem, pad_channels, space_to_depth
 from repvgg import LayerSpec, PlainRepVGG
 
 use_reference_kernels()  # no NNCF extension build
 
 META = {"repvgg_compress.recipe": "tiny-stem"}
-REWRITES = {**{f"pad{c}": (lambda m, c=c: pad_channels(m, c)) for c in PAD_CHANNELS}, "s2d": space_to_depth}
+REWRITES = {name: rewrite for name, rewrite in STEM_REWRITES.items() if name not in ("none", "fp32")}  # the exact ones
 
 
 def tiny(stride: int) -> PlainRepVGG:
@@ -51,7 +51,7 @@ def run(model: onnx.ModelProto, x: np.ndarray, optimized: str | None = None) -> 
 
 def cases(kind: str):
     return [(key, name) for key in ((kind, 2, 16), (kind, 1, 16), (kind, 2, 15)) if kind == "fp32" or key[2] == 16
-            for name in REWRITES if name != "s2d" or key[1] == 2]
+            for name in REWRITES if name != "space_to_depth" or key[1] == 2]
 
 
 def inputs(size: int):

@@ -92,18 +92,32 @@ def _runtime(provider: str) -> str:
     return runtime.version()
 
 
-def table_key(model: nn.Module, cfg: LatencyOptions, image_size: int, round_to: int) -> dict:
-    """Everything a latency table's numbers depend on (its cache file is named by a hash of it)."""
+def machine_key(provider: str) -> dict:
+    """What any timing here depends on besides the model: the CPU (model, ISA, every flag), its cores, and the
+    runtime's library and version on `provider`."""
     flags = cpu_flags()
-    specs = plain_specs(model)
     return {
-        "format": TABLE_FORMAT,
         "cpu": cpu_model(),
         "isa": isa_flags(flags),
         "cpu_flags_sha256": hashlib.sha256(" ".join(flags).encode()).hexdigest()[:16],
         "logical_cores": os.cpu_count(),
-        "runtime": _runtime(cfg.provider),
-        **cfg.cache_key(),  # provider, threads, batch, precision, grid_points, rounds
+        "runtime": _runtime(provider),
+    }
+
+
+def cache_path(directory: Path, prefix: str, key: dict) -> Path:
+    """The cache file of `key` under `directory`: `prefix`-<hash of key>.json."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(directory) / f"{prefix}-{digest}.json"
+
+
+def table_key(model: nn.Module, cfg: LatencyOptions, image_size: int, round_to: int) -> dict:
+    """Everything a latency table's numbers depend on (its cache file is named by a hash of it)."""
+    specs = plain_specs(model)
+    return {
+        "format": TABLE_FORMAT,
+        **machine_key(cfg.provider),
+        **cfg.cache_key(),  # provider, threads, batch, precision, grid_points, rounds, stem
         "image_size": image_size,
         "round_to": round_to,
         "layers": [[s.in_channels, s.out_channels, s.stride, s.groups] for s in specs],
@@ -134,7 +148,8 @@ def build_table(model: nn.Module, options: LatencyOptions, image_size: int, roun
 
         def layer_timing(shape: LayerShape, cin: int, cout: int) -> Timing:
             spec = LayerSpec(cin, cout, shape.stride, shape.groups)
-            return timing(layer_model(spec, shape.size, int8, shape.first), (batch, cin, shape.size, shape.size),
+            return timing(layer_model(spec, shape.size, int8, shape.first, options.stem),
+                          (batch, cin, shape.size, shape.size),
                           layer_input_type(int8, shape.first))
 
         grid = [[[layer_timing(s, a, b) for b in s.cout] for a in s.cin] for _, s in shapes]
@@ -146,7 +161,7 @@ def build_table(model: nn.Module, options: LatencyOptions, image_size: int, roun
         whole = {}
         for name, slot_widths in architectures.items():
             arch = plain_specs(architecture(model, tuple(slot_widths)))
-            whole[name] = (arch, timing(plain_model(arch, image_size, classes, int8),
+            whole[name] = (arch, timing(plain_model(arch, image_size, classes, int8, options.stem),
                                         (batch, specs[0].in_channels, image_size, image_size), np.dtype(np.float32)))
         log(f"[latency] timing {len(timings)} models ({options.precision}, batch {batch}, "
             f"threads {options.threads or 'all'}, {key['runtime']}, {options.provider}) over {options.rounds} rounds")
@@ -251,8 +266,7 @@ def load_or_build_table(
     Under torchrun, rank 0 reads or builds it while the other ranks wait in `wait()` (a barrier every rank calls),
     then read it from the cache, which must be on a filesystem every rank sees."""
     key = table_key(model, options, image_size, round_to)
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = cache_dir(options) / f"latency-{digest}.json"
+    path = cache_path(cache_dir(options), "latency", key)
     table = None
     if rank == 0:
         table = _read(path, key)

@@ -62,7 +62,7 @@ def measure_ratios(model: nn.Module, candidates: list[tuple[int, ...]], options:
     named = [("unpruned", unpruned), *((f"candidate{k}", tuple(w)) for k, w in enumerate(candidates))]
     with tempfile.TemporaryDirectory(prefix="measure-") as tmp:
         timings = [Timing(Path(tmp) / f"{name}.onnx",
-                          plain_model(plain_specs(architecture(model, widths)), image_size, classes, int8),
+                          plain_model(plain_specs(architecture(model, widths)), image_size, classes, int8, options.stem),
                           input_shape, np.dtype(np.float32))
                    for name, widths in named]
         for r in range(rounds):

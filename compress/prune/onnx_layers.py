@@ -6,7 +6,8 @@ the layer's quantized input (uint8 after a ReLU) and of its int8 per-channel wei
 leaves them), Conv with a float bias, Relu, QuantizeLinear to uint8. ONNX Runtime fuses that into one QLinearConv,
 as it does in the real file. The first layer reads the float image through the export's signed input quantizer
 (QuantizeLinear to int8), which it owns: ONNX Runtime turns that pair to uint8 on AVX2 CPUs before fusing, and could
-not fuse a graph that started at an int8 input.
+not fuse a graph that started at an int8 input. `stem` names the rewrite of the first layer (compress.stem) the
+export applies, so that what is timed is what is deployed.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from compress.runtime import INPUT_NAME, MIN_OPSET, OUTPUT_NAME
+from compress.stem import STEM_REWRITES
 from repvgg import LayerSpec
 
 _OPSET = [helper.make_opsetid("", MIN_OPSET)]
@@ -78,8 +80,9 @@ def layer_input_type(int8: bool, first: bool) -> np.dtype:
     return np.dtype(np.uint8 if int8 and not first else np.float32)
 
 
-def layer_model(spec: LayerSpec, size: int, int8: bool, first: bool) -> onnx.ModelProto:
-    """One plain layer reading `spec.in_channels` x `size` x `size` (any batch)."""
+def layer_model(spec: LayerSpec, size: int, int8: bool, first: bool, stem: str = "none") -> onnx.ModelProto:
+    """One plain layer reading `spec.in_channels` x `size` x `size` (any batch); the first one rewritten as `stem`
+    says."""
     g = _Graph()
     elem = helper.np_dtype_to_tensor_dtype(layer_input_type(int8, first))
     out_size = (size - 1) // spec.stride + 1
@@ -87,11 +90,13 @@ def layer_model(spec: LayerSpec, size: int, int8: bool, first: bool) -> onnx.Mod
     inputs = [helper.make_tensor_value_info(INPUT_NAME, elem, ["batch", spec.in_channels, size, size])]
     out_elem = TensorProto.UINT8 if int8 else TensorProto.FLOAT
     outputs = [helper.make_tensor_value_info(OUTPUT_NAME, out_elem, ["batch", spec.out_channels, out_size, out_size])]
-    return g.model(inputs, outputs, "x", y)
+    model = g.model(inputs, outputs, "x", y)
+    return STEM_REWRITES[stem](model) if first else model
 
 
-def plain_model(specs: list[LayerSpec], size: int, num_classes: int, int8: bool) -> onnx.ModelProto:
-    """A whole plain model (layers, global average pool, linear head) reading 3-channel float images."""
+def plain_model(specs: list[LayerSpec], size: int, num_classes: int, int8: bool, stem: str = "none") -> onnx.ModelProto:
+    """A whole plain model (layers, global average pool, linear head) reading 3-channel float images, its first
+    layer rewritten as `stem` says."""
     g = _Graph()
     x = "x"
     for i, spec in enumerate(specs):
@@ -103,4 +108,4 @@ def plain_model(specs: list[LayerSpec], size: int, num_classes: int, int8: bool)
     y = g.node("Gemm", [pooled, g.const(head), g.const(np.zeros(num_classes, np.float32))], transB=1)
     inputs = [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", specs[0].in_channels, size, size])]
     outputs = [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", num_classes])]
-    return g.model(inputs, outputs, "x", y)
+    return STEM_REWRITES[stem](g.model(inputs, outputs, "x", y))

@@ -49,8 +49,10 @@ class LatencyOptions:
     """How a latency table is measured: on `provider` (a runtime of `compress.runtime.RUNTIMES` that runs ONNX files:
     ONNX Runtime's CPU provider, OpenVINO's CPU device) with `threads` (None: all cores), `batch` and `precision`,
     `grid_points` widths per axis of each layer's grid, every model timed over `rounds` rounds; cached under
-    `cache_dir` (None: the user's cache directory). A plan made from it is timed whole against the unpruned model
-    and re-planned up to `verify` times until it measures within tolerance of the target (`pruning._verify`)."""
+    `cache_dir` (None: the user's cache directory), the first layer's graphs rewritten as `stem` says (the export's
+    `export.stem` or `export.stem_fp32` for this precision). A plan made from it is timed whole against the
+    unpruned model and re-planned up to `verify` times until it measures within tolerance of the target
+    (`pruning._verify`)."""
 
     provider: str = "cpu"
     threads: int | None = None
@@ -60,11 +62,14 @@ class LatencyOptions:
     rounds: int = 3
     cache_dir: Path | None = None
     verify: int = 3  # plans timed against the unpruned model and corrected at most this often (0: trust the table)
+    stem: str = "none"  # the rewrite of the first layer (compress.stem.STEM_REWRITES) its graphs are timed through
 
     def cache_key(self) -> dict:
         """The settings a table's numbers depend on, for its cache key: all but where the cache lies."""
         values = asdict(self)
         del values["cache_dir"], values["verify"]  # the table does not depend on how its plans are checked
+        if values["stem"] == "none":  # as every table timed before the setting existed: their keys stay valid
+            del values["stem"]
         return values
 
 

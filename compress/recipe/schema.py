@@ -15,6 +15,7 @@ from compress.keys import EVALUATION, KEYED_WHEN_SET, NO_EFFECT, ROLE_WEIGHTS, r
 from compress.prune import IMPORTANCES, TARGET_KINDS, Target, default_round_to
 from compress.registry import STAGE_NAMES
 from compress.runtime import RUNTIMES
+from compress.stem import FP32_STEM_REWRITES, STEM_REWRITES
 from compress.study.strategies import STRATEGIES
 from repvgg import CONFIGS
 
@@ -48,6 +49,11 @@ class Section(BaseModel):
                  if values[name] is None and (field.json_schema_extra or {}).get("when_set")]
         out = {name: values[name] for name, field in type(self).model_fields.items()
                if role_of(field) == role and name not in unset}
+        for name, value in out.items():  # a nested section (prune.latency) keys its unset when_set fields alike
+            nested = getattr(self, name)
+            if isinstance(nested, Section):
+                out[name] = {k: v for k, v in value.items() if v is not None
+                             or not (type(nested).model_fields[k].json_schema_extra or {}).get("when_set")}
         for name in self._stratified:
             if name in out and out[name] is not None:
                 out[f"{name}_sampling"] = "stratified"
@@ -176,6 +182,9 @@ class LatencyCfg(Section):
     verify: int = Field(3, ge=0)
     # None: $XDG_CACHE_HOME/repvgg-compress, else ~/.cache/repvgg-compress
     cache_dir: Path | None = Field(None, json_schema_extra=NO_EFFECT)
+    # not a setting: the export's stem rewrite for this precision (`export.stem` / `stem_fp32`), copied here at the
+    # door (`Recipe.resolved`) so the table times what is deployed and the prune stage's key holds it
+    stem: Annotated[str, one_of(STEM_REWRITES, "stem rewrite")] | None = Field(None, json_schema_extra=KEYED_WHEN_SET)
 
 
 class PruneCfg(Section):
@@ -298,6 +307,20 @@ class ExportCfg(Section):
     # predictions at unchanged top-1, where OpenVINO agrees on all; a wrong scale flips far more: README)
     parity_images: int = Field(512, gt=0, json_schema_extra=EVALUATION)
     int8_agreement: float = Field(0.97, gt=0, le=1, json_schema_extra=EVALUATION)
+    # the rewrite of the INT8 files' / the FP32 files' first conv (compress.stem: pad4/8/16, space_to_depth, and
+    # fp32 for INT8 files; README "Where the time goes"); None or none: the file as exported; auto: the fastest, by a
+    # microbenchmark of the stem alone on the deployment target's runtime (cached), resolved at the door
+    stem: Annotated[str, one_of(STEM_REWRITES, "export.stem", also=("auto",))] | None = Field(
+        None, json_schema_extra=KEYED_WHEN_SET)
+    stem_fp32: Annotated[str, one_of({k: STEM_REWRITES[k] for k in FP32_STEM_REWRITES}, "export.stem_fp32",
+                                     also=("auto",))] | None = Field(None, json_schema_extra=KEYED_WHEN_SET)
+
+    @model_validator(mode="after")
+    def _none_is_unset(self):
+        # "none" and None both mean the file as exported: one key for both
+        self.stem = None if self.stem == "none" else self.stem
+        self.stem_fp32 = None if self.stem_fp32 == "none" else self.stem_fp32
+        return self
 
 
 class BenchCfg(Section):
@@ -381,11 +404,15 @@ class Recipe(Section):
     def resolved(self, device_type: str) -> Recipe:
         """The recipe with every default that depends on where it runs made explicit, so that keys hash what
         actually runs: `prune.round_to` for the device, `quantize.target_device` (auto: this machine) and the
-        `quantize.overflow_fix` it calls for, `data.root`, `model.checkpoint` and `train.teacher` as absolute paths.
+        `quantize.overflow_fix` it calls for, `prune.latency.stem` from the export's stem rewrite, `data.root`, `model.checkpoint` and `train.teacher` as absolute paths.
         A run directory reused on another kind of machine then recomputes what was made for the other one."""
         target = resolve_target(self.quantize.target_device, device_type)
         fix = overflow_fix_for(target) if self.quantize.overflow_fix == "auto" else self.quantize.overflow_fix
-        update = {"prune": self.prune.model_copy(update={"round_to": self.prune.round_to or default_round_to(device_type)}),
+        # the latency table times the first layer through the export's stem rewrite for its precision (once concrete)
+        stem = self.export.stem if self.prune.latency.precision == "int8" else self.export.stem_fp32
+        latency = self.prune.latency.model_copy(update={"stem": None if stem == "auto" else stem})
+        update = {"prune": self.prune.model_copy(update={"round_to": self.prune.round_to or default_round_to(device_type),
+                                                         "latency": latency}),
                   "quantize": self.quantize.model_copy(update={"target_device": target, "overflow_fix": fix})}
         if self.data.root is not None:
             update["data"] = self.data.model_copy(update={"root": self.data.root.resolve()})

@@ -15,6 +15,7 @@ from ..export import export_onnx
 from ..files import write_predictions
 from ..rundir import PipelineError
 from ..runtime import RUNTIMES
+from ..stem import rewrite_stem
 from .quantize import ptq
 
 PARITY_RUNTIMES = ("cpu", "openvino")  # the CPU runtimes an INT8 file is checked on, where they can run
@@ -79,7 +80,14 @@ def run(c: StageContext) -> dict:
         metadata = {**provenance, METADATA_KEY: target} if int8 else provenance
         path = export_onnx(model, c.dir.path("export") / f"{name}.onnx", example, opset=c.recipe.export.opset,
                            int8=int8, metadata=metadata)
-        entry = {"path": str(path), "size_bytes": path.stat().st_size, **_macs_params(c, name, model, artifacts)}
+        stem = c.recipe.export.stem if int8 else c.recipe.export.stem_fp32
+        if stem is not None:  # before every check below: they check the file as rewritten
+            try:
+                rewrite_stem(path, stem)
+            except ValueError as e:
+                raise PipelineError(f"export.{'stem' if int8 else 'stem_fp32'}={stem} on {path}: {e}") from None
+        entry = {"path": str(path), "size_bytes": path.stat().st_size, "stem": stem or "none",
+                 **_macs_params(c, name, model, artifacts)}
         warning = target_warning(target, str(path)) if int8 else None  # the target just written into its metadata
         if warning:
             print(warning, file=sys.stderr)
