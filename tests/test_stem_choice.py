@@ -10,6 +10,7 @@ from compress import stem_choice
 from compress.cli import main
 from compress.prune.options import LatencyOptions
 from compress.recipe import load_recipe
+from compress.stages.prune import latency_options
 from compress.stem import find_stem
 from repvgg import LayerSpec
 
@@ -71,6 +72,8 @@ def test_auto_takes_a_rewrite_only_past_the_margin_and_caches_the_timing(tiny_re
     assert recipe.prune.latency.stem is None
     resolved = stem_choice.resolve_stems(recipe, spec, "cpu")
     assert (resolved.export.stem, resolved.export.stem_fp32, resolved.prune.latency.stem) == ("pad4", None, "pad4")
+    assert latency_options(resolved.prune.latency).stem == "pad4"  # what the prune stage's table times
+    assert latency_options(recipe.prune.latency).stem == "none"
 
 
 def test_the_stem_is_timed_as_exported_and_through_every_rewrite_that_fits():

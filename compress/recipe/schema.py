@@ -404,8 +404,9 @@ class Recipe(Section):
     def resolved(self, device_type: str) -> Recipe:
         """The recipe with every default that depends on where it runs made explicit, so that keys hash what
         actually runs: `prune.round_to` for the device, `quantize.target_device` (auto: this machine) and the
-        `quantize.overflow_fix` it calls for, `prune.latency.stem` from the export's stem rewrite, `data.root`, `model.checkpoint` and `train.teacher` as absolute paths.
-        A run directory reused on another kind of machine then recomputes what was made for the other one."""
+        `quantize.overflow_fix` it calls for, `prune.latency.stem` from the export's stem rewrite, `data.root`,
+        `model.checkpoint` and `train.teacher` as absolute paths. A run directory reused on another kind of machine
+        then recomputes what was made for the other one."""
         target = resolve_target(self.quantize.target_device, device_type)
         fix = overflow_fix_for(target) if self.quantize.overflow_fix == "auto" else self.quantize.overflow_fix
         # the latency table times the first layer through the export's stem rewrite for its precision (once concrete)

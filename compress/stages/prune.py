@@ -23,7 +23,8 @@ from .finetune import finetune_model
 def latency_options(cfg: LatencyCfg) -> LatencyOptions:
     """The latency table's options from the recipe's `prune.latency` section."""
     return LatencyOptions(provider=cfg.provider, threads=cfg.threads, batch=cfg.batch, precision=cfg.precision,
-                          grid_points=cfg.grid_points, rounds=cfg.rounds, cache_dir=cfg.cache_dir, verify=cfg.verify)
+                          grid_points=cfg.grid_points, rounds=cfg.rounds, cache_dir=cfg.cache_dir, verify=cfg.verify,
+                          stem=cfg.stem or "none")
 
 
 def prune_options(cfg: PruneCfg) -> PruneOptions:
