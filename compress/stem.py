@@ -273,7 +273,10 @@ FP32_STEM_REWRITES = tuple(name for name in STEM_REWRITES if name != "fp32")  # 
 
 
 def rewrite_stem(path: str | Path, name: str) -> None:
-    """Rewrite the ONNX file `path` in place with `STEM_REWRITES[name]`; a ValueError (one line) where it does not
-    fit the file's stem."""
-    model = onnx.load(str(path))
-    onnx.save(STEM_REWRITES[name](model), str(path))
+    """Rewrite the ONNX file `path` with `STEM_REWRITES[name]` (a temp file renamed over it, as every file the
+    pipeline writes); a ValueError (one line) where it does not fit the file's stem."""
+    from compress.files import atomic_path  # torch-heavy: only when a file is rewritten
+
+    rewritten = STEM_REWRITES[name](onnx.load(str(path)))
+    with atomic_path(path) as tmp:
+        onnx.save(rewritten, str(tmp))
