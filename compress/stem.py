@@ -109,6 +109,19 @@ def _in_channels(graph: onnx.GraphProto, conv: onnx.NodeProto) -> int:
     return _initializer(graph, reader.input[slot]).dims[1]
 
 
+def _input_chain(graph: onnx.GraphProto, conv: onnx.NodeProto, who: str) -> tuple[list[onnx.NodeProto], str]:
+    """The nodes from the graph input to the stem `conv`, last first, and the graph input they start from; a
+    ValueError (`who`: the message's prefix) where a rewrite's Pad or SpaceToDepth is among them."""
+    producer = _producers(graph)
+    chain, x = [], conv.input[0]
+    while x in producer:
+        chain.append(producer[x])
+        x = chain[-1].input[0]
+    if any(node.op_type in _REWRITTEN for node in chain):
+        raise ValueError(f"{who}: the stem is already rewritten (a Pad or SpaceToDepth feeds it)")
+    return chain, x
+
+
 def _rewrite(model: onnx.ModelProto, tag: str, ops: Ops, weight_fn: WeightFn,
              conv_attrs: dict | None = None) -> onnx.ModelProto:
     """A copy of `model` whose stem reads `ops(graph, x)` of the float tensor feeding its activation chain (at the
@@ -119,13 +132,7 @@ def _rewrite(model: onnx.ModelProto, tag: str, ops: Ops, weight_fn: WeightFn,
     out.CopyFrom(model)
     graph = out.graph
     conv = find_stem(out)
-    producer = _producers(graph)
-    chain, x = [], conv.input[0]  # the nodes from the graph input to the conv, last first; x: the graph input
-    while x in producer:
-        chain.append(producer[x])
-        x = chain[-1].input[0]
-    if any(node.op_type in _REWRITTEN for node in chain):
-        raise ValueError("stem rewrite: the stem is already rewritten (a Pad or SpaceToDepth feeds it)")
+    chain, x = _input_chain(graph, conv, "stem rewrite")
     first = chain[-1] if chain else conv
     reader, slot = _weight_reader(graph, conv)
     if reader is not conv:
@@ -242,13 +249,7 @@ def fp32_stem(model: onnx.ModelProto) -> onnx.ModelProto:
         raise ValueError("fp32_stem: the stem's kernel is already float (not an INT8 QDQ graph)")
     if _attr(reader, "axis", 1) != 0 and len(_initializer(graph, reader.input[1]).dims) > 0:
         raise ValueError("fp32_stem: the stem's kernel scales are not per output channel (axis 0)")
-    producer = _producers(graph)
-    chain, x = [], conv.input[0]  # the Identity / Q / DQ nodes between the graph input and the stem
-    while x in producer:
-        chain.append(producer[x])
-        x = chain[-1].input[0]
-    if any(node.op_type in _REWRITTEN for node in chain):
-        raise ValueError("fp32_stem: the stem is already rewritten (a Pad or SpaceToDepth feeds it)")
+    _, x = _input_chain(graph, conv, "fp32_stem")  # x: the float graph input, behind the stem's Q/DQ
     q = numpy_helper.to_array(_initializer(graph, reader.input[0])).astype(np.float32)
     scale = numpy_helper.to_array(_initializer(graph, reader.input[1])).astype(np.float32).reshape(-1, 1, 1, 1)
     zero = (numpy_helper.to_array(_initializer(graph, reader.input[2])).astype(np.float32).reshape(-1, 1, 1, 1)
