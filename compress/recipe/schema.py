@@ -315,6 +315,11 @@ class ExportCfg(Section):
     stem_fp32: Annotated[str, one_of({k: STEM_REWRITES[k] for k in FP32_STEM_REWRITES}, "export.stem_fp32",
                                      also=("auto",))] | None = Field(None, json_schema_extra=KEYED_WHEN_SET)
 
+    @staticmethod
+    def stem_field(int8: bool) -> str:
+        """The setting naming the stem rewrite of the INT8 files (`stem`) or of the FP32 files (`stem_fp32`)."""
+        return "stem" if int8 else "stem_fp32"
+
     @model_validator(mode="after")
     def _none_is_unset(self):
         # "none" and None both mean the file as exported: one key for both
@@ -410,7 +415,7 @@ class Recipe(Section):
         target = resolve_target(self.quantize.target_device, device_type)
         fix = overflow_fix_for(target) if self.quantize.overflow_fix == "auto" else self.quantize.overflow_fix
         # the latency table times the first layer through the export's stem rewrite for its precision (once concrete)
-        stem = self.export.stem if self.prune.latency.precision == "int8" else self.export.stem_fp32
+        stem = getattr(self.export, ExportCfg.stem_field(self.prune.latency.precision == "int8"))
         latency = self.prune.latency.model_copy(update={"stem": None if stem == "auto" else stem})
         update = {"prune": self.prune.model_copy(update={"round_to": self.prune.round_to or default_round_to(device_type),
                                                          "latency": latency}),

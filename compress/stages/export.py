@@ -13,6 +13,7 @@ from ..deploy import METADATA_KEY, target_warning
 from ..evaluation import check_int8_parity, check_parity, compare_with_model, evaluate_onnx
 from ..export import export_onnx
 from ..files import write_predictions
+from ..recipe import ExportCfg
 from ..rundir import PipelineError
 from ..runtime import RUNTIMES
 from ..stem import rewrite_stem
@@ -80,12 +81,13 @@ def run(c: StageContext) -> dict:
         metadata = {**provenance, METADATA_KEY: target} if int8 else provenance
         path = export_onnx(model, c.dir.path("export") / f"{name}.onnx", example, opset=c.recipe.export.opset,
                            int8=int8, metadata=metadata)
-        stem = c.recipe.export.stem if int8 else c.recipe.export.stem_fp32
+        field = ExportCfg.stem_field(int8)
+        stem = getattr(c.recipe.export, field)
         if stem is not None:  # before every check below: they check the file as rewritten
             try:
                 rewrite_stem(path, stem)
             except ValueError as e:
-                raise PipelineError(f"export.{'stem' if int8 else 'stem_fp32'}={stem} on {path}: {e}") from None
+                raise PipelineError(f"export.{field}={stem} on {path}: {e}") from None
         entry = {"path": str(path), "size_bytes": path.stat().st_size, "stem": stem or "none",
                  **_macs_params(c, name, model, artifacts)}
         warning = target_warning(target, str(path)) if int8 else None  # the target just written into its metadata
