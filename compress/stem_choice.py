@@ -11,7 +11,6 @@ prune times the same graph the export writes.
 
 from __future__ import annotations
 
-import json
 import statistics
 import tempfile
 from collections.abc import Callable
@@ -21,7 +20,7 @@ import numpy as np
 
 from compress.deploy import TARGET_RUNTIMES
 from compress.files import write_json
-from compress.prune.latency import cache_dir, cache_path, machine_key
+from compress.prune.latency import cache_dir, cache_path, machine_key, read_cached
 from compress.prune.onnx_layers import layer_input_type, layer_model
 from compress.prune.options import LatencyOptions
 from compress.prune.timing import Timing, time_round
@@ -68,11 +67,8 @@ def choose_stem(spec: LayerSpec, image_size: int, int8: bool, runtime: str, thre
            "precision": "int8" if int8 else "fp32", "image_size": image_size, "rounds": ROUNDS,
            "stem": [spec.in_channels, spec.out_channels, spec.stride, spec.groups]}
     path = cache_path(cache, "stem", key)
-    try:
-        cached = json.loads(path.read_text())
-    except (OSError, ValueError):
-        cached = None
-    if cached is not None and cached.get("key") == key:
+    cached = read_cached(path, key)
+    if cached is not None:
         speedups = cached["speedups"]
     else:
         speedups = time_stem_rewrites(spec, image_size, int8, runtime, threads, batch)
@@ -93,7 +89,8 @@ def resolve_stems(recipe: Recipe, stem: LayerSpec, device_type: str,
     export, target = recipe.export, recipe.quantize.target_device
     runtime = TARGET_RUNTIMES[target]
     update = {}
-    for field, int8 in (("stem", True), ("stem_fp32", False)):
+    for int8 in (True, False):
+        field = export.stem_field(int8)
         if getattr(export, field) != "auto":
             continue
         why = get_runtime(runtime).unavailable()

@@ -243,12 +243,19 @@ def cache_dir(options: LatencyOptions) -> Path:
     return Path(base) / "repvgg-compress"
 
 
-def _read(path: Path, key: dict) -> LatencyTable | None:
+def read_cached(path: Path, key: dict) -> dict | None:
+    """The JSON cache file `path` when it was written for exactly `key` (its "key" entry), else None (missing,
+    unreadable or another key)."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return LatencyTable.from_json(data, path) if data.get("key") == key else None
+    return data if isinstance(data, dict) and data.get("key") == key else None
+
+
+def _read(path: Path, key: dict) -> LatencyTable | None:
+    data = read_cached(path, key)
+    return None if data is None else LatencyTable.from_json(data, path)
 
 
 def load_or_build_table(
