@@ -22,6 +22,7 @@ from .errors import PruneError
 from .loss_units import (
     TaylorImportance,
     cached_curves,
+    kept_sums,
     sensitivity_curves,
     sensitivity_values,
     taylor_values,
@@ -135,9 +136,8 @@ def kept_importance(model: nn.Module, example_input: torch.Tensor, importance, s
     for slot in slots:
         group = graph.get_pruning_group(slot.convs[0], tp.prune_conv_out_channels, idxs=list(range(slot.init)))
         scores = importance(group)
-        per_position = scores.detach().float().cpu().view(slot.groups, -1).mean(0).sort(descending=True).values
-        total = torch.cat([per_position.new_zeros(1), per_position.cumsum(0)]) * slot.groups
-        kept.append([float(total[w // slot.groups]) for w in slot.choices()])
+        per_position = scores.detach().float().cpu().view(slot.groups, -1).mean(0)
+        kept.append([slot.groups * value for value in kept_sums(per_position, slot)])
     return kept
 
 

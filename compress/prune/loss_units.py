@@ -106,13 +106,21 @@ def positions(score: torch.Tensor, slot: Slot) -> torch.Tensor:
     return score.view(slot.groups, -1).sum(0)
 
 
+def kept_sums(per_position: torch.Tensor, slot: Slot) -> list[float]:
+    """For each of the slot's widths (`slot.choices()`), the summed score of the in-group positions it keeps: the
+    width // groups highest of `per_position`."""
+    ranked = per_position.sort(descending=True).values
+    kept = torch.cat([ranked.new_zeros(1), ranked.cumsum(0)])
+    return [float(kept[w // slot.groups]) for w in slot.choices()]
+
+
 def taylor_values(scores: list[torch.Tensor], slots: list[Slot]) -> list[list[float]]:
     """For each slot and each of its widths: minus the summed score of the channels that width removes."""
     values = []
     for score, slot in zip(scores, slots):
-        ranked = positions(score, slot).sort(descending=True).values
-        removed = ranked.sum() - torch.cat([ranked.new_zeros(1), ranked.cumsum(0)])
-        values.append([-float(removed[w // slot.groups]) for w in slot.choices()])
+        per_position = positions(score, slot)
+        total = float(per_position.sum())
+        values.append([kept - total for kept in kept_sums(per_position, slot)])
     return values
 
 
