@@ -11,8 +11,8 @@ from ..errors import UserError
 from ..files import read_predictions
 from ..stats import (
     holm,
-    interpolate,
     interpolation_weights,
+    mix,
     paired_bootstrap,
     shared_latencies,
     upper_hull,
@@ -113,13 +113,14 @@ def compare(points: list[dict], rows: list[dict], batches: list[int], resamples:
         itself = unpruned[1][f"{precision}_ms"][batch] if unpruned is not None else None
         for at in (t for t in shared_latencies(sides[0][0], sides[1][0]) if t != itself):
             where = {"a": REFERENCE, "b": other, "precision": precision, "batch": batch, "latency_ms": at}
-            gap = next((f"{s} interpolates between points {hi - lo:.3f} ms apart, within their timing spread"
-                        for s, (lat, spread, _) in zip((REFERENCE, other), sides)
-                        for lo, hi, w in [_bracket(lat, spread, at)] if w is not None and hi - lo < w), None)
+            weights = [interpolation_weights(lat, at) for lat, _, _ in sides]
+            gap = next((f"{s} interpolates between points {gap:.3f} ms apart, within their timing spread"
+                        for s, (lat, spread, _), w in zip((REFERENCE, other), sides, weights)
+                        if (gap := _within_spread(lat, spread, w)) is not None), None)
             if gap:
                 out["skipped"].append({**where, "why": gap})
                 continue
-            a, b = (interpolate(lat, correct, at) for lat, _, correct in sides)
+            a, b = (mix(correct, w) for (_, _, correct), w in zip(sides, weights))
             result = paired_bootstrap(a, b, resamples=resamples)
             result["significant_uncorrected"] = result.pop("significant")
             out["comparisons"].append({**where, "top1_a": 100 * float(a.mean()), "top1_b": 100 * float(b.mean()),
@@ -129,14 +130,14 @@ def compare(points: list[dict], rows: list[dict], batches: list[int], resamples:
     return out
 
 
-def _bracket(latencies: list[float], spreads: list[float], at: float) -> tuple[float, float, float | None]:
-    """The two points a curve interpolates between at `at` (latency of each) and the larger of their timing
-    spreads; spread None where `at` is one of the curve's own points (nothing interpolated)."""
-    weights = interpolation_weights(latencies, at) or {}
+def _within_spread(latencies: list[float], spreads: list[float], weights: dict[int, float]) -> float | None:
+    """The latency gap between the two points a curve interpolates between (`weights`) when it is smaller than the
+    larger of their timing spreads; None when it is not, or when one point is measured at the latency itself."""
     if len(weights) < 2:
-        return 0.0, 0.0, None
+        return None
     lo, hi = sorted(weights, key=lambda i: latencies[i])
-    return latencies[lo], latencies[hi], max(spreads[lo], spreads[hi])
+    gap = latencies[hi] - latencies[lo]
+    return gap if gap < max(spreads[lo], spreads[hi]) else None
 
 
 def _same_labels(points: list[dict]) -> None:
