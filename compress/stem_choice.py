@@ -22,7 +22,6 @@ from compress.deploy import TARGET_RUNTIMES
 from compress.files import write_json
 from compress.prune.latency import cache_dir, cache_path, machine_key, read_cached
 from compress.prune.onnx_layers import layer_input_type, layer_model
-from compress.prune.options import LatencyOptions
 from compress.prune.timing import Timing, time_round
 from compress.recipe import Recipe, RecipeError
 from compress.runtime import get_runtime
@@ -100,7 +99,7 @@ def resolve_stems(recipe: Recipe, stem: LayerSpec, device_type: str,
         bench = recipe.bench
         choice, _ = choose_stem(stem, recipe.data.image_size, int8, runtime, bench.threads,
                                 bench.main_batch or bench.batch_sizes[0],
-                                cache_dir(LatencyOptions(cache_dir=recipe.prune.latency.cache_dir)), log)
+                                cache_dir(recipe.prune.latency.cache_dir), log)
         update[field] = None if choice == "none" else choice
     if not update:
         return recipe

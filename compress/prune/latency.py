@@ -235,10 +235,11 @@ def _calibrate(table: LatencyTable, whole: dict) -> None:
 
 
 # ---- cache and ranks ----------------------------------------------------------------------------------------------
-def cache_dir(options: LatencyOptions) -> Path:
-    """`options.cache_dir`, else $XDG_CACHE_HOME/repvgg-compress, else ~/.cache/repvgg-compress."""
-    if options.cache_dir is not None:
-        return Path(options.cache_dir)
+def cache_dir(given: Path | None) -> Path:
+    """The latency caches' directory: `given` (`prune.latency.cache_dir`), else $XDG_CACHE_HOME/repvgg-compress,
+    else ~/.cache/repvgg-compress."""
+    if given is not None:
+        return Path(given)
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "repvgg-compress"
 
@@ -273,7 +274,7 @@ def load_or_build_table(
     Under torchrun, rank 0 reads or builds it while the other ranks wait in `wait()` (a barrier every rank calls),
     then read it from the cache, which must be on a filesystem every rank sees."""
     key = table_key(model, options, image_size, round_to)
-    path = cache_path(cache_dir(options), "latency", key)
+    path = cache_path(cache_dir(options.cache_dir), "latency", key)
     table = None
     if rank == 0:
         table = _read(path, key)
