@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Every CPU study run the issues read, one after the other (a 2-core machine runs one torch process well at a
+# time: two at once thrash each other's threads), each logged to runs/<name>.log, with a time stamp per run in
+# runs/cpu_studies.log:
+#   1. recipes/study_cifar10_cpu.yaml      the shared base and the plain / uniform / multibranch / scratch points
+#   2. recipes/study_cifar10_cpu_new.yaml  plain-latency, plain-rebranch, plain-ranking on that base
+#   3. a second seed of every keep-0.3 point of both (fine-tune and QAT seeds; runs/seed2_cpu, runs/seed2_new)
+#   4. plain at keep 0.3 with prune.min_width 16 and 32, two seeds each (runs/mw16, runs/mw32)
+#   5. recipes/study_cifar10_cpu_budget.yaml  prune or retrain
+# Finished points are reused, so a rerun after an interruption picks up where it stopped.
+#
+#   bash benchmarks/cpu_studies.sh [FIRST_STEP]    # FIRST_STEP 1-5, default 1
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+FIRST=${1:-1}
+mkdir -p runs
+
+run() {  # run NAME ARGS...: one compress.py run, logged
+    local name=$1; shift
+    echo "=== $(date +%T) start $name" >> runs/cpu_studies.log
+    local t0=$SECONDS
+    "$PY" compress.py "$@" > "runs/$name.log" 2>&1
+    local rc=$?
+    echo "=== $(date +%T) $name rc=$rc ($((SECONDS - t0)) s)" >> runs/cpu_studies.log
+    return $rc
+}
+
+BASE=runs/study_cifar10_cpu
+NEW=runs/study_cifar10_cpu_new
+[ "$FIRST" -le 1 ] && { run study_cpu --recipe recipes/study_cifar10_cpu.yaml --out $BASE || exit 1; }
+[ "$FIRST" -le 2 ] && { run study_new --recipe recipes/study_cifar10_cpu_new.yaml --out $NEW || exit 1; }
+if [ "$FIRST" -le 3 ]; then
+    run seed2_cpu --recipe recipes/study_cifar10_cpu.yaml --out runs/seed2_cpu --set study.seeds=2 \
+        --set 'study.keep_macs=[0.3]' --set 'study.strategies=[plain,plain-uniform,multibranch]' \
+        --set study.base_dir=$BASE || exit 1
+    # the first seed's points are the new study's own: linked in, so only the second seed is computed
+    mkdir -p runs/seed2_new/points
+    for s in plain-latency plain-rebranch plain-ranking; do
+        [ -d "$NEW/points/${s}_0.3" ] && [ ! -e "runs/seed2_new/points/${s}_0.3" ] && cp -al "$NEW/points/${s}_0.3" runs/seed2_new/points/
+    done
+    run seed2_new --recipe recipes/study_cifar10_cpu_new.yaml --out runs/seed2_new --set study.seeds=2 \
+        --set 'study.keep_macs=[0.3]' --set 'study.strategies=[plain-latency,plain-rebranch,plain-ranking]' || exit 1
+fi
+if [ "$FIRST" -le 4 ]; then
+    for mw in 16 32; do
+        run mw$mw --recipe recipes/study_cifar10_cpu.yaml --out runs/mw$mw --set study.seeds=2 \
+            --set 'study.keep_macs=[0.3]' --set 'study.strategies=[plain]' --set prune.min_width=$mw \
+            --set study.base_dir=$BASE || exit 1
+    done
+fi
+[ "$FIRST" -le 5 ] && { run study_budget --recipe recipes/study_cifar10_cpu_budget.yaml --out runs/study_cifar10_cpu_budget || exit 1; }
+echo "=== $(date +%T) done" >> runs/cpu_studies.log
