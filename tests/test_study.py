@@ -147,8 +147,9 @@ def test_base_dir_without_a_finished_base_is_one_line(tiny_recipe, tmp_path, cap
     assert line.startswith("error: study.base_dir:") and "no finished train stage" in line
 
 
-def point(strategy, latency, correct_first, keep=0.5, spread=0.0, images=1000):
-    """A study point and its row: the first `correct_first` of `images` test images right, at `latency` ms."""
+def point(strategy, latency, correct_first, keep=0.5, rounds=None, images=1000):
+    """A study point and its row: the first `correct_first` of `images` test images right, at `latency` ms, with
+    the bench's round medians `rounds` (default: every round at `latency`)."""
     import numpy as np
 
     correct = (np.arange(images) < correct_first).astype(float)
@@ -156,7 +157,7 @@ def point(strategy, latency, correct_first, keep=0.5, spread=0.0, images=1000):
              "labels": np.zeros(images, dtype=np.int64)},
             {"strategy": strategy, "keep": keep, "fp32_ms": {8: latency}, "int8_ms": {8: latency},
              "fp32_top1": correct.mean() * 100, "int8_top1": correct.mean() * 100,
-             "fp32_spread_ms": {8: spread}, "int8_spread_ms": {8: spread}})
+             "fp32_rounds_ms": {8: rounds or [latency] * 3}, "int8_rounds_ms": {8: rounds or [latency] * 3}})
 
 
 def test_compare_interpolates_each_curve_at_the_shared_latencies_on_the_same_images():
@@ -183,30 +184,45 @@ def test_compare_uses_each_curves_upper_hull():
     pairs = [point("unpruned", 4.0, 990, keep=1.0),
              point("plain", 1.0, 600, keep=0.3), point("plain", 1.02, 500, keep=0.4),  # slower, worse: off the hull
              point("plain", 2.0, 800, keep=0.5),
-             point("multibranch", 1.5, 500, keep=0.3, spread=0.5), point("multibranch", 1.8, 700, keep=0.5,
-                                                                         spread=0.5)]
+             point("multibranch", 1.5, 500, keep=0.3, rounds=[1.5, 2.1, 1.4]),
+             point("multibranch", 1.8, 700, keep=0.5, rounds=[1.8, 1.7, 2.0])]
     points, rows = zip(*pairs)
     result = compare(list(points), list(rows), [8], resamples=300)
     assert {(o["strategy"], o["keep"]) for o in result["off_hull"]} == {("plain", 0.4)}
     fp32 = {c["latency_ms"]: c for c in result["comparisons"] if c["precision"] == "fp32"}
-    # multibranch's own points (nothing of its curve interpolated, whatever its spread) and plain's 2.0 ms, where
+    # multibranch's own points (nothing of its curve interpolated, whatever its rounds) and plain's 2.0 ms, where
     # multibranch runs on towards the unpruned model; plain at 1.5 ms lies on its hull's line from 1.0 to 2.0 ms
     assert sorted(fp32) == [1.5, 1.8, 2.0] and not result["skipped"]
     assert fp32[1.5]["top1_a"] == pytest.approx(70.0)  # 60% -> 80%, halfway; the 1.02 ms point plays no part
     assert all(c["significant"] <= c["significant_uncorrected"] for c in result["comparisons"])
 
 
-def test_compare_skips_an_interpolation_between_points_closer_than_their_spread():
+def test_compare_skips_an_interpolation_between_points_whose_order_changes_between_rounds():
     from compress.study.analysis import compare
 
-    pairs = [point("plain", 1.0, 600, keep=0.3, spread=0.3), point("plain", 1.2, 800, keep=0.5, spread=0.3),
+    # plain's points swap order in the second round: its interpolation at 1.1 ms would rest on timing noise
+    pairs = [point("plain", 1.0, 600, keep=0.3, rounds=[1.0, 1.3, 0.9]),
+             point("plain", 1.2, 800, keep=0.5, rounds=[1.2, 1.25, 1.1]),
              point("multibranch", 1.1, 500, keep=0.3), point("multibranch", 1.3, 700, keep=0.5)]
     points, rows = zip(*pairs)
     result = compare(list(points), list(rows), [8], resamples=300)
-    # at 1.1 ms plain would interpolate between 1.0 and 1.2 ms, 0.2 ms apart with a 0.3 ms spread: left out
     assert {k["latency_ms"] for k in result["skipped"]} == {1.1}
     assert {c["latency_ms"] for c in result["comparisons"]} == {1.2}
-    assert "plain interpolates between points 0.200 ms apart" in result["skipped"][0]["why"]
+    assert result["skipped"][0]["why"] == ("plain interpolates between points 0.200 ms apart whose order changes "
+                                           "between bench rounds (per-round difference -0.050 to +0.200 ms)")
+
+
+def test_compare_tells_apart_points_whose_rounds_spread_wider_than_their_gap_but_keep_their_order():
+    from compress.study.analysis import compare
+
+    # each plain point's round medians spread 0.8 ms, four times their 0.2 ms gap, but a slow round slows both:
+    # every round times the keep-0.5 point slower, so the interpolation at 1.1 ms is kept
+    pairs = [point("plain", 1.0, 600, keep=0.3, rounds=[1.0, 1.8, 0.9]),
+             point("plain", 1.2, 800, keep=0.5, rounds=[1.2, 1.95, 1.15]),
+             point("multibranch", 1.1, 500, keep=0.3), point("multibranch", 1.3, 700, keep=0.5)]
+    points, rows = zip(*pairs)
+    result = compare(list(points), list(rows), [8], resamples=300)
+    assert not result["skipped"] and {c["latency_ms"] for c in result["comparisons"]} == {1.1, 1.2}
 
 
 def test_points_scored_on_other_test_images_are_one_line():
@@ -246,7 +262,8 @@ def test_conclusions_name_the_correction_and_what_was_left_out():
                                "significant": True}],
               "off_hull": [{"strategy": "plain", "keep": 0.3, "precision": "int8", "batch": 8}],
               "skipped": [{"a": "plain", "b": "scratch", "precision": "fp32", "batch": 8, "latency_ms": 0.5,
-                           "why": "plain interpolates between points 0.010 ms apart, within their timing spread"}]}
+                           "why": "plain interpolates between points 0.010 ms apart whose order changes between "
+                                  "bench rounds"}]}
     text = "\n".join(conclusions(result))
     assert "plain vs multibranch, FP32 at 0.800 ms (batch 8): 70.00 vs 65.00% top-1, +5.00 pt [+4.00, +6.00]" in text
     assert "Holm-corrected over all 1 comparisons" in text

@@ -41,9 +41,9 @@ def correctness(entry: dict) -> tuple[np.ndarray, np.ndarray]:
 
 
 def point_row(point: dict, latency: dict, macs_params: tuple[float, float], num_blocks: list[int],
-              spread: dict | None = None) -> dict:
+              rounds: dict | None = None) -> dict:
     """One point's row: the exported files' top-1 (with 95% Wilson intervals) and measured latencies per batch,
-    with their round-to-round spread (`spread`, same keys as `latency`: max - min of the round medians)."""
+    with each bench round's median (`rounds`, same keys as `latency`) and their spread (max - min)."""
     stages = point["run"].summary["stages"]
     arts = stages["export"]["artifacts"]
     row = {"strategy": point["strategy"], "keep": point["keep"], "seed": point["seed"], "macs_M": macs_params[0] / 1e6,
@@ -56,8 +56,9 @@ def point_row(point: dict, latency: dict, macs_params: tuple[float, float], num_
         row[f"{precision}_ci"] = [100 * low, 100 * high]
         row[f"{precision}_n"] = entry["n"]
         row[f"{precision}_ms"] = {b: ms for (tag, p, b), ms in latency.items() if (tag, p) == (point["tag"], precision)}
-        row[f"{precision}_spread_ms"] = {b: ms for (tag, p, b), ms in (spread or {}).items()
+        row[f"{precision}_rounds_ms"] = {b: ms for (tag, p, b), ms in (rounds or {}).items()
                                          if (tag, p) == (point["tag"], precision)}
+        row[f"{precision}_spread_ms"] = {b: max(ms) - min(ms) for b, ms in row[f"{precision}_rounds_ms"].items()}
     row["pruned_top1"] = stages.get("prune", {}).get("top1")  # right after pruning, before fine-tuning (PyTorch)
     quantize = stages.get("quantize", {})  # INT8 in PyTorch (fake-quant): after calibration alone, then after QAT
     row["ptq_top1"] = quantize.get("ptq_top1", quantize.get("top1"))
@@ -78,9 +79,8 @@ def compare(points: list[dict], rows: list[dict], batches: list[int], resamples:
     pruning strategy's curve ends at the unpruned model (keep 1: nothing pruned), which is not compared with
     itself; a from-scratch strategy's points are its own.
 
-    Left out, and listed: latencies where one side's two hull points differ in latency by less than the
-    benchmark's round-to-round spread of either (`{precision}_spread_ms`: the interpolation would rest on timing
-    noise). `significant` is Holm's call over every comparison made (`significant_uncorrected`: the interval's).
+    Left out, and listed: latencies where one side's two hull points are not timed in the same order in every
+    bench round (`{precision}_rounds_ms`: the interpolation would rest on timing noise; `_order_in_noise`). `significant` is Holm's call over every comparison made (`significant_uncorrected`: the interval's).
     Returns {"comparisons", "skipped", "off_hull"}."""
     _same_labels(points)
     curves, unpruned = {}, None
@@ -108,15 +108,14 @@ def compare(points: list[dict], rows: list[dict], batches: list[int], resamples:
         for strategy in (REFERENCE, other):
             hull = hulls[strategy, precision, batch]
             sides.append(([row[f"{precision}_ms"][batch] for _, row in hull],
-                          [row.get(f"{precision}_spread_ms", {}).get(batch, 0.0) for _, row in hull],
+                          [row.get(f"{precision}_rounds_ms", {}).get(batch) for _, row in hull],
                           np.stack([pt["correct"][precision] for pt, _ in hull])))
         itself = unpruned[1][f"{precision}_ms"][batch] if unpruned is not None else None
         for at in (t for t in shared_latencies(sides[0][0], sides[1][0]) if t != itself):
             where = {"a": REFERENCE, "b": other, "precision": precision, "batch": batch, "latency_ms": at}
             weights = [interpolation_weights(lat, at) for lat, _, _ in sides]
-            gap = next((f"{s} interpolates between points {gap:.3f} ms apart, within their timing spread"
-                        for s, (lat, spread, _), w in zip((REFERENCE, other), sides, weights)
-                        if (gap := _within_spread(lat, spread, w)) is not None), None)
+            gap = next((f"{s} {why}" for s, (lat, rounds, _), w in zip((REFERENCE, other), sides, weights)
+                        if (why := _order_in_noise(lat, rounds, w)) is not None), None)
             if gap:
                 out["skipped"].append({**where, "why": gap})
                 continue
@@ -130,14 +129,22 @@ def compare(points: list[dict], rows: list[dict], batches: list[int], resamples:
     return out
 
 
-def _within_spread(latencies: list[float], spreads: list[float], weights: dict[int, float]) -> float | None:
-    """The latency gap between the two points a curve interpolates between (`weights`) when it is smaller than the
-    larger of their timing spreads; None when it is not, or when one point is measured at the latency itself."""
+def _order_in_noise(latencies: list[float], rounds: list[list[float] | None], weights: dict[int, float]) -> str | None:
+    """Why a curve's interpolation (`weights`) rests on timing noise, or None when it does not. Its two points must
+    be timed in the same order in every bench round: the rounds alternate over all files, so a slow stretch of the
+    machine slows both points of a round, and their per-round difference is what tells them apart, where each
+    point's own round medians can spread wider than the gap between them. A point measured at the latency itself,
+    or points without round timings, interpolate nothing that noise could decide."""
     if len(weights) < 2:
         return None
     lo, hi = sorted(weights, key=lambda i: latencies[i])
-    gap = latencies[hi] - latencies[lo]
-    return gap if gap < max(spreads[lo], spreads[hi]) else None
+    if rounds[lo] is None or rounds[hi] is None:
+        return None
+    diffs = [b - a for a, b in zip(rounds[lo], rounds[hi])]
+    if min(diffs) > 0:
+        return None
+    return (f"interpolates between points {latencies[hi] - latencies[lo]:.3f} ms apart whose order changes between "
+            f"bench rounds (per-round difference {min(diffs):+.3f} to {max(diffs):+.3f} ms)")
 
 
 def _same_labels(points: list[dict]) -> None:

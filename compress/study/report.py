@@ -119,10 +119,20 @@ def conclusions(result: dict) -> list[str]:
     return lines
 
 
+def _spread(rows: list[dict], batch: int) -> str:
+    """The benchmark's round-to-round spread at `batch`: how far a file's round medians lie apart (max - min)."""
+    spreads = [ms for row in rows for p in ("fp32", "int8") for b, ms in row.get(f"{p}_spread_ms", {}).items()
+               if b == batch]
+    if not spreads:
+        return ""
+    return (f"Round-to-round spread of a file's median at batch {batch}: {min(spreads):.3f} to {max(spreads):.3f} ms "
+            "(a latency is compared only where each curve's two points keep their order in every round).")
+
+
 def _left_out(result: dict, batch: int) -> list[str]:
     """What the comparisons did not use, at the main batch: points under their curve's upper hull (slower than a
-    mix of two others that is at least as accurate), and latencies where a curve's two neighbouring points are
-    closer than their own timing spread."""
+    mix of two others that is at least as accurate), and latencies where a curve's two neighbouring points swap
+    order between bench rounds."""
     lines = []
     for o in (o for o in result.get("off_hull", []) if o["batch"] == batch):
         lines.append(f"- Off the upper hull, not compared: {o['strategy']} at keep {o['keep']:g} in "
@@ -196,7 +206,7 @@ def study_markdown(recipe: Recipe, result: dict) -> str:
         "seed +0.",
         f"- Latency: ONNX Runtime CPU, batches {', '.join(map(str, batches))}, {s['rounds']} alternating rounds of "
         f"{s['iters']} timed batches after {s['warmup']} warm-up; {m.get('cpu')}, threads {m.get('threads') or 'all'}, "
-        f"onnxruntime {m.get('onnxruntime')}.",
+        f"onnxruntime {m.get('onnxruntime')}. {_spread(result['rows'], batch)}",
         "",
         "## Points", "",
         "| strategy | keep | seed | MACs (M) | params (M) | images seen | pruned top-1 (PyTorch) | FP32 top-1 [95%] | "

@@ -208,9 +208,8 @@ class Study:
         bench = self.bench([*points, *budget])
         timed = [r for r in bench["results"] if r["provider"] == "cpu"]
         latency = {(*r["artifact"].split(":"), r["batch"]): r["median_ms"] for r in timed}  # (point, precision, batch)
-        # how far a file's round medians spread: latencies closer than that are not told apart
-        spread = {(*r["artifact"].split(":"), r["batch"]): max(r["round_medians_ms"]) - min(r["round_medians_ms"])
-                  for r in timed}
+        # each round's median per file: the comparisons tell two points' latencies apart round by round
+        rounds = {(*r["artifact"].split(":"), r["batch"]): r["round_medians_ms"] for r in timed}
         def row_of(pt: dict) -> dict:
             fp32_model = pt["run"].load("finetune").cpu().eval()  # the plain model where nothing was pruned
             pt["widths"] = fp32_model.widths()
@@ -219,7 +218,7 @@ class Study:
             pt["correct"] = {p: correct for p, (correct, _) in scored.items()}
             pt["labels"] = scored["fp32"][1]
             macs_params = tp.utils.count_ops_and_params(fp32_model, self.example.cpu())
-            return point_row(pt, latency, macs_params, self.num_blocks, spread)
+            return point_row(pt, latency, macs_params, self.num_blocks, rounds)
 
         rows = [row_of(pt) for pt in points]
         base = self.base_run
