@@ -41,13 +41,6 @@ def interpolation_weights(latencies: Sequence[float], at: float) -> dict[int, fl
     return None
 
 
-def interpolate(latencies: Sequence[float], values: np.ndarray, at: float) -> np.ndarray | None:
-    """`values` (one row per point: a top-1, or per-image correctness) interpolated at latency `at` along the
-    curve; None outside its range."""
-    weights = interpolation_weights(latencies, at)
-    return None if weights is None else mix(values, weights)
-
-
 def mix(values: np.ndarray, weights: dict[int, float]) -> np.ndarray:
     """The rows of `values` summed with `weights` (by row index), in float64."""
     return sum(w * np.asarray(values[i], dtype=np.float64) for i, w in weights.items())

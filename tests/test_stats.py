@@ -4,8 +4,8 @@ from scipy.stats import binomtest
 
 from compress.stats import (
     holm,
-    interpolate,
     interpolation_weights,
+    mix,
     paired_bootstrap,
     shared_latencies,
     upper_hull,
@@ -31,8 +31,8 @@ def test_interpolation_brackets_in_latency_order_and_never_extrapolates():
     assert interpolation_weights(latencies, 2.5) == pytest.approx({2: 0.5, 0: 0.5})
     assert interpolation_weights(latencies, 0.9) is None and interpolation_weights(latencies, 3.1) is None
     values = np.array([[1.0, 1.0], [0.0, 1.0], [0.0, 0.0]])  # per-image correctness of each point
-    assert interpolate(latencies, values, 1.25).tolist() == pytest.approx([0.0, 0.75])
-    assert interpolate([2.0], values[:1], 2.0).tolist() == [1.0, 1.0]  # a one-point curve: only at its latency
+    assert mix(values, interpolation_weights(latencies, 1.25)).tolist() == pytest.approx([0.0, 0.75])
+    assert mix(values, interpolation_weights([2.0], 2.0)).tolist() == [1.0, 1.0]  # a one-point curve: at its latency
     assert shared_latencies([1.0, 2.0, 3.0], [2.5, 4.0]) == [2.5, 3.0]
     assert shared_latencies([1.0, 2.0], [2.0]) == [2.0]
     assert shared_latencies([1.0, 2.0], [3.0]) == []
@@ -74,7 +74,8 @@ def test_upper_hull_of_a_non_monotone_curve():
     top1 = [69.0, 47.0, 70.0, 76.0, 79.0, 78.0]
     hull = upper_hull(latencies, top1)
     assert hull == [0, 3, 4]  # 0.46 is dominated; 0.60 lies under the chord 0.457 -> 0.80; at 1.00 the better one
-    assert interpolate([latencies[i] for i in hull], np.array([[top1[i]] for i in hull]), 0.60)[0] == \
+    weights = interpolation_weights([latencies[i] for i in hull], 0.60)
+    assert mix(np.array([[top1[i]] for i in hull]), weights)[0] == \
         pytest.approx(69.0 + (76.0 - 69.0) * (0.60 - 0.457) / (0.80 - 0.457))
     assert upper_hull([1.0], [50.0]) == [0]
 

@@ -80,7 +80,8 @@ def compare(points: list[dict], rows: list[dict], batches: list[int], resamples:
     itself; a from-scratch strategy's points are its own.
 
     Left out, and listed: latencies where one side's two hull points are not timed in the same order in every
-    bench round (`{precision}_rounds_ms`: the interpolation would rest on timing noise; `_order_in_noise`). `significant` is Holm's call over every comparison made (`significant_uncorrected`: the interval's).
+    bench round (`{precision}_rounds_ms`: the interpolation would rest on timing noise; `_order_in_noise`).
+    `significant` is Holm's call over every comparison made (`significant_uncorrected`: the interval's).
     Returns {"comparisons", "skipped", "off_hull"}."""
     _same_labels(points)
     curves, unpruned = {}, None
@@ -129,7 +130,8 @@ def compare(points: list[dict], rows: list[dict], batches: list[int], resamples:
     return out
 
 
-def _order_in_noise(latencies: list[float], rounds: list[list[float] | None], weights: dict[int, float]) -> str | None:
+def _order_in_noise(latencies: list[float], rounds: list[list[float] | None],
+                    weights: dict[int, float]) -> str | None:
     """Why a curve's interpolation (`weights`) rests on timing noise, or None when it does not. Its two points must
     be timed in the same order in every bench round: the rounds alternate over all files, so a slow stretch of the
     machine slows both points of a round, and their per-round difference is what tells them apart, where each
