@@ -43,7 +43,7 @@ def correctness(entry: dict) -> tuple[np.ndarray, np.ndarray]:
 def point_row(point: dict, latency: dict, macs_params: tuple[float, float], num_blocks: list[int],
               rounds: dict | None = None) -> dict:
     """One point's row: the exported files' top-1 (with 95% Wilson intervals) and measured latencies per batch,
-    with each bench round's median (`rounds`, same keys as `latency`) and their spread (max - min)."""
+    with each bench round's median (`rounds`, same keys as `latency`)."""
     stages = point["run"].summary["stages"]
     arts = stages["export"]["artifacts"]
     row = {"strategy": point["strategy"], "keep": point["keep"], "seed": point["seed"], "macs_M": macs_params[0] / 1e6,
@@ -58,7 +58,6 @@ def point_row(point: dict, latency: dict, macs_params: tuple[float, float], num_
         row[f"{precision}_ms"] = {b: ms for (tag, p, b), ms in latency.items() if (tag, p) == (point["tag"], precision)}
         row[f"{precision}_rounds_ms"] = {b: ms for (tag, p, b), ms in (rounds or {}).items()
                                          if (tag, p) == (point["tag"], precision)}
-        row[f"{precision}_spread_ms"] = {b: max(ms) - min(ms) for b, ms in row[f"{precision}_rounds_ms"].items()}
     row["pruned_top1"] = stages.get("prune", {}).get("top1")  # right after pruning, before fine-tuning (PyTorch)
     quantize = stages.get("quantize", {})  # INT8 in PyTorch (fake-quant): after calibration alone, then after QAT
     row["ptq_top1"] = quantize.get("ptq_top1", quantize.get("top1"))

@@ -121,8 +121,8 @@ def conclusions(result: dict) -> list[str]:
 
 def _spread(rows: list[dict], batch: int) -> str:
     """The benchmark's round-to-round spread at `batch`: how far a file's round medians lie apart (max - min)."""
-    spreads = [ms for row in rows for p in ("fp32", "int8") for b, ms in row.get(f"{p}_spread_ms", {}).items()
-               if b == batch]
+    spreads = [max(ms) - min(ms) for row in rows for p in PRECISIONS
+               for b, ms in row.get(f"{p}_rounds_ms", {}).items() if b == batch]
     if not spreads:
         return ""
     return (f"Round-to-round spread of a file's median at batch {batch}: {min(spreads):.3f} to {max(spreads):.3f} ms "
