@@ -197,15 +197,21 @@ def test_compare_uses_each_curves_upper_hull():
     assert all(c["significant"] <= c["significant_uncorrected"] for c in result["comparisons"])
 
 
-def test_compare_skips_an_interpolation_between_points_whose_order_changes_between_rounds():
+def compare_with_plain_rounds(rounds_fast, rounds_slow):
+    """`compare` of plain at 1.0 / 1.2 ms, timed in rounds `rounds_fast` / `rounds_slow`, with multibranch at 1.1 /
+    1.3 ms: plain's curve is interpolated at 1.1 ms."""
     from compress.study.analysis import compare
 
-    # plain's points swap order in the second round: its interpolation at 1.1 ms would rest on timing noise
-    pairs = [point("plain", 1.0, 600, keep=0.3, rounds=[1.0, 1.3, 0.9]),
-             point("plain", 1.2, 800, keep=0.5, rounds=[1.2, 1.25, 1.1]),
+    pairs = [point("plain", 1.0, 600, keep=0.3, rounds=rounds_fast),
+             point("plain", 1.2, 800, keep=0.5, rounds=rounds_slow),
              point("multibranch", 1.1, 500, keep=0.3), point("multibranch", 1.3, 700, keep=0.5)]
     points, rows = zip(*pairs)
-    result = compare(list(points), list(rows), [8], resamples=300)
+    return compare(list(points), list(rows), [8], resamples=300)
+
+
+def test_compare_skips_an_interpolation_between_points_whose_order_changes_between_rounds():
+    # plain's points swap order in the second round: its interpolation at 1.1 ms would rest on timing noise
+    result = compare_with_plain_rounds([1.0, 1.3, 0.9], [1.2, 1.25, 1.1])
     assert {k["latency_ms"] for k in result["skipped"]} == {1.1}
     assert {c["latency_ms"] for c in result["comparisons"]} == {1.2}
     assert result["skipped"][0]["why"] == ("plain interpolates between points 0.200 ms apart whose order changes "
@@ -213,15 +219,9 @@ def test_compare_skips_an_interpolation_between_points_whose_order_changes_betwe
 
 
 def test_compare_tells_apart_points_whose_rounds_spread_wider_than_their_gap_but_keep_their_order():
-    from compress.study.analysis import compare
-
     # each plain point's round medians spread 0.8 ms, four times their 0.2 ms gap, but a slow round slows both:
     # every round times the keep-0.5 point slower, so the interpolation at 1.1 ms is kept
-    pairs = [point("plain", 1.0, 600, keep=0.3, rounds=[1.0, 1.8, 0.9]),
-             point("plain", 1.2, 800, keep=0.5, rounds=[1.2, 1.95, 1.15]),
-             point("multibranch", 1.1, 500, keep=0.3), point("multibranch", 1.3, 700, keep=0.5)]
-    points, rows = zip(*pairs)
-    result = compare(list(points), list(rows), [8], resamples=300)
+    result = compare_with_plain_rounds([1.0, 1.8, 0.9], [1.2, 1.95, 1.15])
     assert not result["skipped"] and {c["latency_ms"] for c in result["comparisons"]} == {1.1, 1.2}
 
 
