@@ -36,14 +36,14 @@ def torchrun(script: str, *args: str, timeout: float = 300) -> subprocess.Comple
 @pytest.mark.slow
 def test_ranks_wait_for_a_slow_rank0_stage_past_the_training_timeout(tiny_recipe, tmp_path):
     script = tmp_path / "slow.py"
-    script.write_text(SLOW_REPARAM.format(root=str(ROOT), seconds=20))
+    script.write_text(SLOW_REPARAM.format(root=str(ROOT), seconds=12))
     recipe = str(tiny_recipe(stages=["train", "reparam"], train={"epochs": 1}, data={"batch_size": 32}))
-    args = ["--recipe", recipe, "--set", "distributed.timeout_s=10"]
+    args = ["--recipe", recipe, "--set", "distributed.timeout_s=6"]
     proc = torchrun(str(script), *args, "--out", str(tmp_path / "ok"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "ok" / "summary.json").read_text())["stages"]["reparam"]["top1"] > 20
     # the wait group's own timeout is what bounds the wait: shorter than the stage, the waiting rank gives up
-    proc = torchrun(str(script), *args, "--set", "distributed.wait_timeout_s=10", "--out", str(tmp_path / "short"))
+    proc = torchrun(str(script), *args, "--set", "distributed.wait_timeout_s=6", "--out", str(tmp_path / "short"))
     assert proc.returncode != 0
 
 

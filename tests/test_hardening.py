@@ -93,8 +93,9 @@ def test_misspelled_key_suggests_the_closest(tiny_recipe, capsys, tmp_path):
     assert "train.warmup_epoch" in line and "did you mean 'warmup_epochs'" in line
 
 
-def test_wrong_range_is_one_line(tiny_recipe, capsys):
-    assert "data.batch_size" in one_line_error(capsys, ["--recipe", str(tiny_recipe()), "--set", "data.batch_size=0"])
+def test_wrong_range_is_one_line(tiny_recipe, capsys, tmp_path):
+    argv = ["--recipe", str(tiny_recipe()), "--out", str(tmp_path / "x"), "--set", "data.batch_size=0"]
+    assert "data.batch_size" in one_line_error(capsys, argv)
 
 
 def _image_tree(root: Path, bad: bool) -> Path:
@@ -175,7 +176,7 @@ def test_inspect_describes_onnx_and_int8(tmp_path, capsys):
 
 
 def test_cifar10_batches_missing_is_one_line(tiny_recipe, capsys, tmp_path):
-    line = one_line_error(capsys, ["--recipe", str(tiny_recipe()), "--set", "data.kind=cifar10",
+    line = one_line_error(capsys, ["--recipe", str(tiny_recipe()), "--out", str(tmp_path / "x"), "--set", "data.kind=cifar10",
                                    "--set", f"data.root={tmp_path / 'nothing'}"])
     assert "data.download: true" in line and "nothing" in line
 

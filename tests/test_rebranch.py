@@ -198,9 +198,9 @@ def test_insert_bn_in_a_recipe_names_its_replacement(tiny_recipe, capsys):
     assert "finetune.insert_bn: replaced by finetune.structure" in line
 
 
-def test_rebranch_with_a_multibranch_prune_is_one_line(tiny_recipe, capsys):
+def test_rebranch_with_a_multibranch_prune_is_one_line(tiny_recipe, capsys, tmp_path):
     recipe = tiny_recipe(prune={"mode": "multibranch"}, finetune={"structure": "rebranch"})
-    assert "prune.mode: multibranch" in one_line_error(capsys, ["--recipe", str(recipe)])
+    assert "prune.mode: multibranch" in one_line_error(capsys, ["--recipe", str(recipe), "--out", str(tmp_path / "x")])
 
 
 @pytest.mark.slow
