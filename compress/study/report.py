@@ -206,7 +206,8 @@ def study_markdown(recipe: Recipe, result: dict) -> str:
         "seed +0.",
         f"- Latency: ONNX Runtime CPU, batches {', '.join(map(str, batches))}, {s['rounds']} alternating rounds of "
         f"{s['iters']} timed batches after {s['warmup']} warm-up; {m.get('cpu')}, threads {m.get('threads') or 'all'}, "
-        f"onnxruntime {m.get('onnxruntime')}. {_spread(result['rows'], batch)}",
+        f"onnxruntime {m.get('onnxruntime')}. A file's latency is its fastest round's median (other work on the "
+        f"machine only adds time). {_spread(result['rows'], batch)}",
         "",
         "## Points", "",
         "| strategy | keep | seed | MACs (M) | params (M) | images seen | pruned top-1 (PyTorch) | FP32 top-1 [95%] | "
