@@ -176,8 +176,8 @@ def test_inspect_describes_onnx_and_int8(tmp_path, capsys):
 
 
 def test_cifar10_batches_missing_is_one_line(tiny_recipe, capsys, tmp_path):
-    line = one_line_error(capsys, ["--recipe", str(tiny_recipe()), "--out", str(tmp_path / "x"), "--set", "data.kind=cifar10",
-                                   "--set", f"data.root={tmp_path / 'nothing'}"])
+    line = one_line_error(capsys, ["--recipe", str(tiny_recipe()), "--out", str(tmp_path / "x"),
+                                   "--set", "data.kind=cifar10", "--set", f"data.root={tmp_path / 'nothing'}"])
     assert "data.download: true" in line and "nothing" in line
 
 

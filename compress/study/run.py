@@ -207,13 +207,9 @@ class Study:
         prune-or-retrain figure, with `study.added_images`) and the TensorBoard figures and HParams table."""
         bench = self.bench([*points, *budget])
         timed = [r for r in bench["results"] if r["provider"] == "cpu"]
-        # each round's median per file, keyed (point, precision, batch): the comparisons tell two points' latencies
-        # apart round by round
+        # each round's median per file, keyed (point, precision, batch): a file's latency is the fastest, and the
+        # comparisons tell two points' latencies apart round by round
         rounds = {(*r["artifact"].split(":"), r["batch"]): r["round_medians_ms"] for r in timed}
-        # a file's latency is its fastest round: other work on the machine only ever adds time, and on a noisy VM
-        # the median over rounds put two files of one architecture 10% apart (plain and plain-rebranch at keep 0.5,
-        # FP32: 1.840 vs 1.674 ms) where their fastest rounds agree within 0.4% (1.425 vs 1.419 ms)
-        latency = {key: min(medians) for key, medians in rounds.items()}
         def row_of(pt: dict) -> dict:
             fp32_model = pt["run"].load("finetune").cpu().eval()  # the plain model where nothing was pruned
             pt["widths"] = fp32_model.widths()
@@ -222,7 +218,7 @@ class Study:
             pt["correct"] = {p: correct for p, (correct, _) in scored.items()}
             pt["labels"] = scored["fp32"][1]
             macs_params = tp.utils.count_ops_and_params(fp32_model, self.example.cpu())
-            return point_row(pt, latency, macs_params, self.num_blocks, rounds)
+            return point_row(pt, rounds, macs_params, self.num_blocks)
 
         rows = [row_of(pt) for pt in points]
         base = self.base_run
@@ -230,7 +226,7 @@ class Study:
             "groups_training_time": len(channel_groups(base.load("train").eval(), self.example.cpu())),
             "groups_plain": len(channel_groups(base.load("reparam").eval(), self.example.cpu())),
         }
-        batches = sorted({b for (_, _, b) in latency}, key=lambda b: (b != bench["main_batch"], b))
+        batches = sorted({b for (_, _, b) in rounds}, key=lambda b: (b != bench["main_batch"], b))
         first = [(pt, row) for pt, row in zip(points, rows) if pt["seed"] == 0]  # the curves: each point's first seed
         result = {
             "base": {"dir": str(base.out_dir), "top1": base.summary["stages"]["train"]["top1"]},
