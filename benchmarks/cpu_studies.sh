@@ -7,13 +7,14 @@
 #   3. a second seed of every keep-0.3 point of both (fine-tune and QAT seeds; runs/seed2_cpu, runs/seed2_new)
 #   4. plain at keep 0.3 with prune.min_width 16 and 32, two seeds each (runs/mw16, runs/mw32)
 #   5. recipes/study_cifar10_cpu_budget.yaml  prune or retrain
+#   6. recipes/cifar10_a0_cpu.yaml          the yardstick: the budget recipe must finish within 4x its wall time
 # Finished points are reused, so a rerun after an interruption picks up where it stopped.
 #
-#   bash benchmarks/cpu_studies.sh [FIRST_STEP]    # FIRST_STEP 1-5, default 1
+#   bash benchmarks/cpu_studies.sh [STEP ...]    # which steps (run in the order listed above); default all
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
-FIRST=${1:-1}
+STEPS=" ${*:-1 2 3 4 5 6} "
 mkdir -p runs
 
 run() {  # run NAME ARGS...: one compress.py run, logged
@@ -26,11 +27,13 @@ run() {  # run NAME ARGS...: one compress.py run, logged
     return $rc
 }
 
+step() { [[ $STEPS == *" $1 "* ]]; }
+
 BASE=runs/study_cifar10_cpu
 NEW=runs/study_cifar10_cpu_new
-[ "$FIRST" -le 1 ] && { run study_cpu --recipe recipes/study_cifar10_cpu.yaml --out $BASE || exit 1; }
-[ "$FIRST" -le 2 ] && { run study_new --recipe recipes/study_cifar10_cpu_new.yaml --out $NEW || exit 1; }
-if [ "$FIRST" -le 3 ]; then
+step 1 && { run study_cpu --recipe recipes/study_cifar10_cpu.yaml --out $BASE || exit 1; }
+step 2 && { run study_new --recipe recipes/study_cifar10_cpu_new.yaml --out $NEW || exit 1; }
+if step 3; then
     run seed2_cpu --recipe recipes/study_cifar10_cpu.yaml --out runs/seed2_cpu --set study.seeds=2 \
         --set 'study.keep_macs=[0.3]' --set 'study.strategies=[plain,plain-uniform,multibranch]' \
         --set study.base_dir=$BASE || exit 1
@@ -42,12 +45,13 @@ if [ "$FIRST" -le 3 ]; then
     run seed2_new --recipe recipes/study_cifar10_cpu_new.yaml --out runs/seed2_new --set study.seeds=2 \
         --set 'study.keep_macs=[0.3]' --set 'study.strategies=[plain-latency,plain-rebranch,plain-ranking]' || exit 1
 fi
-if [ "$FIRST" -le 4 ]; then
+if step 4; then
     for mw in 16 32; do
         run mw$mw --recipe recipes/study_cifar10_cpu.yaml --out runs/mw$mw --set study.seeds=2 \
             --set 'study.keep_macs=[0.3]' --set 'study.strategies=[plain]' --set prune.min_width=$mw \
             --set study.base_dir=$BASE || exit 1
     done
 fi
-[ "$FIRST" -le 5 ] && { run study_budget --recipe recipes/study_cifar10_cpu_budget.yaml --out runs/study_cifar10_cpu_budget || exit 1; }
+step 5 && { run study_budget --recipe recipes/study_cifar10_cpu_budget.yaml --out runs/study_cifar10_cpu_budget || exit 1; }
+step 6 && { run cifar10_a0_cpu --recipe recipes/cifar10_a0_cpu.yaml --out runs/cifar10_a0_cpu || exit 1; }
 echo "=== $(date +%T) done" >> runs/cpu_studies.log
