@@ -76,7 +76,8 @@ def run(args) -> int:
             plan = [f"study over {study.strategies} x keep_macs {study.keep_macs}"
                     + (f" x {study.seeds} seeds" if study.seeds > 1 else "")
                     + (f"; prune or retrain at keep_latency {study.budget_keep_latency:g} on added images "
-                       f"{study.added_images}" if study.added_images else "")]
+                       f"{study.added_images}" + (", and scratch at equal total images" if study.budget_equal_total
+                                                  else "") if study.added_images else "")]
         print(f"plan: {' -> '.join(plan)}  (run dir {out_dir})")
         return 0
     if args.resume and not (out_dir / "summary.json").exists() and not any(out_dir.glob("*.ckpt")):

@@ -306,6 +306,8 @@ def test_digits_prune_or_retrain_curve_with_two_budgets(tiny_recipe, tmp_path):
     recipe = _smoke_recipe(tiny_recipe, tmp_path, strategies=["plain"], keep_macs=[0.6], added_images=[320, 640],
                            budget_keep_latency=0.6)
     out = tmp_path / "budget"
+    out.mkdir()
+    (out / "timings.json").write_text('{"points/gone": 60.0}')  # a point an earlier recipe asked for
     assert main(["--recipe", recipe, "--out", str(out)]) == 0
     budget = json.loads((out / "study.json").read_text())["budget"]
     sides = [(r["side"], r["added_images"]) for r in budget["rows"]]
@@ -323,5 +325,57 @@ def test_digits_prune_or_retrain_curve_with_two_budgets(tiny_recipe, tmp_path):
     first = md.splitlines()[2]  # the title, a blank line, then the prune-or-retrain sentence
     assert first == budget["verdict"] and ("matched pruning" in first or "did not match" in first)
     assert "## Prune or retrain" in md and (out / "prune_or_retrain.png").stat().st_size > 10_000
+    assert "- FP32, equal added images: at 320: pruned " in md and "- INT8, equal added images: at 640: " in md
+    assert "| points/budget-scratch_add640 |" in md and "points/gone" not in md  # this study's phases only
+    # the match is kept under the pruned model's key, so a rerun trains no scratch point anew
+    kept = json.loads((out / "budget_match.json").read_text())
+    assert kept["match"] == match and kept["match"]["widths"] in [t["widths"] for t in match["tries"]]
     pruned = json.loads((out / "points" / "budget-plain_add320" / "summary.json").read_text())["stages"]
     assert pruned["prune"]["latency"]["budget_ms"] == pytest.approx(0.6 * pruned["prune"]["latency"]["before_ms"])
+
+
+def test_prune_or_retrain_comparisons_pair_equal_added_and_equal_total_images():
+    from compress.study.budget import PRUNED, SCRATCH, comparisons
+
+    def row(side, added, seen, top1):
+        return {"side": side, "added_images": added, "images_seen": seen, "fp32_top1": top1,
+                "fp32_ci": [top1 - 1, top1 + 1]}
+
+    rows = [row(PRUNED, 10_000, 310_000, 71.0), row(PRUNED, 10_000, 310_000, 70.0),
+            row(PRUNED, 50_000, 350_000, 74.0), row(PRUNED, 50_000, 350_000, 73.0),
+            row(SCRATCH, 10_000, 10_000, 30.0), row(SCRATCH, 10_000, 10_000, 26.0),
+            row(SCRATCH, None, 349_000, 73.0), row(SCRATCH, None, 349_000, 72.0)]
+    added, total = comparisons(rows, "fp32")
+    # 50,000 was not run from scratch, so only 10,000 is compared at equal added images; means, seed ranges
+    assert added == ("FP32, equal added images: at 10,000: pruned 70.50% (seeds 70.00-71.00, test-set 95% interval "
+                     "+-1.0), scratch 28.00% (seeds 26.00-30.00, test-set 95% interval +-1.0).")
+    # equal total: the pruned budget with the most images (base counted) not above scratch's 349k is 10,000 added
+    assert "scratch on 349,000 images 72.50%" in total and "pruned on 310,000 (10,000 added" in total
+    assert "70.50%" in total
+    # without scratch at equal total images (study.budget_equal_total: false) only the first comparison is made
+    assert comparisons([r for r in rows if r["added_images"] is not None], "fp32") == [added]
+
+
+def test_latency_matched_scratch_widths_stay_on_the_grid_and_fill_up_to_the_target():
+    from compress.study.budget import grid_widths
+
+    full, unit = [24, 24, 48, 96, 640], 8
+    weight = [1.0, 1.0, 0.25, 0.0625, 0.015]  # per-channel cost falls with resolution, as in the plain stack
+
+    def cost(widths):
+        return sum(k * w for k, w in zip(weight, widths))
+
+    for target in (0.3 * cost(full), 0.5 * cost(full), 0.77 * cost(full)):
+        widths = grid_widths(full, cost, target, unit)
+        assert all(w % unit == 0 and unit <= w <= f for w, f in zip(widths, full))
+        widened = [widths[:i] + [w + unit] + widths[i + 1:] for i, w in enumerate(widths) if w + unit <= full[i]]
+        if cost(widths) <= target:  # filled: no stage can take another unit under the target
+            assert all(cost(g) > target for g in widened)
+        else:  # or one unit over, where that is closer
+            assert any(cost([*widths[:i], w - unit, *widths[i + 1:]]) <= target for i, w in enumerate(widths))
+        # never farther than the one factor alone, floored to the grid
+        one_factor = max(([max(unit, int(w * f / 100 / unit) * unit) for w in full] for f in range(101)),
+                         key=lambda ws: (cost(ws) <= target, cost(ws)))
+        assert abs(cost(widths) - target) <= abs(cost(one_factor) - target)
+    # at half the cost one factor floors to [8, 8, 24, 56, 416] (31.74 of 37.8); filling reaches 37.76
+    assert grid_widths(full, cost, 37.8, unit) == [8, 8, 32, 80, 584]

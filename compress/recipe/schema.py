@@ -369,6 +369,9 @@ class StudyCfg(Section):
     # pruned model fine-tuned and a latency-matched model trained from scratch on each number of added images
     added_images: list[Annotated[int, Field(gt=0)]] | None = None
     budget_keep_latency: float = Field(0.5, gt=0, lt=1)
+    # and scratch once more on the base's images plus the recipe's fine-tune (equal total images): each seed of it
+    # costs about as much as training the base, so a recipe on a tight budget may leave it out
+    budget_equal_total: bool = True
     bootstrap_resamples: int = Field(2000, ge=100)
 
     @model_validator(mode="after")

@@ -8,8 +8,8 @@ For each budget N of added training images, and each seed (`study.seeds`):
   on the same latency table and then timed against the unpruned model the way the prune checks its plan (within
   5% of the pruned model's measured ratio), trained from random init on N images, distilled from the same
   teacher when `study.scratch_distill`;
-- and scratch once more at the base's images plus the recipe's fine-tune: equal *total* images, counting the
-  base's training for the pruned side.
+- and (`study.budget_equal_total`, on by default) scratch once more at the base's images plus the recipe's
+  fine-tune: equal *total* images, counting the base's training for the pruned side.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from ..prune.cost import LatencyCost
 from ..prune.measure import measure_ratios
 from ..recipe import Recipe
 from ..stages.prune import latency_options, resolve_provider
-from .points import scaled_widths, scratch_recipe, updated
+from .points import scratch_recipe, updated
 
 MATCH = 0.05  # a scratch model's measured latency ratio within this (relative) of the pruned model's
 PRUNED, SCRATCH = "budget-plain", "budget-scratch"
@@ -54,6 +54,30 @@ def expanded(stage_widths: list[int], depths: list[int]) -> list[int]:
     return [w for w, n in zip(stage_widths, depths) for _ in range(n)]
 
 
+def grid_widths(full: list[int], cost, target: float, unit: int) -> list[int]:
+    """Stage widths on the `unit` grid (a width off it runs about as slowly as the next multiple of the kernels'
+    channel block, which a latency table interpolated between grid widths does not see) whose `cost` comes closest
+    to `target`: `full` scaled by one factor to just under the target, then the stage furthest below its share
+    of `full` widened by one unit at a time while the cost stays under; the first step over is the alternative."""
+    def scaled(f: float) -> list[int]:
+        return [max(unit, int(w * f / unit) * unit) for w in full]
+
+    lo, hi = 0.0, 1.0
+    for _ in range(20):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cost(scaled(mid)) <= target else (lo, mid)
+    widths, over = scaled(lo), None
+    while True:
+        grown = sorted((widths[:i] + [w + unit] + widths[i + 1:] for i, w in enumerate(widths) if w + unit <= full[i]),
+                       key=lambda g: min(g[i] / full[i] for i in range(len(g)) if g[i] != widths[i]))
+        fits = [g for g in grown if cost(g) <= target]
+        if not fits:
+            over = min(grown, key=cost, default=None)
+            break
+        widths = fits[0]
+    return min([widths, *([over] if over else [])], key=lambda w: abs(cost(w) / target - 1))
+
+
 def latency_matched_widths(recipe: Recipe, plain: PlainRepVGG, full: list[int], depths: list[int], prune: dict,
                            image_size: int, unit: int, log=None) -> tuple[list[int], dict]:
     """Stage widths whose plain stack runs as fast as the pruned model (`prune`: its prune-stage summary): searched
@@ -68,7 +92,7 @@ def latency_matched_widths(recipe: Recipe, plain: PlainRepVGG, full: list[int], 
     pruned_ratio = chosen["measured_ratio"] if chosen else latency["predicted_ms"] / latency["before_ms"]
     target, tries = latency["predicted_ms"], []
     for _ in range(3):
-        widths = scaled_widths(full, lambda w: cost.cost(expanded(w, depths)), target, unit, tolerance=MATCH / 2)
+        widths = grid_widths(full, lambda w: cost.cost(expanded(w, depths)), target, unit)
         got = measure_ratios(plain, [tuple(expanded(widths, depths))], options, image_size, log=log)
         ratio = got["candidates"][0]["ratio"]
         tries.append({"widths": widths, "table_ms": cost.cost(expanded(widths, depths)), "measured_ratio": ratio})
@@ -76,7 +100,8 @@ def latency_matched_widths(recipe: Recipe, plain: PlainRepVGG, full: list[int], 
             break
         target *= pruned_ratio / ratio
     best = min(tries, key=lambda t: abs(t["measured_ratio"] / pruned_ratio - 1))
-    return best["widths"], {"pruned_ratio": pruned_ratio, "tries": tries, "provider": options.provider}
+    return best["widths"], {"pruned_ratio": pruned_ratio, "tries": tries, "widths": best["widths"],
+                            "provider": options.provider}
 
 
 def side_means(rows: list[dict], side: str, precision: str) -> dict[int, float]:
@@ -104,6 +129,37 @@ def verdict(rows: list[dict], precision: str = "fp32") -> str:
     last = shared[-1]
     return (f"Training from scratch did not match pruning at equal added images within the budgets run: at "
             f"{last:,} added images, {scratch[last]:.2f}% vs {pruned[last]:.2f}% for the pruned model ({what}).")
+
+
+def _side(rows: list[dict], precision: str) -> str:
+    """One side's top-1 at one budget: the mean over seeds, the seeds' range and the test-set interval."""
+    top1 = [r[f"{precision}_top1"] for r in rows]
+    half = np.mean([(r[f"{precision}_ci"][1] - r[f"{precision}_ci"][0]) / 2 for r in rows])
+    seeds = f"seeds {min(top1):.2f}-{max(top1):.2f}, " if len(rows) > 1 else ""
+    return f"{np.mean(top1):.2f}% ({seeds}test-set 95% interval +-{half:.1f})"
+
+
+def comparisons(rows: list[dict], precision: str) -> list[str]:
+    """The two comparisons of the curve, in `precision`: at equal added images (what a user holding a trained
+    model pays), budget by budget, and at equal total images, scratch's longest training against the pruned
+    budget whose images, the base's training counted, come closest without exceeding it."""
+    def at(side: str, added) -> list[dict]:
+        return [r for r in rows if r["side"] == side and r["added_images"] == added]
+
+    shared = [n for n in side_means(rows, PRUNED, precision) if at(SCRATCH, n)]
+    lines = [f"at {n:,}: pruned {_side(at(PRUNED, n), precision)}, scratch {_side(at(SCRATCH, n), precision)}"
+             for n in shared]
+    out = [f"{precision.upper()}, equal added images: " + "; ".join(lines) + "." if lines else
+           f"{precision.upper()}, equal added images: no budget was run on both sides."]
+    total = at(SCRATCH, None)
+    pruned = [r for r in rows if r["side"] == PRUNED and total and r["images_seen"] <= total[0]["images_seen"]]
+    if total and pruned:
+        seen = max(r["images_seen"] for r in pruned)
+        match = [r for r in pruned if r["images_seen"] == seen]
+        out.append(f"{precision.upper()}, equal total images: scratch on {total[0]['images_seen']:,} images "
+                   f"{_side(total, precision)}; pruned on {seen:,} ({match[0]['added_images']:,} added to the "
+                   f"base's training) {_side(match, precision)}.")
+    return out
 
 
 def budget_figure(rows: list[dict]):

@@ -9,7 +9,7 @@ from ..figures import finish_panels, new_figure
 from ..files import write_json, write_text
 from ..recipe import Recipe
 from .analysis import PRECISIONS
-from .budget import budget_figure
+from .budget import budget_figure, comparisons
 from .strategies import STRATEGIES, UNPRUNED_COLOUR
 
 
@@ -149,10 +149,13 @@ def budget_section(budget: dict, batch: int) -> list[str]:
     tries = ", ".join(f"{t['measured_ratio']:.3f}" for t in match["tries"])
     lines = ["", "## Prune or retrain", "", f"- FP32: {budget['verdict']}", f"- INT8: {budget['verdict_int8']}",
              f"- Latency: the pruned side keeps {budget['keep_latency']:g} of the unpruned FP32 latency (batch 8); its "
-             f"model measured {match['pruned_ratio']:.3f} of the unpruned one, the scratch widths "
-             f"{match['tries'][-1]['widths']} measured {tries} (searched on the latency table, {match['provider']}, "
-             f"within 5%).", "- Added images: the pruned side's fine-tune; the scratch side's whole training. "
-             "Equal total images: scratch trained on the base's images plus the recipe's fine-tune.", "",
+             f"model measured {match['pruned_ratio']:.3f} of the unpruned one; the scratch widths measured {tries} "
+             f"(searched on the latency table, {match['provider']}, within 5%, else the closest): "
+             f"{match['widths']}.", "- Added images: the pruned side's fine-tune; the scratch side's whole training. "
+             + ("Equal total images: scratch trained on the base's images plus the recipe's fine-tune."
+                if budget.get("equal_total", True) else "Equal total images: not run (`study.budget_equal_total: "
+                "false`)."),
+             *(f"- {line}" for p in PRECISIONS for line in comparisons(budget["rows"], p)), "",
              f"| side | added images | seed | images seen | FP32 top-1 [95%] | INT8 top-1 [95%] | FP32 ms @{batch} |",
              "|---|---|---|---|---|---|---|"]
     for r in budget["rows"]:

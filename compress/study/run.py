@@ -150,15 +150,10 @@ class Study:
                 pt = self._point(PRUNED, cfg.budget_keep_latency, reseeded(precipe, seed, False), base,
                                  base_images + images, seed, f"{PRUNED}_add{added}" + (f"_seed{seed}" if seed else ""))
                 points.append(with_side(pt, PRUNED, images))
-        plain = base.load("reparam").cpu().eval()
-        arch = recipe_architecture(r, self.data.num_classes)
-        depths = [1, *arch.num_blocks]
-        log = (lambda line: print(line, file=sys.stderr)) if self.env.main else None
-        widths, self.budget_match = latency_matched_widths(
-            r, plain, arch.config()["widths"], depths, points[0]["run"].summary["stages"]["prune"],
-            self.example.shape[-1], self.unit, log=log)
+        widths, self.budget_match = self._matched_widths(points[0]["run"])
         teacher = base.dir.path("reparam").resolve() if cfg.scratch_distill else None
-        for added in [*cfg.added_images, None]:  # None: equal total images (base plus the recipe's fine-tune)
+        # None: equal total images (base plus the recipe's fine-tune)
+        for added in [*cfg.added_images, *([None] if cfg.budget_equal_total else [])]:
             images = added if added is not None else base_images + ft_images
             precipe = scratch_with(r, widths, images, self.data, teacher)
             seen = precipe.train.epochs * self.data.with_train_subset(precipe.data.train_subset).images_per_epoch()
@@ -168,6 +163,23 @@ class Study:
                                  tag)
                 points.append(with_side(pt, SCRATCH, seen if added is not None else None))
         return points
+
+    def _matched_widths(self, pruned: StageContext) -> tuple[list[int], dict]:
+        """The scratch side's stage widths, latency-matched to the `pruned` run's model (`latency_matched_widths`),
+        kept in DIR/budget_match.json under that model's key: timed again, they could come out otherwise, and a
+        rerun would then train every scratch point anew."""
+        path, key = self.out_dir / "budget_match.json", pruned.dir.artifact_key("prune")
+        cached = json.loads(path.read_text()) if path.exists() else {}
+        if cached.get("key") == key:
+            return cached["match"]["widths"], cached["match"]
+        arch = recipe_architecture(self.recipe, self.data.num_classes)
+        log = (lambda line: print(line, file=sys.stderr)) if self.env.main else None
+        widths, match = latency_matched_widths(
+            self.recipe, self.base_run.load("reparam").cpu().eval(), arch.config()["widths"], [1, *arch.num_blocks],
+            pruned.summary["stages"]["prune"], self.example.shape[-1], self.unit, log=log)
+        if self.env.main:
+            write_json(path, {"key": key, "match": match})
+        return widths, match
 
     def bench(self, points: list[dict]) -> dict:
         """All points' ONNX files in one alternating benchmark (ORT CPU, every `bench.batch_sizes`), cached on
@@ -235,12 +247,15 @@ class Study:
             "coupling": coupling,
             "machine": bench["machine"],
             "settings": {**bench["settings"], "batches": batches, "main_batch": bench["main_batch"]},
-            "timings": self.timings,
+            # this study's phases only: a point the recipe no longer asks for keeps its directory and its time
+            "timings": {phase: sec for phase, sec in self.timings.items()
+                        if phase in {"base", "bench", *(f"points/{pt['tag']}" for pt in [*points, *budget])}},
         }
         if budget:
             budget_rows = [with_side(row_of(pt), pt["side"], pt["added_images"]) for pt in budget]
             result["budget"] = {"rows": budget_rows, "verdict": verdict(budget_rows),
                                 "verdict_int8": verdict(budget_rows, "int8"), "match": self.budget_match,
-                                "keep_latency": self.recipe.study.budget_keep_latency}
+                                "keep_latency": self.recipe.study.budget_keep_latency,
+                                "equal_total": self.recipe.study.budget_equal_total}
         write_report(self.recipe, result, self.out_dir, self.env.writer)
         return result
