@@ -325,7 +325,8 @@ def test_digits_prune_or_retrain_curve_with_two_budgets(tiny_recipe, tmp_path):
     first = md.splitlines()[2]  # the title, a blank line, then the prune-or-retrain sentence
     assert first == budget["verdict"] and ("matched pruning" in first or "did not match" in first)
     assert "## Prune or retrain" in md and (out / "prune_or_retrain.png").stat().st_size > 10_000
-    assert "- FP32, equal added images: at 320: pruned " in md and "- INT8, equal added images: at 640: " in md
+    assert "- FP32, equal added images: at 320: pruned " in md and "; at 640: pruned " in md
+    assert "- INT8, equal total images: scratch on " in md
     assert "| points/budget-scratch_add640 |" in md and "points/gone" not in md  # this study's phases only
     # the match is kept under the pruned model's key, so a rerun trains no scratch point anew
     kept = json.loads((out / "budget_match.json").read_text())
