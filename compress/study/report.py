@@ -153,7 +153,7 @@ def budget_section(budget: dict, batch: int) -> list[str]:
              f"(searched on the latency table, {match['provider']}, within 5%, else the closest): "
              f"{match['widths']}.", "- Added images: the pruned side's fine-tune; the scratch side's whole training. "
              + ("Equal total images: scratch trained on the base's images plus the recipe's fine-tune."
-                if budget.get("equal_total", True) else "Equal total images: not run (`study.budget_equal_total: "
+                if budget["equal_total"] else "Equal total images: not run (`study.budget_equal_total: "
                 "false`)."),
              *(f"- {line}" for p in PRECISIONS for line in comparisons(budget["rows"], p)), "",
              f"| side | added images | seed | images seen | FP32 top-1 [95%] | INT8 top-1 [95%] | FP32 ms @{batch} |",
