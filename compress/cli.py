@@ -18,6 +18,7 @@ import torch
 from .errors import UserError
 from .recipe import Recipe, RecipeError, load_recipe
 from .registry import STAGE_NAMES
+from .study.strategies import strategy_keeps
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -73,7 +74,8 @@ def run(args) -> int:
         print(json.dumps(recipe.model_dump(mode="json"), indent=2))
         if recipe.study is not None:
             study = recipe.study
-            plan = [f"study over {study.strategies} x keep_macs {study.keep_macs}"
+            keeps = {s: strategy_keeps(study, s) for s in study.strategies}
+            plan = [f"study over each strategy's keep fractions {keeps}"
                     + (f" x {study.seeds} seeds" if study.seeds > 1 else "")
                     + (f"; prune or retrain at keep_latency {study.budget_keep_latency:g} on added images "
                        f"{study.added_images}" + (", and scratch at equal total images" if study.budget_equal_total

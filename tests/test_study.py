@@ -52,7 +52,7 @@ def _smoke_recipe(tiny_recipe, tmp_path, **study):
 
 @pytest.mark.slow
 def test_digits_smoke_study_with_every_strategy_then_a_second_study_on_its_base(tiny_recipe, tmp_path, capsys):
-    recipe = _smoke_recipe(tiny_recipe, tmp_path)
+    recipe = _smoke_recipe(tiny_recipe, tmp_path, keep_latency=[0.6])  # plain-latency: one point of its own
     out = tmp_path / "study"
     assert main(["--recipe", recipe, "--out", str(out)]) == 0
     md = (out / "study.md").read_text()
@@ -61,7 +61,8 @@ def test_digits_smoke_study_with_every_strategy_then_a_second_study_on_its_base(
     result = json.loads((out / "study.json").read_text())
     by = {r["strategy"]: r for r in result["rows"] if r["keep"] in (0.6, 1.0)}
     assert set(by) == {"unpruned", *STRATEGIES}
-    assert [r["strategy"] for r in result["rows"] if r["keep"] == 0.4] == STRATEGIES[:-1]  # scratch: 0.6 alone
+    assert [r["strategy"] for r in result["rows"] if r["keep"] == 0.4] == [  # scratch, plain-latency: 0.6 alone
+        s for s in STRATEGIES if s not in ("scratch", "plain-latency")]
     for r in result["rows"]:  # measured latencies at both batches, top-1 inside its own Wilson interval
         assert r["fp32_n"] == r["int8_n"] == 200
         for p in ("fp32", "int8"):
@@ -104,7 +105,7 @@ def test_digits_smoke_study_with_every_strategy_then_a_second_study_on_its_base(
     events = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0})
     events.Reload()
     assert "study/plain/int8_top1" in events.Tags()["scalars"]
-    assert len(list((out / "tb" / "hparams").iterdir())) == 12  # the HParams table: one run per point
+    assert len(list((out / "tb" / "hparams").iterdir())) == 11  # the HParams table: one run per point
 
     # rerun: every point is reused, nothing is trained again
     capsys.readouterr()
@@ -140,6 +141,20 @@ def test_digits_smoke_study_with_every_strategy_then_a_second_study_on_its_base(
     other = tiny_recipe(name="other", train={"epochs": 3}, study={"base_dir": str(out), "keep_macs": [0.6]})
     line = one_line_error(capsys, ["--recipe", str(other), "--out", str(tmp_path / "third")])
     assert "study.base_dir" in line and "does not hold this recipe's base" in line and "train" in line
+
+
+def test_each_strategy_takes_its_own_keep_fractions_and_a_bad_one_is_one_line(tiny_recipe, capsys):
+    from compress.recipe.schema import StudyCfg
+    from compress.study.strategies import strategy_keeps
+
+    study = StudyCfg(keep_macs=[0.5, 0.2], keep_latency=[0.5, 0.4], scratch_keep_macs=[0.5])
+    assert strategy_keeps(study, "plain") == strategy_keeps(study, "multibranch") == [0.5, 0.2]
+    assert strategy_keeps(study, "plain-latency") == [0.5, 0.4]
+    assert strategy_keeps(study, "scratch") == [0.5]
+    assert strategy_keeps(StudyCfg(keep_macs=[0.3]), "plain-latency") == [0.3]  # unset: keep_macs
+    recipe = tiny_recipe(study={"keep_macs": [0.5], "keep_latency": [0.5, 1.5], "strategies": ["plain-latency"]})
+    line = one_line_error(capsys, ["--recipe", str(recipe), "--dry-run"])
+    assert "study.keep_latency" in line and "1.5" in line
 
 
 def test_base_dir_without_a_finished_base_is_one_line(tiny_recipe, tmp_path, capsys):

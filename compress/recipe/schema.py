@@ -357,6 +357,9 @@ class StudyCfg(Section):
     )
     # the costliest strategy: its keep points (None: keep_macs)
     scratch_keep_macs: list[float] | None = None
+    # the latency strategies' points, fractions of the unpruned latency (None: keep_macs); latency floors sooner
+    # than MACs (each layer keeps a fixed cost), so a keep_macs fraction may be out of their reach
+    keep_latency: list[float] | None = None
     scratch_distill: bool = True  # scratch distils from the pruned points' teacher (the unpruned plain model)
     # a run (or study) directory whose trained base this study shares, after checking its keys; a study's
     # finished points made under the same settings are reused too
@@ -376,7 +379,7 @@ class StudyCfg(Section):
 
     @model_validator(mode="after")
     def _fractions(self):
-        for name in ("keep_macs", "scratch_keep_macs"):
+        for name in ("keep_macs", "scratch_keep_macs", "keep_latency"):
             for k in getattr(self, name) or []:
                 if not 0 < k < 1:
                     raise ValueError(f"study.{name}: {k} is not in (0, 1)")

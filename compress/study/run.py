@@ -39,7 +39,7 @@ from .points import (
     unpruned_recipe,
 )
 from .report import write_report
-from .strategies import STRATEGIES
+from .strategies import STRATEGIES, strategy_keeps
 
 
 class Study:
@@ -120,7 +120,7 @@ class Study:
         points = [self._point("unpruned", 1.0, unpruned_recipe(r), base, base_images)]
         for strategy in cfg.strategies:
             from_scratch = STRATEGIES[strategy].from_scratch
-            for keep in (cfg.scratch_keep_macs or cfg.keep_macs) if from_scratch else cfg.keep_macs:
+            for keep in strategy_keeps(cfg, strategy):
                 if from_scratch:
                     widths = scratch_widths(r, keep, self.data.num_classes, self.example.cpu(), self.unit)
                     teacher = base.dir.path("reparam").resolve() if cfg.scratch_distill else None

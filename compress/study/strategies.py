@@ -47,3 +47,11 @@ STRATEGIES: dict[str, Strategy] = {
                         "images as base + fine-tune, distilled from the same teacher", "#9467bd", from_scratch=True),
 }
 UNPRUNED_COLOUR = "#000000"
+
+
+def strategy_keeps(study, strategy: str) -> list[float]:
+    """The keep fractions of `strategy`'s points under a recipe's `study` section: `scratch_keep_macs` for a
+    from-scratch strategy and `keep_latency` for a latency-targeted one where set, else `keep_macs`."""
+    s = STRATEGIES[strategy]
+    own = study.scratch_keep_macs if s.from_scratch else study.keep_latency if s.target == "keep_latency" else None
+    return own or study.keep_macs
