@@ -25,8 +25,8 @@ def _images(batch) -> torch.Tensor:
 @torch.no_grad()
 def insert_bn(model: PlainRepVGG, batches: Iterable, max_batches: int | None = None) -> PlainRepVGG:
     """Give every plain layer a BatchNorm2d initialised from the statistics of its conv outputs over `batches`
-    ((x, y) pairs or bare inputs): the conv is standardised by the per-channel mean and std of its outputs and
-    the BN's weight/bias put std and mean back, so the model computes exactly what it did in eval mode until
+    ((x, y) pairs or bare inputs): running mean and variance are the outputs' per-channel mean and variance, and
+    the BN's weight and bias put std and mean back, so the model computes exactly what it did in eval mode until
     training moves it."""
     if not isinstance(model, PlainRepVGG):
         raise TypeError(f"insert_bn needs a PlainRepVGG, got a {type(model).__name__}")
@@ -59,15 +59,13 @@ def insert_bn(model: PlainRepVGG, batches: Iterable, max_batches: int | None = N
         bn = nn.BatchNorm2d(conv.out_channels).to(device=conv.weight.device, dtype=conv.weight.dtype)
         sigma = (var + bn.eps).sqrt().to(conv.weight.dtype)
         mean = mean.to(conv.weight.dtype)
-        # Standardise the conv (unit-variance, zero-mean outputs) and let the BN restore the scale and shift:
-        # the conv weights then sit at the scale BN-trained convs have, so the learning rate means what it
-        # means for the training-time model. A BN after a conv of arbitrary scale trains badly (its
-        # gradients scale with 1/sigma).
-        conv.weight.div_(sigma.reshape(-1, 1, 1, 1))
-        conv.bias.sub_(mean).div_(sigma)
-        bn.running_mean.zero_()
-        bn.running_var.fill_(1.0)
-        bn.weight.copy_(sigma * (1 + bn.eps) ** 0.5)
+        # The conv keeps its weights: the BN divides by its output std sigma and its weight multiplies sigma back,
+        # so a step on the conv moves the outputs as much as it would without the BN. Standardising the conv
+        # instead (weights / sigma, BN weight sigma) scales that move by sigma^2: the re-fitted layers' outputs
+        # reach sigma ~9, and the fine-tune diverged (README, "Fine-tuning a pruned plain model").
+        bn.running_mean.copy_(mean)
+        bn.running_var.copy_(var)
+        bn.weight.copy_(sigma)
         bn.bias.copy_(mean)
         layer.bn = bn
     return model.train(was_training)

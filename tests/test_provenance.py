@@ -164,7 +164,8 @@ def test_keys_of_a_run_made_before_the_restructure_are_unchanged(tmp_path):
     keys, artifact keys and section hashes, as its summary.json recorded them, are what the recipe gives now, up to
     the prune stage. From there on the keys changed on purpose: the prune stage now plans within the MAC budget
     and re-fits the pruned layers (`prune.planner`, `prune.reconstruct`), and `quantize.target_device` (resolved
-    to this machine) and the overflow fix it calls for are part of what an INT8 artifact is made from."""
+    to this machine) and the overflow fix it calls for are part of what an INT8 artifact is made from; a `bn`
+    fine-tune's keys name its temporary BNs' initialisation since it changed."""
     before = json.loads((ROOT / "tests" / "data" / "quickstart_keys_before_restructure.json").read_text())
     recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml").resolved("cpu")
     run_dir = RunDir(tmp_path / "run", recipe)
@@ -174,10 +175,15 @@ def test_keys_of_a_run_made_before_the_restructure_are_unchanged(tmp_path):
         recorded = before["stages"][stage]
         assert run_dir.key(stage) == recorded["key"], stage
         assert run_dir.provenance(stage) == {k: recorded[k] for k in ("artifact_key", "sections")}, stage
-    for stage, changed_on_purpose in (("prune", ["prune"]), ("finetune", ["prune"]), ("quantize", ["prune", "quantize"])):
+    for stage, changed_on_purpose in (("prune", ["prune"]), ("finetune", ["finetune", "prune"]),
+                                      ("quantize", ["finetune", "prune", "quantize"])):
         recorded = before["stages"][stage]["sections"]
         changed = [k for k, v in run_dir.provenance(stage)["sections"].items() if v != recorded[k]]
         assert sorted(changed) == changed_on_purpose, stage
     assert {"planner", "reconstruct"} <= set(recipe.prune.key_values())
     assert "sensitivity_images" not in recipe.prune.key_values()  # taylor does not read it
     assert {"target_device", "overflow_fix"} <= set(recipe.quantize.key_values())
+    # the temporary BNs of a bn fine-tune start from the conv's own weights now: only bn fine-tunes say so
+    assert recipe.finetune.structure == "bn" and recipe.finetune.key_values()["bn_init"] == "output_statistics"
+    assert "bn_init" in recipe.finetune.model_copy(update={"structure": "rebranch"}).key_values()
+    assert "bn_init" not in recipe.finetune.model_copy(update={"structure": "plain"}).key_values()

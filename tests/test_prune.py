@@ -2,6 +2,8 @@
 checkpoint round trips, iterative steps, the BN insert/fold helpers for fine-tuning a plain stack, and the options
 and importance table the pruner reads."""
 
+import copy
+
 import pytest
 import torch
 import torch_pruning as tp
@@ -183,6 +185,27 @@ def test_insert_bn_then_fold_bn_keep_outputs():
         fold_bn(model)
         assert all(isinstance(layer.bn, nn.Identity) for layer in model.layers)
         assert (model(BATCH) - with_bn).abs().max() <= 1e-5 * with_bn.abs().max()
+
+
+def test_insert_bn_leaves_the_conv_gradients_unscaled_by_the_output_std():
+    """A layer whose outputs have std ~8 (its weights x8, the next layer's /8: the same function) gets no larger
+    conv gradients from its temporary BN than without it; standardising the conv would multiply them by the std."""
+    model = reparameterize(tiny())
+    images, labels = data(1)[0]
+    with torch.no_grad():
+        model.layers[2].conv.weight.mul_(8)
+        model.layers[2].conv.bias.mul_(8)
+        model.layers[3].conv.weight.div_(8)
+
+    def conv_grad(m) -> float:
+        m.zero_grad()
+        nn.functional.cross_entropy(m.train()(images), labels).backward()
+        return m.layers[2].conv.weight.grad.norm().item()
+
+    plain = conv_grad(model)
+    with_bn = insert_bn(copy.deepcopy(model), [(images, labels)])  # its statistics: this very batch
+    assert torch.equal(with_bn.layers[2].conv.weight, model.layers[2].conv.weight)
+    assert 0 < conv_grad(with_bn) <= 1.05 * plain
 
 
 def test_hessian_accumulates_every_sample():
