@@ -47,7 +47,7 @@ def rebranch(plain: PlainRepVGG, batches: Iterable, max_batches: int | None = No
         raise TypeError(f"rebranch needs a PlainRepVGG, got a {type(plain).__name__}")
     if not all(isinstance(layer.bn, nn.Identity) for layer in plain.layers):
         raise ValueError("rebranch needs a plain model without temporary BNs: fold_bn it first")
-    # insert_bn gives each conv a BN of its outputs' mean and std that puts them back (the conv unchanged).
+    # insert_bn divides each conv by the root of its outputs' std and gives it a BN that puts mean and std back.
     calibrated = insert_bn(copy.deepcopy(plain), batches, max_batches)
     generator = torch.Generator().manual_seed(seed)  # on the CPU: the same weights whatever the device
     ref = plain.linear.weight

@@ -25,8 +25,8 @@ def _images(batch) -> torch.Tensor:
 @torch.no_grad()
 def insert_bn(model: PlainRepVGG, batches: Iterable, max_batches: int | None = None) -> PlainRepVGG:
     """Give every plain layer a BatchNorm2d initialised from the statistics of its conv outputs over `batches`
-    ((x, y) pairs or bare inputs): running mean and variance are the outputs' per-channel mean and variance, and
-    the BN's weight and bias put std and mean back, so the model computes exactly what it did in eval mode until
+    ((x, y) pairs or bare inputs): each conv is divided by the root of its outputs' per-channel std, and the BN's
+    statistics, weight and bias put std and mean back, so the model computes exactly what it did in eval mode until
     training moves it."""
     if not isinstance(model, PlainRepVGG):
         raise TypeError(f"insert_bn needs a PlainRepVGG, got a {type(model).__name__}")
@@ -59,12 +59,16 @@ def insert_bn(model: PlainRepVGG, batches: Iterable, max_batches: int | None = N
         bn = nn.BatchNorm2d(conv.out_channels).to(device=conv.weight.device, dtype=conv.weight.dtype)
         sigma = (var + bn.eps).sqrt().to(conv.weight.dtype)
         mean = mean.to(conv.weight.dtype)
-        # The conv keeps its weights: the BN divides by its output std sigma and its weight multiplies sigma back,
-        # so a step on the conv moves the outputs as much as it would without the BN. Standardising the conv
-        # instead (weights / sigma, BN weight sigma) scales that move by sigma^2: the re-fitted layers' outputs
-        # reach sigma ~9, and the fine-tune diverged (README, "Fine-tuning a pruned plain model").
-        bn.running_mean.copy_(mean)
-        bn.running_var.copy_(var)
+        # The conv is divided by sqrt(sigma) and the BN (weight sigma) puts the scale back: a step on the conv then
+        # moves the outputs sigma times as far as without the BN. Dividing by sigma (standardising) makes that
+        # sigma^2, and re-fitted layers reach sigma ~9 (a fine-tune diverged); not dividing makes it 1, the plain
+        # stack's own steps (which blew up on a uniformly pruned model). Measured: README, "Fine-tuning a pruned
+        # plain model".
+        root = sigma.sqrt()
+        conv.weight.div_(root.reshape(-1, 1, 1, 1))
+        conv.bias.div_(root)
+        bn.running_mean.copy_(mean / root)
+        bn.running_var.copy_(sigma - bn.eps)  # the BN divides by sqrt(running_var + eps) = sigma / sqrt(sigma)
         bn.weight.copy_(sigma)
         bn.bias.copy_(mean)
         layer.bn = bn

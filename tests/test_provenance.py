@@ -183,7 +183,7 @@ def test_keys_of_a_run_made_before_the_restructure_are_unchanged(tmp_path):
     assert {"planner", "reconstruct"} <= set(recipe.prune.key_values())
     assert "sensitivity_images" not in recipe.prune.key_values()  # taylor does not read it
     assert {"target_device", "overflow_fix"} <= set(recipe.quantize.key_values())
-    # the temporary BNs of a bn fine-tune start from the conv's own weights now: only bn fine-tunes say so
-    assert recipe.finetune.structure == "bn" and recipe.finetune.key_values()["bn_init"] == "output_statistics"
+    # the temporary BNs of a bn fine-tune start another way now: bn and rebranch fine-tunes say so
+    assert recipe.finetune.structure == "bn" and recipe.finetune.key_values()["bn_init"] == "conv_over_root_std"
     assert "bn_init" in recipe.finetune.model_copy(update={"structure": "rebranch"}).key_values()
     assert "bn_init" not in recipe.finetune.model_copy(update={"structure": "plain"}).key_values()

@@ -156,11 +156,12 @@ class FinetuneCfg(OptimCfg):
     seed: int | None = Field(None, json_schema_extra=KEYED_WHEN_SET)
 
     def key_values(self, role: str = ROLE_WEIGHTS) -> dict:
-        """As `Section.key_values`; the keys of a `bn` or `rebranch` fine-tune also name how its BNs start (on the
-        conv's own weights since they stopped being standardised), so fine-tunes made the old way are not reused."""
+        """As `Section.key_values`; the keys of a `bn` or `rebranch` fine-tune also name how its BNs start (the conv
+        divided by the root of its output std since it stopped being standardised), so fine-tunes made the old way
+        are not reused."""
         values = super().key_values(role)
         if role == ROLE_WEIGHTS and self.structure in ("bn", "rebranch"):
-            values["bn_init"] = "output_statistics"
+            values["bn_init"] = "conv_over_root_std"
         return values
 
     @model_validator(mode="before")
