@@ -2,9 +2,9 @@
 and loaders for the public checkpoints (official and timm)."""
 
 from .checkpoint import from_state_dict, load_official_state_dict
+from .convert import reparameterize
 from .graph import channel_groups
 from .model import CONFIGS, LayerSpec, RepVGG, RepVGGBlock, create_model, fuse_bn
-from .convert import reparameterize
 from .plain import PlainLayer, PlainRepVGG
 from .rebranch import RebranchedRepVGG, rebranch
 from .temporary_bn import fold_bn, insert_bn
