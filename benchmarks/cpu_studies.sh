@@ -4,7 +4,8 @@
 # runs/cpu_studies.log:
 #   1. recipes/study_cifar10_cpu.yaml      the shared base and the plain / uniform / multibranch / scratch points
 #   2. recipes/study_cifar10_cpu_new.yaml  plain-latency, plain-rebranch, plain-ranking on that base
-#   3. a second seed of every keep-0.3 point of both (fine-tune and QAT seeds; runs/seed2_cpu, runs/seed2_new)
+#      (both run two seeds of every point, `study.seeds: 2`; step 3, a second seed of the keep-0.3 points in
+#      runs of their own, is part of them now)
 #   4. plain at keep 0.3 with prune.min_width 16 and 32, two seeds each (runs/mw16, runs/mw32)
 #   5. recipes/study_cifar10_cpu_budget.yaml  prune or retrain
 #   6. recipes/cifar10_a0_cpu.yaml          the yardstick: the budget recipe must finish within 4x its wall time
@@ -14,7 +15,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
-STEPS=" ${*:-1 2 3 4 5 6} "
+STEPS=" ${*:-1 2 4 5 6} "
 mkdir -p runs
 
 run() {  # run NAME ARGS...: one compress.py run, logged
@@ -33,18 +34,6 @@ BASE=runs/study_cifar10_cpu
 NEW=runs/study_cifar10_cpu_new
 step 1 && { run study_cpu --recipe recipes/study_cifar10_cpu.yaml --out $BASE || exit 1; }
 step 2 && { run study_new --recipe recipes/study_cifar10_cpu_new.yaml --out $NEW || exit 1; }
-if step 3; then
-    run seed2_cpu --recipe recipes/study_cifar10_cpu.yaml --out runs/seed2_cpu --set study.seeds=2 \
-        --set 'study.keep_macs=[0.3]' --set 'study.strategies=[plain,plain-uniform,multibranch]' \
-        --set study.base_dir=$BASE || exit 1
-    # the first seed's points are the new study's own: linked in, so only the second seed is computed
-    mkdir -p runs/seed2_new/points
-    for s in plain-latency plain-rebranch plain-ranking; do
-        [ -d "$NEW/points/${s}_0.3" ] && [ ! -e "runs/seed2_new/points/${s}_0.3" ] && cp -al "$NEW/points/${s}_0.3" runs/seed2_new/points/
-    done
-    run seed2_new --recipe recipes/study_cifar10_cpu_new.yaml --out runs/seed2_new --set study.seeds=2 \
-        --set 'study.keep_macs=[0.3]' --set 'study.strategies=[plain-latency,plain-rebranch,plain-ranking]' || exit 1
-fi
 if step 4; then
     for mw in 16 32; do
         run mw$mw --recipe recipes/study_cifar10_cpu.yaml --out runs/mw$mw --set study.seeds=2 \

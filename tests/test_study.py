@@ -275,7 +275,7 @@ def test_conclusions_name_the_correction_and_what_was_left_out():
     result = {"settings": {"main_batch": 8}, "rows": [{"strategy": "plain", "keep": 0.5, "seed": 0}],
               "comparisons": [{"a": "plain", "b": "multibranch", "precision": "fp32", "batch": 8, "latency_ms": 0.8,
                                "top1_a": 70.0, "top1_b": 65.0, "diff": 5.0, "low": 4.0, "high": 6.0, "p": 0.001,
-                               "significant": True}],
+                               "significant": True, "seed_diffs": [5.0]}],
               "off_hull": [{"strategy": "plain", "keep": 0.3, "precision": "int8", "batch": 8}],
               "skipped": [{"a": "plain", "b": "scratch", "precision": "fp32", "batch": 8, "latency_ms": 0.5,
                            "why": "plain interpolates between points 0.010 ms apart whose order changes between "
@@ -285,6 +285,37 @@ def test_conclusions_name_the_correction_and_what_was_left_out():
     assert "Holm-corrected over all 1 comparisons" in text
     assert "Off the upper hull, not compared: plain at keep 0.3 in INT8" in text
     assert "Not compared: plain vs scratch FP32 at 0.500 ms: plain interpolates between points 0.010 ms apart" in text
+    assert "every compared point is one trained model" in text and "seeds +0" not in text
+
+
+def test_each_comparison_gets_its_difference_on_every_seeds_own_curves():
+    """Seed +1's curves are their own: interpolated along that seed's upper hull (a point under it ignored), ended
+    by the one unpruned model, a point with its seed +0 point's widths at that point's latency (the same network,
+    timed again), and out of reach where that seed's curve does not cover the latency."""
+    from compress.study.analysis import seed_differences
+    from compress.study.report import conclusions
+
+    def row(strategy, keep, seed, widths, ms, top1):
+        return {"strategy": strategy, "keep": keep, "seed": seed, "widths": widths, "fp32_ms": {8: ms},
+                "fp32_top1": top1}
+
+    rows = [row("unpruned", 1, 0, [16], 2.0, 80.0),
+            row("plain", 0.5, 0, [8], 1.0, 70.0), row("plain", 0.5, 1, [8], 1.3, 72.0),  # timed 1.3: read at 1.0
+            row("plain", 0.3, 0, [4], 0.5, 40.0), row("plain", 0.3, 1, [6], 1.4, 60.0),  # re-planned, under the hull
+            row("multibranch", 0.5, 0, [8], 1.0, 65.0), row("multibranch", 0.5, 1, [4], 1.2, 66.0)]  # re-planned
+    where = {"a": "plain", "b": "multibranch", "precision": "fp32", "batch": 8}
+    comparisons = [{**where, "latency_ms": 1.5}, {**where, "latency_ms": 1.05}]
+    seed_differences(rows, comparisons)
+    at15, at105 = (c["seed_diffs"] for c in comparisons)
+    assert at15 == pytest.approx([75.0 - 72.5, 76.0 - (66 + 14 * 0.3 / 0.8)])
+    assert at105[0] == pytest.approx(70.5 - 65.75) and at105[1] is None  # seed +1's multibranch starts at 1.2 ms
+
+    c = {**comparisons[0], "top1_a": 75.0, "top1_b": 72.5, "diff": 2.5, "low": 1.0, "high": 4.0, "p": 0.001,
+         "significant": True}
+    text = "\n".join(conclusions({"settings": {"main_batch": 8}, "rows": rows, "comparisons": [c],
+                                  "off_hull": [], "skipped": []}))
+    assert "+2.50 pt [+1.00, +4.00]; seeds +0 to +1 on their own curves: +2.50 / +4.75 pt" in text
+    assert "each of the 2 seeds' own curves" in text
 
 
 def test_a_further_seed_shares_the_base_and_retrains_what_follows(tmp_path):

@@ -131,6 +131,38 @@ def compare(points: list[dict], rows: list[dict], batches: list[int], resamples:
     return out
 
 
+def seed_differences(rows: list[dict], comparisons: list[dict]) -> None:
+    """Give every comparison (made on the curves of seed +0) `seed_diffs`: its difference a - b in points on each
+    seed's own curves, at the same latency, along each side's upper hull of that seed's points (the unpruned model,
+    trained once, ends every pruning strategy's curve in every seed); None for a seed whose curves do not both reach
+    that latency. A point with its seed +0 point's widths is the same network and takes that point's latency: two
+    timings of one network differ by bench noise alone, which would move a seed's curve sideways (a re-planned
+    point keeps its own). Seed +0's equals the comparison's own difference; the others show how much of it one
+    more fine-tune (or scratch training) moves, beside the test-set interval."""
+    unpruned = [r for r in rows if r["strategy"] == "unpruned"]
+    seeds = sorted({r["seed"] for r in rows})
+    first = {(r["strategy"], r["keep"]): r for r in rows if r["seed"] == 0}
+
+    def latency(r: dict, precision: str, batch: int) -> float:
+        same = first.get((r["strategy"], r["keep"]))
+        return (same if same is not None and same["widths"] == r["widths"] else r)[f"{precision}_ms"][batch]
+
+    def top1_at(strategy: str, seed: int, precision: str, batch: int, at: float) -> float | None:
+        members = [r for r in rows if r["strategy"] == strategy and r["seed"] == seed]
+        if members and not STRATEGIES[strategy].from_scratch:
+            members += unpruned
+        lat = [latency(r, precision, batch) for r in members]
+        hull = upper_hull(lat, [r[f"{precision}_top1"] for r in members]) if members else []
+        weights = interpolation_weights([lat[i] for i in hull], at) if hull else None
+        return None if weights is None else sum(w * members[hull[i]][f"{precision}_top1"] for i, w in weights.items())
+
+    for c in comparisons:
+        c["seed_diffs"] = []
+        for seed in seeds:
+            a, b = (top1_at(s, seed, c["precision"], c["batch"], c["latency_ms"]) for s in (c["a"], c["b"]))
+            c["seed_diffs"].append(None if a is None or b is None else a - b)
+
+
 def _order_in_noise(latencies: list[float], rounds: list[list[float] | None],
                     weights: dict[int, float]) -> str | None:
     """Why a curve's interpolation (`weights`) rests on timing noise, or None when it does not. Its two points must

@@ -82,9 +82,17 @@ def _pt(v: float) -> str:
     return f"{v:+.2f}"
 
 
+def _per_seed(c: dict) -> str:
+    """A comparison's difference on each seed's own curves, '+1.92 / +1.17' ('-': that seed's curves do not both
+    reach the latency)."""
+    return " / ".join("-" if d is None else _pt(d) for d in c["seed_diffs"])
+
+
 def _comparison_line(c: dict) -> str:
+    seeds = c["seed_diffs"]
     return (f"{c['a']} vs {c['b']}, {c['precision'].upper()} at {c['latency_ms']:.3f} ms (batch {c['batch']}): "
-            f"{c['top1_a']:.2f} vs {c['top1_b']:.2f}% top-1, {_pt(c['diff'])} pt [{c['low']:+.2f}, {c['high']:+.2f}]")
+            f"{c['top1_a']:.2f} vs {c['top1_b']:.2f}% top-1, {_pt(c['diff'])} pt [{c['low']:+.2f}, {c['high']:+.2f}]"
+            + (f"; seeds +0 to +{len(seeds) - 1} on their own curves: {_per_seed(c)} pt" if len(seeds) > 1 else ""))
 
 
 def conclusions(result: dict) -> list[str]:
@@ -112,10 +120,15 @@ def conclusions(result: dict) -> list[str]:
     if missing:
         lines.append(f"- No shared latency range with plain (no extrapolation): {', '.join(missing)}.")
     lines += _left_out(result, batch)
-    repeated = any(r["seed"] for r in result["rows"])
-    lines += ["", "These intervals cover the sampling of test images only, not training seeds: every compared point "
-              "is one trained model" + ("; the points table's further seeds show the spread between trainings."
-                                        if repeated else "."), ""]
+    seeds = len({r["seed"] for r in result["rows"]})
+    if seeds > 1:
+        lines += ["", f"These intervals cover the sampling of test images only: significance is called on seed +0's "
+                  f"curves. Beside each, its difference on each of the {seeds} seeds' own curves (the fine-tunes and "
+                  "QAT, or scratch trainings, of that seed on the one base; the points table lists them) shows the "
+                  "spread between trainings.", ""]
+    else:
+        lines += ["", "These intervals cover the sampling of test images only, not training seeds: every compared "
+                  "point is one trained model.", ""]
     return lines
 
 
@@ -186,6 +199,7 @@ def study_markdown(recipe: Recipe, result: dict) -> str:
     d, s, m = recipe.data, result["settings"], result["machine"]
     ft, q = recipe.finetune, recipe.quantize
     batch, batches = s["main_batch"], s["batches"]
+    repeated = any(r["seed"] for r in result["rows"])  # further seeds: a per-seed column beside each comparison
     lines = [f"# Study: {recipe.name}", ""]
     if "budget" in result:
         lines += [result["budget"]["verdict"], ""]
@@ -232,13 +246,14 @@ def study_markdown(recipe: Recipe, result: dict) -> str:
               "inputs to each); 95% paired bootstrap over test images (the same resample for both sides); "
               "significance Holm-corrected over every comparison in this table.", "",
               "| compared | precision | batch | latency ms | top-1 a | top-1 b | a - b (pt) | 95% interval "
-              "| p | significant (Holm) |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| p | significant (Holm) |" + (" a - b per seed (pt) |" if repeated else ""),
+              "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if repeated else "")]
     order = sorted(result["comparisons"], key=lambda c: (c["b"], c["batch"] != batch, c["precision"], c["latency_ms"]))
     for c in order:
         lines.append(f"| {c['a']} vs {c['b']} | {c['precision'].upper()} | {c['batch']} | {c['latency_ms']:.3f} | "
                      f"{c['top1_a']:.2f} | {c['top1_b']:.2f} | {_pt(c['diff'])} | "
-                     f"[{c['low']:+.2f}, {c['high']:+.2f}] | {c['p']:.3g} | {'yes' if c['significant'] else 'no'} |")
+                     f"[{c['low']:+.2f}, {c['high']:+.2f}] | {c['p']:.3g} | {'yes' if c['significant'] else 'no'} |"
+                     + (f" {_per_seed(c)} |" if repeated else ""))
     if "budget" in result:
         lines += budget_section(result["budget"], batch)
     coupling = result["coupling"]

@@ -24,7 +24,7 @@ from ..pipeline import Pipeline
 from ..prune import default_round_to
 from ..recipe import Recipe
 from ..stages.bench import bench_options
-from .analysis import PRECISIONS, compare, correctness, point_row
+from .analysis import PRECISIONS, compare, correctness, point_row, seed_differences
 from .budget import PRUNED, SCRATCH, finetune_with, latency_matched_widths, scratch_with, verdict, with_side
 from .points import (
     base_recipe,
@@ -251,6 +251,7 @@ class Study:
             "timings": {phase: sec for phase, sec in self.timings.items()
                         if phase in {"base", "bench", *(f"points/{pt['tag']}" for pt in [*points, *budget])}},
         }
+        seed_differences(rows, result["comparisons"])  # each comparison on every seed's own curves
         if budget:
             budget_rows = [with_side(row_of(pt), pt["side"], pt["added_images"]) for pt in budget]
             result["budget"] = {"rows": budget_rows, "verdict": verdict(budget_rows),
