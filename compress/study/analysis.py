@@ -30,6 +30,12 @@ def stage_widths(widths: list[int], num_blocks: list[int]) -> list[list[int]]:
     return [widths[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
+def curve(strategy: str, members: list, unpruned: list) -> list:
+    """A strategy's points as its curve: a pruning strategy's end at the unpruned model (keep 1: nothing pruned); a
+    from-scratch strategy's, and the unpruned model's own, are just its points."""
+    return members if strategy == "unpruned" or STRATEGIES[strategy].from_scratch else members + unpruned
+
+
 class StudyError(UserError, ValueError):
     """A study whose points cannot be compared as they are (one line)."""
 
@@ -94,9 +100,8 @@ def compare(points: list[dict], rows: list[dict], batches: list[int], resamples:
     out = {"comparisons": [], "skipped": [], "off_hull": []}
     if REFERENCE not in curves:
         return out
-    for strategy, members in curves.items():
-        if not STRATEGIES[strategy].from_scratch and unpruned is not None:
-            members.append(unpruned)
+    curves = {strategy: curve(strategy, members, [unpruned] if unpruned is not None else [])
+              for strategy, members in curves.items()}
     hulls = {}
     for strategy, precision, batch in itertools.product(curves, PRECISIONS, batches):
         members = curves[strategy]
@@ -142,19 +147,26 @@ def seed_differences(rows: list[dict], comparisons: list[dict]) -> None:
     unpruned = [r for r in rows if r["strategy"] == "unpruned"]
     seeds = sorted({r["seed"] for r in rows})
     first = {(r["strategy"], r["keep"]): r for r in rows if r["seed"] == 0}
+    hulls = {}  # (strategy, seed, precision, batch) -> the hull's (latencies, top-1s): each built once
 
     def latency(r: dict, precision: str, batch: int) -> float:
         same = first.get((r["strategy"], r["keep"]))
         return (same if same is not None and same["widths"] == r["widths"] else r)[f"{precision}_ms"][batch]
 
-    def top1_at(strategy: str, seed: int, precision: str, batch: int, at: float) -> float | None:
-        members = [r for r in rows if r["strategy"] == strategy and r["seed"] == seed]
-        if members and not STRATEGIES[strategy].from_scratch:
-            members += unpruned
+    def hull_of(strategy: str, seed: int, precision: str, batch: int) -> tuple[list[float], list[float]]:
+        own = [r for r in rows if r["strategy"] == strategy and r["seed"] == seed]
+        members = curve(strategy, own, unpruned) if own else []
         lat = [latency(r, precision, batch) for r in members]
-        hull = upper_hull(lat, [r[f"{precision}_top1"] for r in members]) if members else []
-        weights = interpolation_weights([lat[i] for i in hull], at) if hull else None
-        return None if weights is None else sum(w * members[hull[i]][f"{precision}_top1"] for i, w in weights.items())
+        on = upper_hull(lat, [r[f"{precision}_top1"] for r in members]) if members else []
+        return [lat[i] for i in on], [members[i][f"{precision}_top1"] for i in on]
+
+    def top1_at(strategy: str, seed: int, precision: str, batch: int, at: float) -> float | None:
+        key = (strategy, seed, precision, batch)
+        if key not in hulls:
+            hulls[key] = hull_of(*key)
+        lat, top1 = hulls[key]
+        weights = interpolation_weights(lat, at) if lat else None
+        return None if weights is None else sum(w * top1[i] for i, w in weights.items())
 
     for c in comparisons:
         c["seed_diffs"] = []

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..figures import finish_panels, new_figure
 from ..files import write_json, write_text
 from ..recipe import Recipe
-from .analysis import PRECISIONS
+from .analysis import PRECISIONS, curve
 from .budget import budget_figure, comparisons
 from .strategies import STRATEGIES, UNPRUNED_COLOUR
 
@@ -37,8 +37,7 @@ def pareto_figure(rows: list[dict], batch: int):
     unpruned = [r for r in rows if r["strategy"] == "unpruned"]
     for ax, precision in zip(axes, PRECISIONS):
         for strategy in dict.fromkeys(r["strategy"] for r in rows):
-            ends = unpruned if strategy != "unpruned" and not STRATEGIES[strategy].from_scratch else []
-            pts = sorted([r for r in rows if r["strategy"] == strategy] + ends,
+            pts = sorted(curve(strategy, [r for r in rows if r["strategy"] == strategy], unpruned),
                          key=lambda r: r[f"{precision}_ms"][batch])
             x = [r[f"{precision}_ms"][batch] for r in pts]
             y = [r[f"{precision}_top1"] for r in pts]
