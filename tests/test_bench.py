@@ -2,6 +2,7 @@
 
 The GPU providers' IOBinding path runs here on ORT's CPU device: same code, 'cpu' OrtValues."""
 
+import itertools
 import weakref
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import compress.bench.runner as runner
 import compress.runtime.onnxruntime_ep as onnxruntime_ep
 from compress.bench import BenchOptions, benchmark
 from compress.export import export_onnx
@@ -45,6 +47,15 @@ def fast_options(**kw) -> BenchOptions:
     return BenchOptions(**{"batch_sizes": (1, 4), "threads": 1, "warmup": 1, "iters": 3, "rounds": 2, **kw})
 
 
+def test_each_round_gives_its_median_and_its_fastest_call(artifacts, monkeypatch):
+    calls = itertools.count()  # the timer's readings (a host fact, faked): one list for every file of a round
+    monkeypatch.setattr(runner, "time_runs",
+                        lambda step, warmup, iters: [[3.0, 1.0, 2.0], [5.0, 4.0, 6.0]][next(calls) // len(artifacts)])
+    out = benchmark(artifacts, fast_options(runtimes=["cpu"], batch_sizes=(1,)), SIZE)
+    r = next(r for r in out["results"] if r["artifact"] == "plain_fp32")
+    assert r["round_medians_ms"] == [2.0, 5.0] and r["round_fastest_ms"] == [1.0, 4.0]
+
+
 def test_benchmark_reports_every_artifact_batch_and_ratio(artifacts, models):
     out = benchmark(artifacts, fast_options(runtimes=["torch", "cpu"]), SIZE, torch_models=models)
     rows = {(r["artifact"], r["provider"], r["batch"]): r for r in out["results"]}
@@ -53,7 +64,8 @@ def test_benchmark_reports_every_artifact_batch_and_ratio(artifacts, models):
     for r in rows.values():
         assert r["median_ms"] > 0 and r["p90_ms"] > 0 and r["images_per_s"] > 0
         assert r["images_per_s"] == pytest.approx(r["batch"] * 1000 / r["median_ms"])
-        assert len(r["round_medians_ms"]) == 2
+        assert len(r["round_medians_ms"]) == len(r["round_fastest_ms"]) == 2
+        assert all(0 < fast <= med for fast, med in zip(r["round_fastest_ms"], r["round_medians_ms"]))
     # main batch = the first batch size; the CPU provider's ratio is unsuffixed
     assert set(out["ratios"]) == {"pruned_fp32/plain_fp32", "pruned_fp32/plain_fp32@torch"}
     assert all(v > 0 for v in out["ratios"].values())

@@ -69,6 +69,9 @@ def test_digits_smoke_study_with_every_strategy_then_a_second_study_on_its_base(
             assert set(r[f"{p}_ms"]) == {"8", "1"} and min(r[f"{p}_ms"].values()) > 0
             assert all(ms == min(r[f"{p}_rounds_ms"][b]) for b, ms in r[f"{p}_ms"].items())  # the fastest round
             assert r[f"{p}_ci"][0] <= r[f"{p}_top1"] <= r[f"{p}_ci"][1]
+    timed = json.loads((out / "study_bench.json").read_text())["results"]  # a round's timing: its fastest call
+    assert sorted(r[f"{p}_rounds_ms"][b] for r in result["rows"] for p in ("fp32", "int8") for b in ("8", "1")) \
+        == sorted(t["round_fastest_ms"] for t in timed)
     for strategy in ("plain", "plain-uniform", "plain-rebranch", "multibranch", "scratch"):
         assert abs(by[strategy]["macs_M"] / by["unpruned"]["macs_M"] - 0.6) < 0.08, strategy
     # plain-latency is held to its latency target (ORT CPU, FP32, batch 8), not to its MACs

@@ -77,7 +77,8 @@ def benchmark(
     call covers is in each result's `timing` (see the package's docstring).
 
     `reference` names the artifact the ratios divide by (default: the first artifact, else the first torch model).
-    Returns {"results": [{artifact, provider, batch, median_ms, p90_ms, images_per_s, round_medians_ms, timing}],
+    Returns {"results": [{artifact, provider, batch, median_ms, p90_ms, images_per_s, round_medians_ms,
+    round_fastest_ms (each round's fastest call), timing}],
     "ratios": {"<name>/<reference>": median ratio at the main batch on CPU (else the first runtime); others get
     an "@runtime" suffix}, "ratio_details": [...], "machine": {..., "skipped_providers": {runtime: why}}}.
     A runtime asked for but unable to run here is skipped (and said so in machine.skipped_providers), not an
@@ -131,6 +132,7 @@ def benchmark(
                 "p90_ms": _percentile([t for r in rounds for t in r], 90),
                 "images_per_s": b / (med / 1000.0),
                 "round_medians_ms": [statistics.median(r) for r in rounds],
+                "round_fastest_ms": [min(r) for r in rounds],
                 "timing": timing[(name, provider)],
             }
         )

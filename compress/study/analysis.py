@@ -46,12 +46,20 @@ def correctness(entry: dict) -> tuple[np.ndarray, np.ndarray]:
     return (predicted == label).astype(np.float64), label
 
 
+# A file's latency in the study is its fastest timed call (the fastest of each round's fastest). Other work on the
+# machine only ever adds time, so the fastest call is the one least disturbed. On the 2-core Zen 5 VM, timing six
+# study files (two pairs of one network each) three times over, 5 alternating rounds of 100 calls, beside a busy
+# loop on one core (10-300 ms bursts): the fastest round's median moved a file by up to 14.0% between repeats and
+# put two files of one network 9.1% apart; the fastest call moved 3.1%, and 1.6% apart. With 30 calls per round
+# the fastest round's median (the study's latency before) gave 15.3% and 11.1%: one such bench timed plain-latency
+# 0.5 (12.6 M MACs) as slow as plain 0.5 (14.1 M MACs), which quiet benches time 15-25% slower.
+ROUND_STATISTIC = "round_fastest_ms"
+
+
 def point_row(point: dict, rounds: dict, macs_params: tuple[float, float], num_blocks: list[int]) -> dict:
     """One point's row: the exported files' top-1 (with 95% Wilson intervals) and measured latencies per batch:
-    each bench round's median (`rounds`, keyed (point tag, precision, batch)) and the fastest of them, the file's
-    latency. Other work on the machine only ever adds time: on a noisy VM the median over rounds put two files of
-    one architecture 10% apart (plain and plain-rebranch at keep 0.5, FP32: 1.840 vs 1.674 ms) where their fastest
-    rounds agree within 0.4% (1.425 vs 1.419 ms)."""
+    each bench round's fastest call (`rounds`, keyed (point tag, precision, batch); `ROUND_STATISTIC`) and the
+    fastest of them, the file's latency."""
     stages = point["run"].summary["stages"]
     arts = stages["export"]["artifacts"]
     row = {"strategy": point["strategy"], "keep": point["keep"], "seed": point["seed"], "macs_M": macs_params[0] / 1e6,
@@ -180,7 +188,7 @@ def _order_in_noise(latencies: list[float], rounds: list[list[float] | None],
     """Why a curve's interpolation (`weights`) rests on timing noise, or None when it does not. Its two points must
     be timed in the same order in every bench round: the rounds alternate over all files, so a slow stretch of the
     machine slows both points of a round, and their per-round difference is what tells them apart, where each
-    point's own round medians can spread wider than the gap between them. A point measured at the latency itself,
+    point's own round timings can spread wider than the gap between them. A point measured at the latency itself,
     or points without round timings, interpolate nothing that noise could decide."""
     if len(weights) < 2:
         return None

@@ -132,12 +132,13 @@ def conclusions(result: dict) -> list[str]:
 
 
 def _spread(rows: list[dict], batch: int) -> str:
-    """The benchmark's round-to-round spread at `batch`: how far a file's round medians lie apart (max - min)."""
+    """The benchmark's round-to-round spread at `batch`: how far a file's round timings (each round's fastest call)
+    lie apart (max - min)."""
     spreads = [max(ms) - min(ms) for row in rows for p in PRECISIONS
                for b, ms in row.get(f"{p}_rounds_ms", {}).items() if b == batch]
     if not spreads:
         return ""
-    return (f"Round-to-round spread of a file's median at batch {batch}: {min(spreads):.3f} to {max(spreads):.3f} ms "
+    return (f"Round-to-round spread of a file's fastest call at batch {batch}: {min(spreads):.3f} to {max(spreads):.3f} ms "
             "(a latency is compared only where each curve's two points keep their order in every round).")
 
 
@@ -222,8 +223,8 @@ def study_markdown(recipe: Recipe, result: dict) -> str:
         "seed +0.",
         f"- Latency: ONNX Runtime CPU, batches {', '.join(map(str, batches))}, {s['rounds']} alternating rounds of "
         f"{s['iters']} timed batches after {s['warmup']} warm-up; {m.get('cpu')}, threads {m.get('threads') or 'all'}, "
-        f"onnxruntime {m.get('onnxruntime')}. A file's latency is its fastest round's median (other work on the "
-        f"machine only adds time). {_spread(result['rows'], batch)}",
+        f"onnxruntime {m.get('onnxruntime')}. A file's latency is its fastest call over all rounds (other "
+        f"work on the machine only adds time). {_spread(result['rows'], batch)}",
         "",
         "## Points", "",
         "| strategy | keep | seed | MACs (M) | params (M) | images seen | pruned top-1 (PyTorch) | FP32 top-1 [95%] | "
