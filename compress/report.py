@@ -117,8 +117,8 @@ def run_report(recipe: Recipe, summary: dict, out_dir: Path) -> str:
     if check:
         measured = _fmt(check["measured_ms"], ".2f") if check["measured_ms"] is not None else "not timed by bench"
         ratio = (f"; {check['artifact']} / {check['artifact'].replace('pruned', 'plain')} "
-                 f"{check['measured_ratio']:.3f} measured for {check['target_ratio']:.3f} (median of per-round ratios)"
-                 if "measured_ratio" in check else "")
+                 f"{check['measured_ratio']:.3f} measured for {check['target_ratio']:.3f} (median of per-round "
+                 "ratios, each round's fastest call)" if "measured_ratio" in check else "")
         rounds = (stages.get("prune") or {}).get("latency", {}).get("rounds") or []
         loop = (f"; the plan was timed {len(rounds)} time(s) against the unpruned model: "
                 + ", ".join(f"{r['measured_ratio']:.3f}" for r in rounds) if rounds else "")

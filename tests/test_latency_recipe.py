@@ -98,6 +98,9 @@ def test_pipeline_prunes_to_keep_latency_and_bench_measures_the_prediction(tiny_
     assert (check["artifact"], check["provider"], check["batch"]) == ("pruned_fp32", "cpu", 2)
     assert check["predicted_ms"] == latency["predicted_ms"] and check["measured_ms"] > 0
     assert check["target_ratio"] == pytest.approx(0.7) and 0 < check["measured_ratio"] < 1.5
+    # the median of per-round ratios, a round's time its fastest call (as the loop measured the plan)
+    timed = {r["artifact"]: r["round_fastest_ms"] for r in stages["bench"]["results"] if r["batch"] == 2}
+    assert check["measured_ratio"] == sorted(a / b for a, b in zip(timed["pruned_fp32"], timed["plain_fp32"]))[1]
     out = capsys.readouterr().out
     assert "Latency target (pruned_fp32, ORT CPU, batch 2): budget" in out
     assert re.search(r"pruned_fp32 / plain_fp32 [\d.]+ measured for 0.700", out)

@@ -9,15 +9,20 @@ plain models are timed: the unpruned architecture and each candidate, as ONNX gr
 Every model is timed once per round, round-robin, the start shifted by one model each round, for several rounds.
 A shared machine drifts (other work, clocks, caches) over seconds to minutes; within one round every model sees
 nearly the same machine, so a candidate's time divided by the unpruned time of the same round cancels the drift,
-which absolute times would carry. The ratio reported is the median of those per-round ratios, and a model's time
-in a round the median of its runs: what `compress.bench` reports for the pruned model against the plain one, the
-number the target is checked against.
+which absolute times would carry. The ratio reported is the median of those per-round ratios: what the bench
+stage reports for the pruned model against the plain one, the number the target is checked against.
+
+A model's time in a round is its fastest run, as in the latency table (`timing`) and the study's bench: other work
+on the machine only ever adds time. On the 2-core Zen 5 VM, timing one study's four verify plans (and a fifth) four
+times over: a plan's ratio from each round's median spread 0.434-0.470 and 0.494-0.517 between repeats, from each
+round's fastest run 0.463-0.476 and 0.517-0.527. With the medians, the loop of plain-latency at keep 0.5 measured
+its plans at 0.470, 0.535, 0.449 and 0.524, re-planning each time, and kept one that the study's bench times at
+0.46, under-using its budget by 8%.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -34,8 +39,8 @@ from .slots import architecture, plain_specs, slot_widths, slots_of
 from .timing import Timing, time_round
 
 # Runs per model and round: the benchmark's defaults (`BenchOptions` warmup, iters). The table times hundreds of
-# models and affords 2 + 5; here a handful of whole models are timed, so a round's median rests on enough runs to
-# shrug off a burst, and a fresh session's warm-up (allocation, kernel choice) is over as it is in the benchmark.
+# models and affords 2 + 5; here a handful of whole models are timed, so a round has enough runs for one to miss a
+# burst, and a fresh session's warm-up (allocation, kernel choice) is over as it is in the benchmark.
 WARMUP, ITERS = 10, 20
 
 
@@ -46,7 +51,7 @@ def measure_ratios(model: nn.Module, candidates: list[tuple[int, ...]], options:
     `rounds` alternating rounds (see the module docstring); `log` gets a line per round.
 
     Returns {"unpruned_ms", "candidates": [{"widths", "ms", "ratio"}], "rounds", "seconds"}: medians over rounds of
-    each round's median, and of each round's candidate / unpruned ratio."""
+    each round's fastest run, and of each round's candidate / unpruned ratio."""
     if rounds < 1:
         raise ValueError(f"measure_ratios: rounds={rounds}, give at least 1")
     unpruned = slot_widths(slots_of(model, PruneOptions(), 1))  # the model's own widths: what pruning starts from
@@ -58,7 +63,7 @@ def measure_ratios(model: nn.Module, candidates: list[tuple[int, ...]], options:
     int8, classes = options.precision == "int8", model.linear.out_features
     input_shape = (options.batch, plain_specs(model)[0].in_channels, image_size, image_size)
     rng = np.random.default_rng(0)
-    per_round: list[list[float]] = []  # [round][model]: that round's median, the unpruned model first
+    per_round: list[list[float]] = []  # [round][model]: that round's fastest run, the unpruned model first
     named = [("unpruned", unpruned), *((f"candidate{k}", tuple(w)) for k, w in enumerate(candidates))]
     with tempfile.TemporaryDirectory(prefix="measure-") as tmp:
         timings = [Timing(Path(tmp) / f"{name}.onnx",
@@ -68,7 +73,7 @@ def measure_ratios(model: nn.Module, candidates: list[tuple[int, ...]], options:
         for r in range(rounds):
             round_start = time.perf_counter()
             time_round(timings, options.provider, options.threads, r % len(timings), rng, WARMUP, ITERS)
-            per_round.append([statistics.median(t.runs[-ITERS:]) for t in timings])  # this round's runs only
+            per_round.append([min(t.runs[-ITERS:]) for t in timings])  # this round's runs only
             if log is not None:
                 ratios = " ".join(f"{ms / per_round[-1][0]:.3f}" for ms in per_round[-1][1:])
                 log(f"[measure] round {r + 1}/{rounds}: unpruned {per_round[-1][0]:.3f} ms, ratios {ratios} "
