@@ -11,6 +11,7 @@ import torch
 from compress.prune import LatencyOptions
 from compress.prune.latency_table import LatencyTable, LayerShape
 from compress.prune.measure import measure_ratios
+from compress.prune.pruning import VERIFY_TOLERANCE
 from compress.runtime import RUNTIMES
 from repvgg import LayerSpec, PlainRepVGG
 
@@ -32,7 +33,7 @@ def test_the_unpruned_architecture_measures_about_one_and_a_narrow_one_less(tiny
     same, narrow = (c["ratio"] for c in out["candidates"])
     assert abs(same - 1) < 0.3  # the same graph, timed in another session: only noise on a busy machine
     assert narrow < 0.8 * same
-    assert len(lines) == 2 and lines[0].startswith("[measure] round 1/2")
+    assert len(lines) == 2 and lines[0].startswith("[measure] block 1 round 1/2")
 
 
 def test_the_result_echoes_the_widths_with_positive_medians(tiny):
@@ -134,6 +135,54 @@ def mac_table() -> LatencyTable:
     return LatencyTable({}, shapes, list(range(len(SPECS))), 3, offset=1.0)
 
 
+class SlowedAtFirst(Recording):
+    """The fake runtime of a machine busy at first: the candidate's first `slowed` sessions run as slow as the
+    unpruned model (0.4 ms a call), then at its own 0.2 ms."""
+
+    name = "slowed"
+
+    def __init__(self, slowed: int):
+        super().__init__()
+        self.slowed = slowed
+
+    def open(self, model, threads=None, device="cpu"):
+        super().open(model, threads, device)
+        if model.stem == "unpruned":
+            return SpinSession(0.4)
+        self.slowed -= 1
+        return SpinSession(0.4 if self.slowed >= 0 else 0.2)
+
+
+@pytest.mark.parametrize("slowed", [0, 2])
+def test_blocks_of_rounds_are_timed_until_two_agree(tiny, monkeypatch, slowed):
+    monkeypatch.setitem(RUNTIMES, "slowed", SlowedAtFirst(slowed))
+    options = LatencyOptions(provider="slowed", batch=2)
+    out = measure_ratios(tiny, [NARROW], options, SIZE, rounds=2, agree=0.1)
+    # quiet from the start: two blocks agree; slowed through the first block: it disagrees with the second, and the
+    # second and third agree on the candidate's own ratio
+    assert out["agreed"] and len(out["blocks"]) == (2 if slowed == 0 else 3) and out["rounds"] == 2 * len(out["blocks"])
+    assert out["candidates"][0]["ratio"] == pytest.approx(0.5, abs=0.1)
+    if slowed:
+        assert out["blocks"][0][0] == pytest.approx(1.0, abs=0.1)
+    single = measure_ratios(tiny, [NARROW], options, SIZE, rounds=2)  # no agreement asked: one block
+    assert len(single["blocks"]) == 1 and single["rounds"] == 2
+
+
+def faked(unpruned_ms: float, ratio_of) -> tuple:
+    """A stand-in for `measure_ratios` (the machine faked, the measurement only): every candidate's ratio from
+    `ratio_of`, as two agreeing blocks; and the `agree` of every call, in order."""
+    agreements = []
+
+    def measured(_model, candidates, _options, _size, log=None, agree=None):
+        agreements.append(agree)
+        ratios = [ratio_of(w) for w in candidates]
+        return {"unpruned_ms": unpruned_ms, "candidates": [{"widths": list(w), "ratio": r}
+                                                          for w, r in zip(candidates, ratios)],
+                "blocks": [ratios, ratios], "agreed": True}
+
+    return measured, agreements
+
+
 def test_a_plan_that_measures_off_target_is_planned_again_with_a_scaled_budget(tmp_path):
     """The table says the plan keeps 0.5 of the latency; the machine (faked here: the measurement only) says each
     plan costs 1.2x its prediction. The loop scales the budget down and keeps the plan that measures on target."""
@@ -146,13 +195,12 @@ def test_a_plan_that_measures_off_target_is_planned_again_with_a_scaled_budget(t
     cost = LatencyCost(table, model)
     unpruned = cost.cost(UNPRUNED)
 
-    def measured(_model, candidates, _options, _size, log=None):
-        return {"unpruned_ms": unpruned, "candidates": [
-            {"widths": list(w), "ratio": 1.2 * cost.cost(w) / unpruned} for w in candidates]}
-
+    measured, agreements = faked(unpruned, lambda w: 1.2 * cost.cost(w) / unpruned)
     report = prune_model(model, PruneOptions(target=Target("keep_latency", 0.6), round_to=8, latency=latency),
                          torch.randn(1, 3, SIZE, SIZE), latency_table=table, measure=measured)
     rounds = report["latency"]["rounds"]
+    assert set(agreements) == {VERIFY_TOLERANCE}  # each plan timed until two blocks agree within the tolerance
+    assert all(r["blocks"] == [r["measured_ratio"]] * 2 and r["agreed"] for r in rounds)
     assert len(rounds) >= 2 and rounds[0]["measured_ratio"] > 0.6 + 0.02  # the first plan missed
     assert rounds[1]["budget_ms"] == pytest.approx(rounds[0]["budget_ms"] * 0.6 / rounds[0]["measured_ratio"])
     chosen = [r for r in rounds if r.get("chosen")]
@@ -204,10 +252,7 @@ def test_a_correction_below_the_floors_keeps_the_best_plan_measured(tmp_path):
     table = mac_table()
     cost = LatencyCost(table, model)
 
-    def measured(_model, candidates, _options, _size, log=None):
-        return {"unpruned_ms": cost.cost(UNPRUNED), "candidates": [
-            {"widths": list(w), "ratio": 3.0 * cost.cost(w) / cost.cost(UNPRUNED)} for w in candidates]}
-
+    measured, _ = faked(cost.cost(UNPRUNED), lambda w: 3.0 * cost.cost(w) / cost.cost(UNPRUNED))
     report = prune_model(model, PruneOptions(target=Target("keep_latency", 0.6), round_to=8, latency=latency),
                          torch.randn(1, 3, SIZE, SIZE), latency_table=table, measure=measured)
     rounds = report["latency"]["rounds"]

@@ -45,13 +45,21 @@ WARMUP, ITERS = 10, 20
 
 
 def measure_ratios(model: nn.Module, candidates: list[tuple[int, ...]], options: LatencyOptions, image_size: int,
-                   rounds: int = 5, log: Callable[[str], None] | None = None) -> dict:
+                   rounds: int = 5, log: Callable[[str], None] | None = None, agree: float | None = None,
+                   max_blocks: int = 4) -> dict:
     """Time the plain models of `model` (PlainRepVGG or training-time RepVGG, unpruned) and of each candidate's slot
     widths on `options.provider` (`options.threads`, `options.batch`, `options.precision`) at `image_size`, over
     `rounds` alternating rounds (see the module docstring); `log` gets a line per round.
 
-    Returns {"unpruned_ms", "candidates": [{"widths", "ms", "ratio"}], "rounds", "seconds"}: medians over rounds of
-    each round's fastest run, and of each round's candidate / unpruned ratio."""
+    With `agree`, blocks of `rounds` rounds are timed until two blocks in a row give every candidate a ratio within
+    `agree` of each other, at most `max_blocks`: one block cannot tell a stretch of other work that slowed one model
+    more than the other from the ratio itself (on the 2-core VM, a plan measured 0.489 in five consistent rounds
+    with the unpruned model slowed 2.5x, and 0.565 timed again on a quiet one). The two agreeing blocks give the result;
+    without agreement, every round does.
+
+    Returns {"unpruned_ms", "candidates": [{"widths", "ms", "ratio"}], "rounds", "blocks", "agreed", "seconds"}:
+    medians over rounds of each round's fastest run, and of each round's candidate / unpruned ratio; `blocks`, each
+    block's median ratios; `rounds`, how many were timed."""
     if rounds < 1:
         raise ValueError(f"measure_ratios: rounds={rounds}, give at least 1")
     unpruned = slot_widths(slots_of(model, PruneOptions(), 1))  # the model's own widths: what pruning starts from
@@ -63,29 +71,43 @@ def measure_ratios(model: nn.Module, candidates: list[tuple[int, ...]], options:
     int8, classes = options.precision == "int8", model.linear.out_features
     input_shape = (options.batch, plain_specs(model)[0].in_channels, image_size, image_size)
     rng = np.random.default_rng(0)
-    per_round: list[list[float]] = []  # [round][model]: that round's fastest run, the unpruned model first
+    blocks: list[np.ndarray] = []  # each [round][model]: that round's fastest run, the unpruned model first
     named = [("unpruned", unpruned), *((f"candidate{k}", tuple(w)) for k, w in enumerate(candidates))]
     with tempfile.TemporaryDirectory(prefix="measure-") as tmp:
         timings = [Timing(Path(tmp) / f"{name}.onnx",
                           plain_model(plain_specs(architecture(model, widths)), image_size, classes, int8, options.stem),
                           input_shape, np.dtype(np.float32))
                    for name, widths in named]
-        for r in range(rounds):
-            round_start = time.perf_counter()
-            time_round(timings, options.provider, options.threads, r % len(timings), rng, WARMUP, ITERS)
-            per_round.append([min(t.runs[-ITERS:]) for t in timings])  # this round's runs only
-            if log is not None:
-                ratios = " ".join(f"{ms / per_round[-1][0]:.3f}" for ms in per_round[-1][1:])
-                log(f"[measure] round {r + 1}/{rounds}: unpruned {per_round[-1][0]:.3f} ms, ratios {ratios} "
-                    f"({time.perf_counter() - round_start:.1f} s)")
-    ms = np.array(per_round)
+        agreed = agree is None
+        while len(blocks) < (1 if agree is None else max_blocks):
+            per_round = []
+            for r in range(rounds):
+                round_start = time.perf_counter()
+                time_round(timings, options.provider, options.threads, r % len(timings), rng, WARMUP, ITERS)
+                per_round.append([min(t.runs[-ITERS:]) for t in timings])  # this round's runs only
+                if log is not None:
+                    ratios = " ".join(f"{ms / per_round[-1][0]:.3f}" for ms in per_round[-1][1:])
+                    log(f"[measure] block {len(blocks) + 1} round {r + 1}/{rounds}: unpruned {per_round[-1][0]:.3f} "
+                        f"ms, ratios {ratios} ({time.perf_counter() - round_start:.1f} s)")
+            blocks.append(np.array(per_round))
+            if len(blocks) >= 2 and np.all(np.abs(_ratios(blocks[-1]) - _ratios(blocks[-2])) <= agree):
+                agreed = True
+                break
+    ms = np.concatenate(blocks[-2:] if agreed else blocks)
     return {
         "unpruned_ms": float(np.median(ms[:, 0])),
         "candidates": [{"widths": [int(w) for w in widths], "ms": float(np.median(ms[:, k + 1])),
                         "ratio": float(np.median(ms[:, k + 1] / ms[:, 0]))} for k, widths in enumerate(candidates)],
-        "rounds": rounds,
+        "rounds": rounds * len(blocks),
+        "blocks": [_ratios(b).tolist() for b in blocks],
+        "agreed": agreed,
         "seconds": time.perf_counter() - start,
     }
+
+
+def _ratios(block: np.ndarray) -> np.ndarray:
+    """Each candidate's median over a block's rounds of its time over the unpruned model's."""
+    return np.median(block[:, 1:] / block[:, :1], axis=0)
 
 
 def fastest_runtime(model: nn.Module, options: LatencyOptions, image_size: int, rounds: int = 3,

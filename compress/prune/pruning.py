@@ -108,17 +108,19 @@ def _plan(model, options: PruneOptions, example_input, importance, slots, seed: 
 def _verify(model, options: PruneOptions, image_size: int, budget: float, first: tuple, plan_within: Callable,
             measure: Callable[..., dict]) -> tuple[tuple[int, ...], float | None, list[dict]]:
     """Close the latency loop: time the plan against the unpruned model (`measure.measure_ratios`, as the bench
-    compares them) and, while the measured ratio misses the target's by more than VERIFY_TOLERANCE, scale the
-    budget by the miss (the table's error at this plan, taken as proportional) and plan again, up to
+    compares them, until two blocks of rounds agree within VERIFY_TOLERANCE) and, while the measured ratio misses
+    the target's by more than VERIFY_TOLERANCE, scale the budget by the miss (the table's error at this plan, taken
+    as proportional) and plan again, up to
     `options.latency.verify` times. Returns the plan that measured closest to the target, not above it by more
     than the tolerance where one does, and every round's figures."""
     target, plan, rounds = options.target, first, []
     for attempt in range(options.latency.verify + 1):
-        measured = measure(model, [plan[0]], options.latency, image_size, log=_stderr)
+        measured = measure(model, [plan[0]], options.latency, image_size, log=_stderr, agree=VERIFY_TOLERANCE)
         goal = target.value if target.kind == "keep_latency" else target.value / measured["unpruned_ms"]
         got = measured["candidates"][0]["ratio"]
         rounds.append({"budget_ms": budget, "widths": list(plan[0]), "ratio": plan[1], "measured_ratio": got,
-                       "target_ratio": goal, "unpruned_ms": measured["unpruned_ms"]})
+                       "target_ratio": goal, "unpruned_ms": measured["unpruned_ms"],
+                       "blocks": [b[0] for b in measured["blocks"]], "agreed": measured["agreed"]})
         if abs(got - goal) <= VERIFY_TOLERANCE or attempt == options.latency.verify:
             break
         budget *= goal / got
