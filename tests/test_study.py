@@ -217,31 +217,39 @@ def test_compare_uses_each_curves_upper_hull():
 
 
 def compare_with_plain_rounds(rounds_fast, rounds_slow):
-    """`compare` of plain at 1.0 / 1.2 ms, timed in rounds `rounds_fast` / `rounds_slow`, with multibranch at 1.1 /
-    1.3 ms: plain's curve is interpolated at 1.1 ms."""
+    """`compare` of plain's two points, each at its fastest of rounds `rounds_fast` / `rounds_slow`, with multibranch
+    between them and beyond: plain's curve is interpolated at multibranch's first point."""
     from compress.study.analysis import compare
 
-    pairs = [point("plain", 1.0, 600, keep=0.3, rounds=rounds_fast),
-             point("plain", 1.2, 800, keep=0.5, rounds=rounds_slow),
-             point("multibranch", 1.1, 500, keep=0.3), point("multibranch", 1.3, 700, keep=0.5)]
+    fast, slow = min(rounds_fast), min(rounds_slow)
+    pairs = [point("plain", fast, 600, keep=0.3, rounds=rounds_fast),
+             point("plain", slow, 800, keep=0.5, rounds=rounds_slow),
+             point("multibranch", (fast + slow) / 2, 500, keep=0.3), point("multibranch", slow + 0.1, 700, keep=0.5)]
     points, rows = zip(*pairs)
     return compare(list(points), list(rows), [8], resamples=300)
 
 
-def test_compare_skips_an_interpolation_between_points_whose_order_changes_between_rounds():
-    # plain's points swap order in the second round: its interpolation at 1.1 ms would rest on timing noise
-    result = compare_with_plain_rounds([1.0, 1.3, 0.9], [1.2, 1.25, 1.1])
-    assert {k["latency_ms"] for k in result["skipped"]} == {1.1}
-    assert {c["latency_ms"] for c in result["comparisons"]} == {1.2}
-    assert result["skipped"][0]["why"] == ("plain interpolates between points 0.200 ms apart whose order changes "
-                                           "between bench rounds (per-round difference -0.050 to +0.200 ms)")
+def test_compare_skips_an_interpolation_between_points_whose_order_changes_between_quiet_rounds():
+    # both points timed undisturbed in the first two rounds, in opposite orders: the gap is within timing noise
+    result = compare_with_plain_rounds([1.0, 1.05, 1.6], [1.04, 1.02, 1.7])
+    assert {k["latency_ms"] for k in result["skipped"]} == {1.01}
+    assert result["skipped"][0]["why"] == ("plain interpolates between points 0.020 ms apart whose order changes "
+                                           "between undisturbed bench rounds (per-round difference -0.030 to +0.040 "
+                                           "ms)")
 
 
-def test_compare_tells_apart_points_whose_rounds_spread_wider_than_their_gap_but_keep_their_order():
-    # each plain point's round medians spread 0.8 ms, four times their 0.2 ms gap, but a slow round slows both:
-    # every round times the keep-0.5 point slower, so the interpolation at 1.1 ms is kept
-    result = compare_with_plain_rounds([1.0, 1.8, 0.9], [1.2, 1.95, 1.15])
-    assert not result["skipped"] and {c["latency_ms"] for c in result["comparisons"]} == {1.1, 1.2}
+def test_compare_keeps_an_interpolation_whose_order_only_a_disturbed_round_changes():
+    # the second round timed the fast point 50% above its fastest (other work): it says nothing of the order; the
+    # two undisturbed rounds agree. A round that slows both (the third) is left out alike
+    result = compare_with_plain_rounds([1.0, 1.5, 1.8, 1.01], [1.2, 1.21, 1.95, 1.19])
+    assert not result["skipped"] and {c["latency_ms"] for c in result["comparisons"]} == {1.095, 1.19}
+
+
+def test_compare_skips_an_interpolation_with_too_few_rounds_that_timed_both_points_undisturbed():
+    result = compare_with_plain_rounds([1.0, 1.5, 1.6], [1.5, 1.2, 1.3])
+    assert {k["why"] for k in result["skipped"]} == {  # FP32 and INT8 alike
+        "plain interpolates between points 0.200 ms apart, timed both undisturbed (within 10% of their fastest) in "
+        "0 of 3 bench rounds, fewer than 2"}
 
 
 def test_points_scored_on_other_test_images_are_one_line():

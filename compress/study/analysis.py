@@ -95,7 +95,8 @@ def compare(points: list[dict], rows: list[dict], batches: list[int], resamples:
     itself; a from-scratch strategy's points are its own.
 
     Left out, and listed: latencies where one side's two hull points are not timed in the same order in every
-    bench round (`{precision}_rounds_ms`: the interpolation would rest on timing noise; `_order_in_noise`).
+    bench round that timed both undisturbed, or in too few such rounds (`{precision}_rounds_ms`: the interpolation
+    would rest on timing noise; `_order_in_noise`).
     `significant` is Holm's call over every comparison made (`significant_uncorrected`: the interval's).
     Returns {"comparisons", "skipped", "off_hull"}."""
     _same_labels(points)
@@ -183,23 +184,40 @@ def seed_differences(rows: list[dict], comparisons: list[dict]) -> None:
             c["seed_diffs"].append(None if a is None or b is None else a - b)
 
 
+# A round that times a file more than this above its fastest round was disturbed by other work. In the two-seed
+# bench of study_cifar10_cpu_new (Zen 5 VM, 100 calls a round), a file's quiet rounds agree within 3% (plain 0.2,
+# FP32: 0.373, 0.366, 0.370 ms) and its disturbed ones run 1.2-2.3x (0.468, 0.603 ms): stretches of other work last
+# seconds, longer than one file's 100 calls and shorter than a round over all files, so a round pairs two files
+# timed seconds apart, and one disturbed round swapped points 37% apart.
+DISTURBED = 1.10
+QUIET_ROUNDS = 2  # rounds in which both points must be timed undisturbed, and in the same order
+
+
 def _order_in_noise(latencies: list[float], rounds: list[list[float] | None],
                     weights: dict[int, float]) -> str | None:
     """Why a curve's interpolation (`weights`) rests on timing noise, or None when it does not. Its two points must
-    be timed in the same order in every bench round: the rounds alternate over all files, so a slow stretch of the
-    machine slows both points of a round, and their per-round difference is what tells them apart, where each
-    point's own round timings can spread wider than the gap between them. A point measured at the latency itself,
-    or points without round timings, interpolate nothing that noise could decide."""
+    be timed in the same order in every bench round that timed both undisturbed (within DISTURBED of each one's
+    fastest round), and there must be QUIET_ROUNDS such rounds: the rounds alternate over all files, so a slow drift
+    of the machine slows both points of a round, and their per-round difference tells them apart where each point's
+    own rounds spread wider than the gap between them; a round that other work disturbed says nothing of their
+    order. A point measured at the latency itself, or points without round timings, interpolate nothing that noise
+    could decide."""
     if len(weights) < 2:
         return None
     lo, hi = sorted(weights, key=lambda i: latencies[i])
     if rounds[lo] is None or rounds[hi] is None:
         return None
-    diffs = [b - a for a, b in zip(rounds[lo], rounds[hi])]
+    quiet = [(a, b) for a, b in zip(rounds[lo], rounds[hi])
+             if a <= DISTURBED * min(rounds[lo]) and b <= DISTURBED * min(rounds[hi])]
+    gap = f"interpolates between points {latencies[hi] - latencies[lo]:.3f} ms apart"
+    if len(quiet) < QUIET_ROUNDS:
+        return (f"{gap}, timed both undisturbed (within {DISTURBED - 1:.0%} of their fastest) in {len(quiet)} of "
+                f"{len(rounds[lo])} bench rounds, fewer than {QUIET_ROUNDS}")
+    diffs = [b - a for a, b in quiet]
     if min(diffs) > 0:
         return None
-    return (f"interpolates between points {latencies[hi] - latencies[lo]:.3f} ms apart whose order changes between "
-            f"bench rounds (per-round difference {min(diffs):+.3f} to {max(diffs):+.3f} ms)")
+    return (f"{gap} whose order changes between undisturbed bench rounds (per-round difference {min(diffs):+.3f} "
+            f"to {max(diffs):+.3f} ms)")
 
 
 def _same_labels(points: list[dict]) -> None:
