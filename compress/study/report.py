@@ -8,7 +8,7 @@ from pathlib import Path
 from ..figures import finish_panels, new_figure
 from ..files import write_json, write_text
 from ..recipe import Recipe
-from .analysis import PRECISIONS, curve
+from .analysis import PRECISIONS, QUIET_ROUNDS, curve
 from .budget import budget_figure, comparisons
 from .strategies import STRATEGIES, UNPRUNED_COLOUR
 
@@ -138,8 +138,9 @@ def _spread(rows: list[dict], batch: int) -> str:
                for b, ms in row.get(f"{p}_rounds_ms", {}).items() if b == batch]
     if not spreads:
         return ""
-    return (f"Round-to-round spread of a file's fastest call at batch {batch}: {min(spreads):.3f} to {max(spreads):.3f} ms "
-            "(a latency is compared only where each curve's two points keep their order in every round).")
+    return (f"Round-to-round spread of a file's fastest call at batch {batch}: {min(spreads):.3f} to "
+            f"{max(spreads):.3f} ms (a latency is compared only where each curve's two points keep their order in "
+            f"every round that timed both undisturbed, and there are {QUIET_ROUNDS} or more such rounds).")
 
 
 def _left_out(result: dict, batch: int) -> list[str]:
