@@ -207,8 +207,8 @@ def _order_in_noise(latencies: list[float], rounds: list[list[float] | None],
     lo, hi = sorted(weights, key=lambda i: latencies[i])
     if rounds[lo] is None or rounds[hi] is None:
         return None
-    quiet = [(a, b) for a, b in zip(rounds[lo], rounds[hi])
-             if a <= DISTURBED * min(rounds[lo]) and b <= DISTURBED * min(rounds[hi])]
+    lo_at_most, hi_at_most = DISTURBED * min(rounds[lo]), DISTURBED * min(rounds[hi])
+    quiet = [(a, b) for a, b in zip(rounds[lo], rounds[hi]) if a <= lo_at_most and b <= hi_at_most]
     gap = f"interpolates between points {latencies[hi] - latencies[lo]:.3f} ms apart"
     if len(quiet) < QUIET_ROUNDS:
         return (f"{gap}, timed both undisturbed (within {DISTURBED - 1:.0%} of their fastest) in {len(quiet)} of "
