@@ -56,6 +56,34 @@ def test_each_round_gives_its_median_and_its_fastest_call(artifacts, monkeypatch
     assert r["round_medians_ms"] == [2.0, 5.0] and r["round_fastest_ms"] == [1.0, 4.0]
 
 
+def timed_as(monkeypatch, artifacts, rounds: list[float], then: float = 1.0) -> None:
+    """A faked timer (a host fact): every call of every file takes `rounds[k]` ms in round k, `then` ms after them
+    (2.0: other work slowed the machine)."""
+    calls = itertools.count()
+    monkeypatch.setattr(runner, "time_runs", lambda step, warmup, iters: [
+        (rounds + [then] * 100)[next(calls) // len(artifacts)]] * iters)
+
+
+def test_rounds_continue_until_every_file_has_quiet_rounds(artifacts, monkeypatch):
+    timed_as(monkeypatch, artifacts, [1.0, 2.0, 2.0, 2.0, 2.0])  # one quiet round, then four disturbed ones
+    out = benchmark(artifacts, fast_options(runtimes=["cpu"], batch_sizes=(1,), max_rounds=20), SIZE)
+    assert out["settings"]["rounds"] == 5 + runner.QUIET_ROUNDS - 1
+    for r in out["results"]:
+        assert runner.undisturbed(r["round_fastest_ms"]) == [True] + [False] * 4 + [True] * (runner.QUIET_ROUNDS - 1)
+
+
+def test_rounds_stop_at_max_rounds_or_at_rounds_without_it(artifacts, monkeypatch):
+    timed_as(monkeypatch, artifacts, [1.0], then=2.0)  # quiet once, then disturbed for good
+    out = benchmark(artifacts, fast_options(runtimes=["cpu"], batch_sizes=(1,), max_rounds=5), SIZE)
+    assert out["settings"]["rounds"] == 5
+    timed_as(monkeypatch, artifacts, [1.0], then=2.0)
+    out = benchmark(artifacts, fast_options(runtimes=["cpu"], batch_sizes=(1,)), SIZE)
+    assert out["settings"]["rounds"] == 2  # no max_rounds: exactly `rounds`
+    timed_as(monkeypatch, artifacts, [])  # quiet throughout: no round past `rounds` needed once it has enough
+    out = benchmark(artifacts, fast_options(runtimes=["cpu"], batch_sizes=(1,), max_rounds=9), SIZE)
+    assert out["settings"]["rounds"] == max(2, runner.QUIET_ROUNDS)
+
+
 def test_benchmark_reports_every_artifact_batch_and_ratio(artifacts, models):
     out = benchmark(artifacts, fast_options(runtimes=["torch", "cpu"]), SIZE, torch_models=models)
     rows = {(r["artifact"], r["provider"], r["batch"]): r for r in out["results"]}

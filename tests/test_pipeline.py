@@ -117,6 +117,7 @@ def test_torchrun_two_processes_gloo(tiny_recipe, tmp_path):
         (["data.kind=imagefolder", "data.root=/no/such/dir"], "/no/such/dir"),
         (["model.name=RepVGG-Z1", "model.num_blocks=null", "model.width_multiplier=null"], "RepVGG-Z1"),
         (["stages=[train,distill]"], "distill"),
+        (["bench.rounds=5", "bench.max_rounds=3"], "bench.max_rounds=3"),
     ],
 )
 def test_bad_recipe_is_one_line(tiny_recipe, capsys, tmp_path, overrides, needle):

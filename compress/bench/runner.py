@@ -14,13 +14,28 @@ from torch import nn
 
 from compress.runtime import RUNTIMES, Runtime, get_runtime, machine_info, time_runs
 
+# A round whose fastest call of a (artifact, runtime, batch) is more than this above its fastest round was disturbed
+# by other work. On a 2-core Zen 5 VM, an INT8 file timed each second for three minutes ran within 6% of 0.26 ms for
+# 15-80 s at a time, then 1.5-2x slower for 20-45 s (a neighbour's work; FP32 files slow far less): a round is
+# mostly all quiet or all disturbed, and a quiet one times every file as it runs alone.
+DISTURBED = 1.10
+QUIET_ROUNDS = 3  # undisturbed rounds of every (artifact, runtime, batch) that `BenchOptions.max_rounds` waits for
+
+
+def undisturbed(round_fastest: list[float]) -> list[bool]:
+    """Which rounds timed a job undisturbed: their fastest call within DISTURBED of its fastest over all rounds."""
+    at_most = DISTURBED * min(round_fastest)
+    return [t <= at_most for t in round_fastest]
+
 
 @dataclass(frozen=True)
 class BenchOptions:
     """What `benchmark` times: every batch size of `batch_sizes` (`main_batch`, default the first, is the one the
     ratios are read at), on `threads` threads (None: all cores), `warmup` untimed and `iters` timed calls per
     (artifact, runtime, batch) in each of `rounds` rounds, on `runtimes` (names in compress.runtime.RUNTIMES; None:
-    every one that can run here)."""
+    every one that can run here). With `max_rounds` above `rounds`, more rounds follow, up to `max_rounds` in all,
+    until every (artifact, runtime, batch) has QUIET_ROUNDS undisturbed ones (`undisturbed`): other work on a shared
+    machine can cover most of a fixed number of rounds."""
 
     batch_sizes: tuple[int, ...] = (8,)
     main_batch: int | None = None
@@ -29,6 +44,7 @@ class BenchOptions:
     iters: int = 20
     rounds: int = 3
     runtimes: tuple[str, ...] | None = None
+    max_rounds: int | None = None
 
     def __post_init__(self):  # lists, as a recipe gives them, become tuples: the options stay immutable
         object.__setattr__(self, "batch_sizes", tuple(self.batch_sizes))
@@ -106,8 +122,9 @@ def benchmark(
         torch.set_num_threads(options.threads)  # torch eager's threads are the process's
     times: dict[tuple[str, str, int], list[list[float]]] = {}
     timing: dict[tuple[str, str], str] = {}
+    rnd = 0
     try:
-        for rnd in range(options.rounds):
+        while rnd < options.rounds or (rnd < (options.max_rounds or 0) and not _settled(times)):
             shift = rnd % len(jobs)
             for name, runtime, model in jobs[shift:] + jobs[:shift]:
                 session = runtime.open(model, options.threads, torch_device)
@@ -117,6 +134,7 @@ def benchmark(
                     times.setdefault((name, runtime.name, b), []).append(t)
                 del session  # the only reference to the session: it is freed before the next one starts
                 gc.collect()
+            rnd += 1
     finally:
         torch.set_num_threads(torch_threads)
 
@@ -144,9 +162,14 @@ def benchmark(
         "ratio_details": details,
         "main_batch": main_batch,
         "machine": {**machine_info(options.threads, list(names)), "skipped_providers": skipped},
-        "settings": {"warmup": options.warmup, "iters": options.iters, "rounds": options.rounds,
+        "settings": {"warmup": options.warmup, "iters": options.iters, "rounds": rnd,
                      "image_size": image_size},
     }
+
+
+def _settled(times: dict[tuple[str, str, int], list[list[float]]]) -> bool:
+    """Whether every timed (artifact, runtime, batch) has QUIET_ROUNDS undisturbed rounds."""
+    return all(sum(undisturbed([min(r) for r in rounds])) >= QUIET_ROUNDS for rounds in times.values())
 
 
 def _ratios(times: dict, names: dict[str, list[str]], batch_sizes: list[int], main_batch: int,

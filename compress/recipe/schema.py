@@ -345,9 +345,17 @@ class BenchCfg(Section):
     warmup: int = Field(10, ge=0)
     iters: int = Field(20, gt=0)
     rounds: int = Field(3, gt=0)
+    # more rounds, up to this many in all, until every file has bench.QUIET_ROUNDS undisturbed ones (None: `rounds`)
+    max_rounds: int | None = Field(None, gt=0)
     # ONNX Runtime's cpu/cuda/tensorrt, OpenVINO's CPU runtime, PyTorch eager; None: all available
     providers: list[Annotated[str, one_of(RUNTIMES, "runtime")]] | None = None
     image_size: int | None = Field(None, gt=0)  # None: data.image_size
+
+    @model_validator(mode="after")
+    def _max_rounds_at_least_rounds(self):
+        if self.max_rounds is not None and self.max_rounds < self.rounds:
+            raise ValueError(f"bench.max_rounds={self.max_rounds} is below bench.rounds={self.rounds}")
+        return self
 
 
 class DistributedCfg(Section):

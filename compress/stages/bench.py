@@ -20,7 +20,7 @@ from .export import onnx_sources
 def bench_options(cfg: BenchCfg) -> BenchOptions:
     """The benchmark's options from the recipe's `bench` section."""
     return BenchOptions(batch_sizes=tuple(cfg.batch_sizes), main_batch=cfg.main_batch, threads=cfg.threads,
-                        warmup=cfg.warmup, iters=cfg.iters, rounds=cfg.rounds,
+                        warmup=cfg.warmup, iters=cfg.iters, rounds=cfg.rounds, max_rounds=cfg.max_rounds,
                         runtimes=tuple(cfg.providers) if cfg.providers is not None else None)
 
 

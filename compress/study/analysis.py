@@ -7,6 +7,7 @@ import itertools
 
 import numpy as np
 
+from ..bench.runner import DISTURBED, undisturbed
 from ..errors import UserError
 from ..files import read_predictions
 from ..stats import (
@@ -184,20 +185,17 @@ def seed_differences(rows: list[dict], comparisons: list[dict]) -> None:
             c["seed_diffs"].append(None if a is None or b is None else a - b)
 
 
-# A round that times a file more than this above its fastest round was disturbed by other work. In the two-seed
-# bench of study_cifar10_cpu_new (Zen 5 VM, 100 calls a round), a file's quiet rounds agree within 3% (plain 0.2,
-# FP32: 0.373, 0.366, 0.370 ms) and its disturbed ones run 1.2-2.3x (0.468, 0.603 ms): stretches of other work last
-# seconds, longer than one file's 100 calls and shorter than a round over all files, so a round pairs two files
-# timed seconds apart, and one disturbed round swapped points 37% apart.
-DISTURBED = 1.10
-QUIET_ROUNDS = 2  # rounds in which both points must be timed undisturbed, and in the same order
+# Rounds in which both points of an interpolation must be timed undisturbed (`bench.undisturbed`), and in the same
+# order. In the two-seed bench of study_cifar10_cpu_new (Zen 5 VM, 100 calls a round) one disturbed round swapped
+# points 37% apart; the bench's rounds continue until every file has `bench.QUIET_ROUNDS` undisturbed ones.
+ORDER_ROUNDS = 2
 
 
 def _order_in_noise(latencies: list[float], rounds: list[list[float] | None],
                     weights: dict[int, float]) -> str | None:
     """Why a curve's interpolation (`weights`) rests on timing noise, or None when it does not. Its two points must
-    be timed in the same order in every bench round that timed both undisturbed (within DISTURBED of each one's
-    fastest round), and there must be QUIET_ROUNDS such rounds: the rounds alternate over all files, so a slow drift
+    be timed in the same order in every bench round that timed both undisturbed (`bench.undisturbed`), and there
+    must be ORDER_ROUNDS such rounds: the rounds alternate over all files, so a slow drift
     of the machine slows both points of a round, and their per-round difference tells them apart where each point's
     own rounds spread wider than the gap between them; a round that other work disturbed says nothing of their
     order. A point measured at the latency itself, or points without round timings, interpolate nothing that noise
@@ -207,12 +205,12 @@ def _order_in_noise(latencies: list[float], rounds: list[list[float] | None],
     lo, hi = sorted(weights, key=lambda i: latencies[i])
     if rounds[lo] is None or rounds[hi] is None:
         return None
-    lo_at_most, hi_at_most = DISTURBED * min(rounds[lo]), DISTURBED * min(rounds[hi])
-    quiet = [(a, b) for a, b in zip(rounds[lo], rounds[hi]) if a <= lo_at_most and b <= hi_at_most]
+    quiet = [(a, b) for a, b, *calm in zip(rounds[lo], rounds[hi], undisturbed(rounds[lo]), undisturbed(rounds[hi]))
+             if all(calm)]
     gap = f"interpolates between points {latencies[hi] - latencies[lo]:.3f} ms apart"
-    if len(quiet) < QUIET_ROUNDS:
+    if len(quiet) < ORDER_ROUNDS:
         return (f"{gap}, timed both undisturbed (within {DISTURBED - 1:.0%} of their fastest) in {len(quiet)} of "
-                f"{len(rounds[lo])} bench rounds, fewer than {QUIET_ROUNDS}")
+                f"{len(rounds[lo])} bench rounds, fewer than {ORDER_ROUNDS}")
     diffs = [b - a for a, b in quiet]
     if min(diffs) > 0:
         return None

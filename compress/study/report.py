@@ -8,7 +8,7 @@ from pathlib import Path
 from ..figures import finish_panels, new_figure
 from ..files import write_json, write_text
 from ..recipe import Recipe
-from .analysis import PRECISIONS, QUIET_ROUNDS, curve
+from .analysis import ORDER_ROUNDS, PRECISIONS, curve
 from .budget import budget_figure, comparisons
 from .strategies import STRATEGIES, UNPRUNED_COLOUR
 
@@ -140,7 +140,7 @@ def _spread(rows: list[dict], batch: int) -> str:
         return ""
     return (f"Round-to-round spread of a file's fastest call at batch {batch}: {min(spreads):.3f} to "
             f"{max(spreads):.3f} ms (a latency is compared only where each curve's two points keep their order in "
-            f"every round that timed both undisturbed, and there are {QUIET_ROUNDS} or more such rounds).")
+            f"every round that timed both undisturbed, and there are {ORDER_ROUNDS} or more such rounds).")
 
 
 def _left_out(result: dict, batch: int) -> list[str]:
