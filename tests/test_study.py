@@ -249,7 +249,18 @@ def test_compare_skips_an_interpolation_with_too_few_rounds_that_timed_both_poin
     result = compare_with_plain_rounds([1.0, 1.5, 1.6], [1.5, 1.2, 1.3])
     assert {k["why"] for k in result["skipped"]} == {  # FP32 and INT8 alike
         "plain interpolates between points 0.200 ms apart, timed both undisturbed (within 10% of their fastest) in "
-        "0 of 3 bench rounds, fewer than 2"}
+        "0 of 3 bench rounds, fewer than 2, and their own undisturbed rounds (1 and 2) are too few"}
+
+
+def test_compare_reads_the_order_of_points_undisturbed_in_different_rounds_from_their_own_timings():
+    # the fast point was timed undisturbed in the first two rounds, the slow one in the last two: no round timed both
+    result = compare_with_plain_rounds([1.0, 1.05, 1.6, 1.6], [1.5, 1.5, 1.2, 1.25])
+    assert not result["skipped"] and {c["latency_ms"] for c in result["comparisons"]} == {1.1, 1.2}
+    # the same, with their undisturbed timings overlapping (1.09 above 1.05): their order is not told apart
+    result = compare_with_plain_rounds([1.0, 1.09, 1.6, 1.6], [1.5, 1.5, 1.05, 1.08])
+    assert {k["why"] for k in result["skipped"]} == {
+        "plain interpolates between points 0.050 ms apart, timed both undisturbed (within 10% of their fastest) in "
+        "0 of 4 bench rounds, fewer than 2, and their own undisturbed rounds (2 and 2) overlap"}
 
 
 def test_points_scored_on_other_test_images_are_one_line():
@@ -378,6 +389,8 @@ def test_digits_prune_or_retrain_curve_with_two_budgets(tiny_recipe, tmp_path):
     match = budget["match"]
     assert match["tries"] and 0 < match["pruned_ratio"] < 1
     assert min(abs(t["measured_ratio"] / match["pruned_ratio"] - 1) for t in match["tries"]) < 0.5
+    # each try timed in blocks of rounds until two agreed (at most 4), as the prune stage's loop times a plan
+    assert all(2 <= t["blocks"] <= 4 and (t["agreed"] or t["blocks"] == 4) for t in match["tries"])
     md = (out / "study.md").read_text()
     first = md.splitlines()[2]  # the title, a blank line, then the prune-or-retrain sentence
     assert first == budget["verdict"] and ("matched pruning" in first or "did not match" in first)

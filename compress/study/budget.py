@@ -83,7 +83,7 @@ def latency_matched_widths(recipe: Recipe, plain: PlainRepVGG, full: list[int], 
     """Stage widths whose plain stack runs as fast as the pruned model (`prune`: its prune-stage summary): searched
     to the pruned plan's predicted time on the same latency table, then timed against the unpruned model and
     searched again, the target scaled by the miss, until the measured ratio is within MATCH of the pruned
-    model's (at most three times). Returns the widths and what was measured."""
+    model's (at most three times; each timed in blocks of rounds until two agree within MATCH). Returns the widths and what was measured."""
     options, _ = resolve_provider(latency_options(recipe.prune.latency), plain, image_size, log=log)
     table = load_or_build_table(plain, options, image_size, recipe.prune.round_to or unit, log=log)
     cost = LatencyCost(table, plain)
@@ -93,9 +93,12 @@ def latency_matched_widths(recipe: Recipe, plain: PlainRepVGG, full: list[int], 
     target, tries = latency["predicted_ms"], []
     for _ in range(3):
         widths = grid_widths(full, lambda w: cost.cost(expanded(w, depths)), target, unit)
-        got = measure_ratios(plain, [tuple(expanded(widths, depths))], options, image_size, log=log)
+        # as the prune stage's loop: blocks of rounds until two agree, here within the match's own tolerance
+        got = measure_ratios(plain, [tuple(expanded(widths, depths))], options, image_size, log=log,
+                             agree=MATCH * pruned_ratio)
         ratio = got["candidates"][0]["ratio"]
-        tries.append({"widths": widths, "table_ms": cost.cost(expanded(widths, depths)), "measured_ratio": ratio})
+        tries.append({"widths": widths, "table_ms": cost.cost(expanded(widths, depths)), "measured_ratio": ratio,
+                      "blocks": len(got["blocks"]), "agreed": got["agreed"]})
         if abs(ratio / pruned_ratio - 1) <= MATCH:
             break
         target *= pruned_ratio / ratio
