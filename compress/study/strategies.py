@@ -24,7 +24,9 @@ class Strategy:
     from_scratch: bool = False
 
 
-# plain-latency points: fractions of the FP32 latency at batch 8, so they sit at latencies comparable to the others'
+# plain-latency points: fractions of the FP32 latency at batch 8, so they sit at latencies comparable to the others'.
+# Not INT8: at 32x32 an INT8 file's time is nearly flat below half the MACs, and plans to fractions of it starved
+# stage 3 for no time saved (-4 pt INT8 against plain on the CPU study; README "What the CPU studies found")
 LATENCY_POINTS = {"precision": "fp32", "batch": 8}
 
 STRATEGIES: dict[str, Strategy] = {
