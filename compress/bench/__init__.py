@@ -8,6 +8,9 @@ Measurement rules, so that two artifacts are compared fairly on a shared machine
   so slow drifts of the machine (thermal, other jobs) hit every artifact alike;
 - each round gives one median per (artifact, runtime, batch); the reported median is the median over rounds,
   p90 is over every timed batch of every round;
+- with `options.max_rounds`, rounds continue past `options.rounds` until every (artifact, runtime, batch) has
+  `QUIET_ROUNDS` undisturbed ones (their fastest call within `DISTURBED` of its fastest round), at most
+  `max_rounds` in all: on a shared machine other work comes in stretches that can cover most of a fixed count;
 - `ratios` are latency ratios artifact / reference (below 1: faster than the reference), computed within each
   round and then reduced to their median over rounds.
 

@@ -16,8 +16,8 @@ from compress.runtime import RUNTIMES, Runtime, get_runtime, machine_info, time_
 
 # A round whose fastest call of a (artifact, runtime, batch) is more than this above its fastest round was disturbed
 # by other work. On a 2-core Zen 5 VM, an INT8 file timed each second for three minutes ran within 6% of 0.26 ms for
-# 15-80 s at a time, then 1.5-2x slower for 20-45 s (a neighbour's work; FP32 files slow far less): a round is
-# mostly all quiet or all disturbed, and a quiet one times every file as it runs alone.
+# 15-80 s at a time, then 1.5-2x slower for 20-45 s (a neighbour's work; FP32 files slow far less): within a quiet
+# stretch a file runs as it does alone, and a fixed number of rounds may give some files few quiet ones.
 DISTURBED = 1.10
 QUIET_ROUNDS = 3  # undisturbed rounds of every (artifact, runtime, batch) that `BenchOptions.max_rounds` waits for
 

@@ -187,7 +187,7 @@ def seed_differences(rows: list[dict], comparisons: list[dict]) -> None:
 
 # Rounds in which both points of an interpolation must be timed undisturbed (`bench.undisturbed`), and in the same
 # order. In the two-seed bench of study_cifar10_cpu_new (Zen 5 VM, 100 calls a round) one disturbed round swapped
-# points 37% apart; the bench's rounds continue until every file has `bench.QUIET_ROUNDS` undisturbed ones.
+# points 37% apart; with `bench.max_rounds`, rounds continue until every file has `bench.QUIET_ROUNDS` undisturbed ones.
 ORDER_ROUNDS = 2
 
 

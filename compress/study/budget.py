@@ -83,7 +83,8 @@ def latency_matched_widths(recipe: Recipe, plain: PlainRepVGG, full: list[int], 
     """Stage widths whose plain stack runs as fast as the pruned model (`prune`: its prune-stage summary): searched
     to the pruned plan's predicted time on the same latency table, then timed against the unpruned model and
     searched again, the target scaled by the miss, until the measured ratio is within MATCH of the pruned
-    model's (at most three times; each timed in blocks of rounds until two agree within MATCH). Returns the widths and what was measured."""
+    model's (at most three times; each timed in blocks of rounds until two agree within MATCH). Returns the widths
+    and what was measured."""
     options, _ = resolve_provider(latency_options(recipe.prune.latency), plain, image_size, log=log)
     table = load_or_build_table(plain, options, image_size, recipe.prune.round_to or unit, log=log)
     cost = LatencyCost(table, plain)

@@ -140,8 +140,8 @@ def _spread(rows: list[dict], batch: int) -> str:
         return ""
     return (f"Round-to-round spread of a file's fastest call at batch {batch}: {min(spreads):.3f} to "
             f"{max(spreads):.3f} ms (a latency is compared only where each curve's two points keep their order in "
-            f"every round that timed both undisturbed, and there are {ORDER_ROUNDS} or more such rounds, or, with fewer, "
-            f"where each point's own undisturbed rounds, {ORDER_ROUNDS} or more, lie apart from the other's).")
+            f"every round that timed both undisturbed, and there are {ORDER_ROUNDS} or more such rounds, or, with "
+            f"fewer, where each point's own undisturbed rounds, {ORDER_ROUNDS} or more, lie apart from the other's).")
 
 
 def _left_out(result: dict, batch: int) -> list[str]:
