@@ -54,8 +54,8 @@ def measure_ratios(model: nn.Module, candidates: list[tuple[int, ...]], options:
     With `agree`, blocks of `rounds` rounds are timed until two blocks in a row give every candidate a ratio within
     `agree` of each other, at most `max_blocks`: one block cannot tell a stretch of other work that slowed one model
     more than the other from the ratio itself (on the 2-core VM, a plan measured 0.489 in five consistent rounds
-    with the unpruned model slowed 2.5x, and 0.565 timed again on a quiet one). The two agreeing blocks give the result;
-    without agreement, every round does.
+    with the unpruned model slowed 2.5x, and 0.565 timed again on a quiet one). The two agreeing blocks give the
+    result; without agreement, every round does.
 
     Returns {"unpruned_ms", "candidates": [{"widths", "ms", "ratio"}], "rounds", "blocks", "agreed", "seconds"}:
     medians over rounds of each round's fastest run, and of each round's candidate / unpruned ratio; `blocks`, each
@@ -94,10 +94,11 @@ def measure_ratios(model: nn.Module, candidates: list[tuple[int, ...]], options:
                 agreed = True
                 break
     ms = np.concatenate(blocks[-2:] if agreed else blocks)
+    ratios = _ratios(ms)
     return {
         "unpruned_ms": float(np.median(ms[:, 0])),
         "candidates": [{"widths": [int(w) for w in widths], "ms": float(np.median(ms[:, k + 1])),
-                        "ratio": float(np.median(ms[:, k + 1] / ms[:, 0]))} for k, widths in enumerate(candidates)],
+                        "ratio": float(ratios[k])} for k, widths in enumerate(candidates)],
         "rounds": rounds * len(blocks),
         "blocks": [_ratios(b).tolist() for b in blocks],
         "agreed": agreed,

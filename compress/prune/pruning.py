@@ -110,9 +110,8 @@ def _verify(model, options: PruneOptions, image_size: int, budget: float, first:
     """Close the latency loop: time the plan against the unpruned model (`measure.measure_ratios`, as the bench
     compares them, until two blocks of rounds agree within VERIFY_TOLERANCE) and, while the measured ratio misses
     the target's by more than VERIFY_TOLERANCE, scale the budget by the miss (the table's error at this plan, taken
-    as proportional) and plan again, up to
-    `options.latency.verify` times. Returns the plan that measured closest to the target, not above it by more
-    than the tolerance where one does, and every round's figures."""
+    as proportional) and plan again, up to `options.latency.verify` times. Returns the plan that measured closest
+    to the target, not above it by more than the tolerance where one does, and every round's figures."""
     target, plan, rounds = options.target, first, []
     for attempt in range(options.latency.verify + 1):
         measured = measure(model, [plan[0]], options.latency, image_size, log=_stderr, agree=VERIFY_TOLERANCE)
