@@ -1,5 +1,8 @@
 """Where the time goes in an ONNX file: ONNX Runtime's CPU provider with its profiler on, kernel times per op type
-and per node of the optimized graph (after ORT's fusions, so the names are ORT's), averaged per run.
+and per node of the optimized graph (after ORT's fusions, so the names are ORT's), averaged per run. Where the
+file's convs form one chain (a plain stack: each conv depends on the one before, so every executor runs them in the
+file's order), each conv kernel is matched to its node in the file and gets its MACs and GMAC/s: how well the
+kernel uses the CPU, layer by layer.
 
 Warm-up runs go through the same session as the profiled ones (a second session would not warm this one's arena
 and thread pool), and their events are dropped: every run writes one "model_run" Session event, so the node events
@@ -59,6 +62,45 @@ def _shares(totals: dict, runs: int, total: float) -> list[tuple]:
     return sorted(((k, v / runs, v / total if total else 0.0) for k, v in totals.items()), key=lambda t: -t[1])
 
 
+def _chain_conv_macs(path: Path, shape: tuple[int, int, int, int]) -> list[int] | None:
+    """The MACs of each Conv of the file at input `shape` (output elements x in_channels / group x kernel area, as
+    the graph is written: zero channels a stem rewrite added count), in the file's order; None unless each conv
+    depends on the one before it, the one case where the kernels' run order is the file's."""
+    import onnx
+    from onnx import shape_inference
+
+    model = onnx.load(str(path))
+    for dim, size in zip(model.graph.input[0].type.tensor_type.shape.dim, shape):
+        dim.Clear()
+        dim.dim_value = size
+    graph = shape_inference.infer_shapes(model).graph
+    dims = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in (*graph.value_info, *graph.output)}
+    weights = {init.name: list(init.dims) for init in graph.initializer}
+    producer = {out: node for node in graph.node for out in node.output}
+    ancestors: dict[str, set[int]] = {}  # tensor -> the indices of the convs it depends on
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    index = {id(n): i for i, n in enumerate(convs)}
+    macs = []
+    for node in graph.node:  # ONNX nodes are topologically sorted
+        deps = set().union(*(ancestors.get(t, set()) for t in node.input))
+        if node.op_type == "Conv":
+            i = index[id(node)]
+            if i and i - 1 not in deps:
+                return None
+            w = node.input[1]
+            while w in producer and producer[w].op_type in ("Identity", "DequantizeLinear"):
+                w = producer[w].input[0]
+            out = dims.get(node.output[0])
+            if w not in weights or not out or 0 in out:
+                return None
+            macs.append(int(np.prod(out)) * int(np.prod(weights[w][1:])))
+            deps = deps | {i}
+        for t in node.output:
+            ancestors[t] = deps
+    return macs
+
+
 def profile_onnx(path: str | Path, threads: int | None = None, batch: int = 8, image_size: int | None = None,
                  runs: int = 20, warmup: int = 5) -> dict:
     """Kernel time of `path` on random float32 input of shape (batch, 3, S, S), per op type and per node, averaged
@@ -73,7 +115,8 @@ def profile_onnx(path: str | Path, threads: int | None = None, batch: int = 8, i
             raise ProfileError(f"profile: {name} must be >= {least}, got {value}")
     with tempfile.TemporaryDirectory() as tmp:
         session = _session(path, threads, str(Path(tmp) / "ort"))
-        x = np.random.default_rng(0).random(_input_shape(session, path, batch, image_size), dtype=np.float32)
+        shape = _input_shape(session, path, batch, image_size)
+        x = np.random.default_rng(0).random(shape, dtype=np.float32)
         feed = {session.get_inputs()[0].name: x}
         for _ in range(warmup + runs):
             session.run(None, feed)
@@ -100,12 +143,20 @@ def profile_onnx(path: str | Path, threads: int | None = None, batch: int = 8, i
     if first is None:
         raise ProfileError(f"{path}: no convolution ran (ops: {', '.join(sorted(by_op))})")
     stem = first["name"][: -len(KERNEL)]
+    conv_nodes = [k for k in by_node if _is_conv(op_of[k])]  # by_node is in first-run order: kernels sorted by time
+    macs = _chain_conv_macs(path, shape)
+    if macs is not None and len(macs) != len(conv_nodes):
+        macs = None  # ORT fused or split a conv: no one-to-one match
+    convs = [{"node": k, "op": op_of[k], "us": by_node[k] / runs,
+              **({"macs": macs[i], "gmacs": macs[i] / (by_node[k] / runs) / 1e3} if macs else {})}
+             for i, k in enumerate(conv_nodes)]
     return {
         "total_us": total / runs,
         "run_us": sum(e["dur"] for e in model_runs) / runs,
         "by_op": [{"op": k, "us": us, "share": s} for k, us, s in _shares(by_op, runs, total)],
         "by_node": [{"node": k, "op": op_of[k], "us": us, "share": s} for k, us, s in _shares(by_node, runs, total)],
         "stem": {"node": stem, "us": by_node[stem] / runs, "share": by_node[stem] / total if total else 0.0},
+        "convs": convs,
     }
 
 
@@ -120,6 +171,15 @@ def format_profile(result: dict, top: int = 15) -> str:
     lines += [f"{r['node']:<{width}}{r['op']:<20}{r['us']:>12.1f}{r['share']:>8.1%}" for r in nodes]
     if len(result["by_node"]) > top:
         lines.append(f"... {len(result['by_node']) - top} more nodes")
+    convs = result["convs"]
+    if convs and "gmacs" in convs[0]:
+        width = max(len(c["node"]) for c in convs) + 2
+        lines += ["", f"{'conv (run order)':<{width}}{'MACs (M)':>10}{'us/run':>10}{'GMAC/s':>9}"]
+        lines += [f"{c['node']:<{width}}{c['macs'] / 1e6:>10.1f}{c['us']:>10.1f}{c['gmacs']:>9.0f}" for c in convs]
+        rest = convs[1:]
+        if rest:
+            rate = sum(c["macs"] for c in rest) / sum(c["us"] for c in rest) / 1e3
+            lines.append(f"stem {convs[0]['gmacs']:.0f} GMAC/s, the other convs together {rate:.0f} GMAC/s")
     stem = result["stem"]
     lines += ["", f"stem: {stem['node']}  {stem['us']:.1f} us/run  {stem['share']:.1%} of kernel time"]
     return "\n".join(lines)

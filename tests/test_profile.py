@@ -7,7 +7,7 @@ from conftest import one_line_error
 from compress.cli import main
 from compress.export import export_onnx
 from compress.profile import ProfileError, profile_onnx
-from repvgg import LayerSpec, PlainRepVGG
+from repvgg import LayerSpec, PlainRepVGG, RepVGG
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +30,26 @@ def test_profile_shares_and_stem(tiny_onnx):
     stem = result["stem"]
     stem_row = next(r for r in result["by_node"] if r["node"] == stem["node"])
     assert "Conv" in stem_row["op"] and stem["us"] > 0 and 0 < stem["share"] <= 1
+
+
+def test_profile_gives_each_conv_of_a_plain_stack_its_macs_in_run_order(tiny_onnx, capsys):
+    result = profile_onnx(tiny_onnx, threads=1, batch=2, image_size=16, runs=3, warmup=1)
+    # batch 2 at 16x16: 3->8 stride 2 (8x8 out), 8->16 stride 2 (4x4), 16->16 stride 1 (4x4), 3x3 kernels
+    assert [c["macs"] for c in result["convs"]] == [2 * 8 * 8 * 8 * 3 * 9, 2 * 16 * 4 * 4 * 8 * 9, 2 * 16 * 4 * 4 * 16 * 9]
+    assert result["convs"][0]["node"] == result["stem"]["node"]
+    for conv in result["convs"]:
+        assert conv["gmacs"] == pytest.approx(conv["macs"] / conv["us"] / 1e3)
+    assert main(["profile", str(tiny_onnx), "--threads", "1", "--batch", "2", "--runs", "3"]) == 0
+    assert "GMAC/s" in capsys.readouterr().out
+
+
+def test_profile_leaves_out_macs_where_convs_branch(tmp_path, one_thread):
+    # a multi-branch block: its 3x3 and 1x1 convs read the same input, so no run order maps kernels to nodes
+    torch.manual_seed(0)
+    path = export_onnx(RepVGG([1, 1, 1, 1], widths=[8, 8, 8, 8, 8], num_classes=10).eval(), tmp_path / "branches.onnx",
+                       torch.zeros(1, 3, 16, 16))
+    result = profile_onnx(path, threads=1, batch=1, runs=1, warmup=0)
+    assert result["convs"] and all("macs" not in c for c in result["convs"])
 
 
 def test_profile_reads_the_input_size_from_the_file(tiny_onnx):
