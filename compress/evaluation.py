@@ -16,7 +16,7 @@ from torch import nn
 from compress.batches import split_batch
 from compress.errors import UserError
 from compress.precision import full_fp32_precision, within_tolerance
-from compress.runtime import RUNTIMES, Session, cpu_model, isa_flags, open_onnx
+from compress.runtime import RUNTIMES, Session, describe_cpu, open_onnx
 
 
 class ParityError(UserError, RuntimeError):
@@ -146,5 +146,5 @@ def check_int8_parity(path: str | Path, result: dict, min_agreement: float) -> N
             f"INT8 {path} on {label} predicts what its fake-quant model predicts on {result['agreement']:.1%} of "
             f"{result['n']} images (export.int8_agreement: {min_agreement:.1%}); logits differ by up to "
             f"{result['max_abs_diff']:.3g} (mean {result['mean_abs_diff']:.3g}) on a range of {result['logit_range']:.3g}; "
-            f"CPU {cpu_model()} ({', '.join(isa_flags()) or 'no AVX2'})"
+            f"CPU {describe_cpu()}"
         )

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .files import write_text
 from .recipe import Recipe
-from .runtime import RUNTIMES
+from .runtime import RUNTIMES, describe_cpu
 
 REFERENCE = "plain_fp32"
 
@@ -97,7 +97,7 @@ def run_report(recipe: Recipe, summary: dict, out_dir: Path) -> str:
     if artifacts:
         bench = stages.get("bench")
         lines += ["Exported files (top-1 measured on the ONNX file with ONNX Runtime"
-                  + (f"; latency: median at batch {bench['main_batch']}, {bench['machine'].get('cpu')}"
+                  + (f"; latency: median at batch {bench['main_batch']}, {describe_cpu(bench['machine'])}"
                      f", threads {bench['machine'].get('threads') or 'all'})" if bench else ")"), "",
                   *artifact_table(artifacts, bench), ""]
         parity = int8_parity_table(artifacts)

@@ -148,6 +148,23 @@ def test_the_report_marks_each_files_fastest_runtime(numpy_runtime):
     assert rows[3].startswith("| plain_int8 |") and rows[3].endswith("| NumPy |")
 
 
+def test_a_figure_names_the_cpu_with_its_family_model_and_isa(tmp_path, monkeypatch):
+    from compress.runtime import describe_cpu, machine, machine_info
+
+    cpuinfo = tmp_path / "cpuinfo"
+    # /proc/cpuinfo lists "model" before "model name": each must be read by its own key
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
+                       "model name\t: AMD EPYC\nflags\t\t: fpu sse avx2 avx512f avx512_vnni avx512_bf16\n")
+    monkeypatch.setattr(machine, "CPUINFO", cpuinfo)
+    assert describe_cpu() == "AMD EPYC (family 26 model 2; avx2, avx512f, avx512_vnni)"
+    info = machine_info(2, ["cpu"])
+    assert (info["cpu"], info["cpu_family"], info["cpu_model_number"]) == ("AMD EPYC", "26", "2")
+    assert describe_cpu(info) == describe_cpu()
+    # a summary written before these keys, and a CPU without the listed ISA
+    assert describe_cpu({"cpu": "AMD EPYC", "threads": 2}) == "AMD EPYC"
+    assert describe_cpu({"cpu": "Generic", "isa": []}) == "Generic (no AVX2)"
+
+
 def test_get_runtime_names_the_valid_ones_in_one_line(numpy_runtime):
     assert get_runtime("numpy") is numpy_runtime
     with pytest.raises(ValueError, match=r"^unknown runtime 'ort'; valid: cpu, cuda, tensorrt, openvino, torch, numpy$"):

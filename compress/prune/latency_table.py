@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
+from compress.runtime import describe_cpu
 from repvgg import LayerSpec
 
 from .slots import plain_specs
@@ -106,7 +107,7 @@ def format_table(table: LatencyTable, model: nn.Module) -> str:
     lines = [
         f"latency table: {k['runtime']} ({k['provider']}), {k['precision']}, batch {k['batch']}, "
         f"threads {k['threads'] or 'all'}, image {k['image_size']}, round_to {k['round_to']}",
-        f"cpu: {k['cpu']} ({', '.join(k['isa']) or 'no AVX2'}; AVX-512 VNNI: {'yes' if 'avx512_vnni' in k['isa'] else 'no'})",
+        f"cpu: {describe_cpu(k)}; AVX-512 VNNI: {'yes' if 'avx512_vnni' in k['isa'] else 'no'}",
         f"file: {table.path}  (built in {table.build_s:.1f} s{'' if table.measured else ', read from the cache'})",
         "",
         f"{'layer':>5}  {'shape (in->out, stride, groups @ size)':<40}  ms at widths in->out (uncalibrated)",

@@ -8,6 +8,7 @@ from pathlib import Path
 from ..figures import finish_panels, new_figure
 from ..files import write_json, write_text
 from ..recipe import Recipe
+from ..runtime import describe_cpu
 from .analysis import ORDER_ROUNDS, PRECISIONS, curve
 from .budget import budget_figure, comparisons
 from .strategies import STRATEGIES, UNPRUNED_COLOUR
@@ -224,7 +225,7 @@ def study_markdown(recipe: Recipe, result: dict) -> str:
         "recipe's seed of the point's fine-tune and QAT (a scratch point's training); curves and comparisons use "
         "seed +0.",
         f"- Latency: ONNX Runtime CPU, batches {', '.join(map(str, batches))}, {s['rounds']} alternating rounds of "
-        f"{s['iters']} timed batches after {s['warmup']} warm-up; {m.get('cpu')}, threads {m.get('threads') or 'all'}, "
+        f"{s['iters']} timed batches after {s['warmup']} warm-up; {describe_cpu(m)}, threads {m.get('threads') or 'all'}, "
         f"onnxruntime {m.get('onnxruntime')}. A file's latency is its fastest call over all rounds (other "
         f"work on the machine only adds time). {_spread(result['rows'], batch)}",
         "",
