@@ -79,13 +79,11 @@ def _chain_conv_macs(path: Path, shape: tuple[int, int, int, int]) -> list[int] 
     weights = {init.name: list(init.dims) for init in graph.initializer}
     producer = {out: node for node in graph.node for out in node.output}
     ancestors: dict[str, set[int]] = {}  # tensor -> the indices of the convs it depends on
-    convs = [n for n in graph.node if n.op_type == "Conv"]
-    index = {id(n): i for i, n in enumerate(convs)}
-    macs = []
+    macs: list[int] = []
     for node in graph.node:  # ONNX nodes are topologically sorted
         deps = set().union(*(ancestors.get(t, set()) for t in node.input))
         if node.op_type == "Conv":
-            i = index[id(node)]
+            i = len(macs)  # this conv's index
             if i and i - 1 not in deps:
                 return None
             w = node.input[1]
