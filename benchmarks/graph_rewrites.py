@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 
 from compress.runtime import open_onnx, time_runs
-from compress.stem import STEM_REWRITES, find_stem
+from compress.stem import STEM_REWRITES, conv_kernel, find_stem
 
 
 def slim(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -38,12 +38,7 @@ REWRITES = {**{k: v for k, v in STEM_REWRITES.items() if k != "none"}, "onnxslim
 
 def stem_k(model: onnx.ModelProto) -> int:
     """The stem's reduction dimension: its kernel's in_channels x kh x kw."""
-    producer = {out: node for node in model.graph.node for out in node.output}
-    name = find_stem(model).input[1]
-    if name in producer and producer[name].op_type == "DequantizeLinear":
-        name = producer[name].input[0]
-    dims = next(init.dims for init in model.graph.initializer if init.name == name)
-    return int(np.prod(dims[1:]))
+    return int(np.prod(conv_kernel(model.graph, find_stem(model)).dims[1:]))
 
 
 def bench_file(path: Path, args: argparse.Namespace, tmp: Path) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
+from .stem import conv_kernel
 
 KERNEL = "_kernel_time"
 
@@ -76,8 +77,6 @@ def _chain_conv_macs(path: Path, shape: tuple[int, int, int, int]) -> list[int] 
     graph = shape_inference.infer_shapes(model).graph
     dims = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
             for v in (*graph.value_info, *graph.output)}
-    weights = {init.name: list(init.dims) for init in graph.initializer}
-    producer = {out: node for node in graph.node for out in node.output}
     ancestors: dict[str, set[int]] = {}  # tensor -> the indices of the convs it depends on
     macs: list[int] = []
     for node in graph.node:  # ONNX nodes are topologically sorted
@@ -86,13 +85,14 @@ def _chain_conv_macs(path: Path, shape: tuple[int, int, int, int]) -> list[int] 
             i = len(macs)  # this conv's index
             if i and i - 1 not in deps:
                 return None
-            w = node.input[1]
-            while w in producer and producer[w].op_type in ("Identity", "DequantizeLinear"):
-                w = producer[w].input[0]
-            out = dims.get(node.output[0])
-            if w not in weights or not out or 0 in out:
+            try:
+                kernel = conv_kernel(graph, node).dims
+            except ValueError:  # a kernel computed in the graph
                 return None
-            macs.append(int(np.prod(out)) * int(np.prod(weights[w][1:])))
+            out = dims.get(node.output[0])
+            if not out or 0 in out:
+                return None
+            macs.append(int(np.prod(out)) * int(np.prod(kernel[1:])))
             deps = deps | {i}
         for t in node.output:
             ancestors[t] = deps

@@ -103,10 +103,16 @@ def _weight_reader(graph: onnx.GraphProto, conv: onnx.NodeProto) -> tuple[onnx.N
     return (dq, 0) if dq is not None and dq.op_type == "DequantizeLinear" else (conv, 1)
 
 
+def conv_kernel(graph: onnx.GraphProto, conv: onnx.NodeProto) -> onnx.TensorProto:
+    """The initializer holding `conv`'s kernel: the FP32 one, or the INT8 one its DequantizeLinear reads (through
+    Identity nodes); a ValueError where the kernel is computed."""
+    reader, slot = _weight_reader(graph, conv)
+    return _initializer(graph, reader.input[slot])
+
+
 def _in_channels(graph: onnx.GraphProto, conv: onnx.NodeProto) -> int:
     """How many input channels the stem's kernel has."""
-    reader, slot = _weight_reader(graph, conv)
-    return _initializer(graph, reader.input[slot]).dims[1]
+    return conv_kernel(graph, conv).dims[1]
 
 
 def _input_chain(graph: onnx.GraphProto, conv: onnx.NodeProto, who: str) -> tuple[list[onnx.NodeProto], str]:
