@@ -1,0 +1,23 @@
+import datetime
+
+from compress.results import command_line, report_header, write_result_report
+
+
+def test_report_opens_with_command_date_cpu_and_versions(tmp_path):
+    machine = {"cpu": "AMD EPYC", "cpu_family": "26", "cpu_model_number": "2", "isa": ["avx2", "avx512_vnni"],
+               "threads": 2}
+    path = write_result_report(tmp_path / "r" / "x.md", "Bench", "| a |\n|---|\n| 1 |\n",
+                               command="python compress.py --recipe r.yaml", machine=machine)
+    lines = path.read_text().splitlines()
+    assert lines[0] == "# Bench"
+    assert lines[2] == "- command: `python compress.py --recipe r.yaml`"
+    assert lines[3] == f"- date: {datetime.date.today().isoformat()}"
+    assert lines[4] == "- CPU: AMD EPYC (family 26 model 2; avx2, avx512_vnni), 2 threads"
+    assert lines[5].startswith("- packages: python ") and "torch " in lines[5]
+    assert lines[-1] == "| 1 |"
+    assert not list(path.parent.glob("*.partial"))
+
+
+def test_command_line_quotes_and_names_python():
+    assert command_line(["compress.py", "--set", "data.root=a b"]) == "python compress.py --set 'data.root=a b'"
+    assert report_header("T", "c", {"cpu": "X", "isa": []}).count("\n- ") == 3
