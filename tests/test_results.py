@@ -20,4 +20,4 @@ def test_report_opens_with_command_date_cpu_and_versions(tmp_path):
 
 def test_command_line_quotes_and_names_python():
     assert command_line(["compress.py", "--set", "data.root=a b"]) == "python compress.py --set 'data.root=a b'"
-    assert report_header("T", "c", {"cpu": "X", "isa": []}).count("\n- ") == 3
+    assert report_header("T", "c", {"cpu": "X", "isa": []}).count("\n- ") == 4
