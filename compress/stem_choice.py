@@ -2,8 +2,9 @@
 deployment target's runtime, chosen at the door by timing the stem alone, cached like the latency table.
 
 The stem is timed as the latency table times a first layer (`prune.onnx_layers.layer_model`: the image in, its
-input quantizer in INT8, random weights), as exported and through every rewrite that fits it, in alternating
-rounds; a rewrite's speed-up is the median over rounds of (as exported / rewritten) in the same round. It wins only
+input quantizer in INT8, random weights), as exported and through every rewrite that fits it, by the timing engine
+(`compress.timing`, counts `STEM_CHOICE`); a rewrite's speed-up is the engine's ratio, as exported / rewritten: the
+median over rounds of the ratio of their fastest calls in the same round. It wins only
 by more than MARGIN: below that the choice would follow the timing's noise, and the file as exported is the one
 every other check has seen most of. The choice is then copied into `prune.latency.stem`, so a latency-targeted
 prune times the same graph the export writes.
@@ -11,7 +12,7 @@ prune times the same graph the export writes.
 
 from __future__ import annotations
 
-import statistics
+import dataclasses
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -22,21 +23,21 @@ from compress.deploy import TARGET_RUNTIMES
 from compress.files import write_json
 from compress.prune.latency import cache_dir, cache_path, machine_key, read_cached
 from compress.prune.onnx_layers import layer_input_type, layer_model
-from compress.prune.timing import Timing, time_round
+from compress.prune.timing import Timing, jobs
 from compress.recipe import Recipe, RecipeError
 from compress.runtime import get_runtime
 from compress.stem import FP32_STEM_REWRITES, STEM_REWRITES
+from compress.timing import STEM_CHOICE, ratio, run_rounds
 from repvgg import LayerSpec
 
 MARGIN = 0.03  # a rewrite must be this much faster than the stem as exported to be chosen
-ROUNDS, WARMUP, ITERS = 7, 5, 20
-STEM_FORMAT = 1  # bump when the cache's JSON changes meaning
+STEM_FORMAT = 2  # bump when the cache's JSON changes meaning
 
 
 def time_stem_rewrites(spec: LayerSpec, image_size: int, int8: bool, runtime: str, threads: int | None, batch: int,
-                       rounds: int = ROUNDS) -> dict[str, float]:
+                       rounds: int = STEM_CHOICE.rounds) -> dict[str, float]:
     """Each rewrite's speed-up over the stem `spec` as exported (`none`: 1.0) at `image_size`, batch `batch`, on
-    `runtime` with `threads` threads: the median over `rounds` alternating rounds of the per-round ratio. Rewrites
+    `runtime` with `threads` threads: the engine's ratio over `rounds` alternating rounds. Rewrites
     that do not fit the stem (space-to-depth of a stride-1 conv, say) are left out."""
     names = list(STEM_REWRITES if int8 else FP32_STEM_REWRITES)  # "none" first: the reference of every ratio
     rng = np.random.default_rng(0)
@@ -50,12 +51,9 @@ def time_stem_rewrites(spec: LayerSpec, image_size: int, int8: bool, runtime: st
             fitting.append(name)
             timings.append(Timing(Path(tmp) / f"{name}.onnx", model, (batch, spec.in_channels, image_size, image_size),
                                   layer_input_type(int8, first=True)))
-        per_round = []
-        for r in range(rounds):
-            time_round(timings, runtime, threads, r % len(timings), rng, WARMUP, ITERS)
-            per_round.append([statistics.median(t.runs[-ITERS:]) for t in timings])
-    ms = np.array(per_round)
-    return {name: float(np.median(ms[:, 0] / ms[:, k])) for k, name in enumerate(fitting)}
+        counts = dataclasses.replace(STEM_CHOICE, rounds=rounds)
+        timed = run_rounds(jobs(timings, runtime, threads, rng), counts)
+    return {name: ratio(timed[timings[0]], timed[t]) for name, t in zip(fitting, timings)}
 
 
 def choose_stem(spec: LayerSpec, image_size: int, int8: bool, runtime: str, threads: int | None, batch: int,
@@ -63,7 +61,7 @@ def choose_stem(spec: LayerSpec, image_size: int, int8: bool, runtime: str, thre
     """The rewrite name for the stem `spec` (see the module docstring) and every candidate's speed-up; read from
     `cache` when timed before for this machine, runtime and stem, else timed and cached."""
     key = {"format": STEM_FORMAT, **machine_key(runtime), "provider": runtime, "threads": threads, "batch": batch,
-           "precision": "int8" if int8 else "fp32", "image_size": image_size, "rounds": ROUNDS,
+           "precision": "int8" if int8 else "fp32", "image_size": image_size, "rounds": STEM_CHOICE.rounds,
            "stem": [spec.in_channels, spec.out_channels, spec.stride, spec.groups]}
     path = cache_path(cache, "stem", key)
     cached = read_cached(path, key)

@@ -14,9 +14,10 @@ from torch import nn
 from compress.bench import BenchOptions, benchmark
 from compress.evaluation import compare_with_model, evaluate_onnx
 from compress.export import export_onnx
-from compress.prune.timing import ITERS, Timing, time_round
+from compress.prune.timing import Timing, jobs, record
 from compress.report import artifact_table
 from compress.runtime import RUNTIMES, get_runtime, open_onnx
+from compress.timing import LATENCY_TABLE, Counts, run_rounds
 
 SIZE = 4
 FEATURES, CLASSES = 3 * SIZE * SIZE, 10
@@ -125,9 +126,11 @@ def test_export_evaluation_runs_through_a_registered_runtime(numpy_runtime, file
 def test_latency_timing_runs_through_a_registered_runtime(numpy_runtime, files, tmp_path):
     timings = [Timing(tmp_path / f"m{k}.onnx", onnx.load(str(files["wide"][1])), (2, 3, SIZE, SIZE), np.float32)
                for k in range(3)]
-    time_round(timings, "numpy", None, 1, np.random.default_rng(0))
-    assert numpy_runtime.opened == ["m1", "m2", "m0"]  # round-robin from `shift`, one session at a time
-    assert all(len(t.runs) == ITERS and t.ms > 0 for t in timings)
+    timed = run_rounds(jobs(timings, "numpy", None, np.random.default_rng(0)),
+                       Counts(LATENCY_TABLE.warmup, LATENCY_TABLE.iters, 2))
+    record(timed)
+    assert numpy_runtime.opened == ["m0", "m1", "m2", "m1", "m2", "m0"]  # alternating, one session at a time
+    assert all(len(timed[t].calls) == 2 and t.ms == min(min(c) for c in timed[t].calls) for t in timings)
 
 
 def test_the_report_names_a_registered_runtime_by_its_label(numpy_runtime):

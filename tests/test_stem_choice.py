@@ -79,7 +79,6 @@ def test_auto_takes_a_rewrite_only_past_the_margin_and_caches_the_timing(tiny_re
 def test_the_stem_is_timed_as_exported_and_through_every_rewrite_that_fits():
     speedups = stem_choice.time_stem_rewrites(LayerSpec(3, 8, 1), 8, True, "cpu", 1, 2, rounds=1)
     assert speedups["none"] == 1.0 and set(speedups) == {"none", "pad4", "pad8", "pad16", "fp32"}  # no s2d: stride 1
-    assert all(v > 0 for v in speedups.values())
     assert set(stem_choice.time_stem_rewrites(LayerSpec(3, 8, 2), 8, False, "cpu", 1, 2, rounds=1)) == {
         "none", "pad4", "pad8", "pad16", "space_to_depth"}  # FP32: no fp32 stem to choose
 

@@ -8,13 +8,14 @@ of (input width, output width) measurements over the legal widths (multiples of 
 spread over it; widths in between are interpolated bilinearly.
 
 Each grid point is timed as a one-layer ONNX model (`onnx_layers`) with batch `batch` on `threads` threads, by ONNX
-Runtime's CPU provider or OpenVINO's CPU device. Every model is timed once per round, round-robin over all of them,
-one session alive at a time, for `rounds` rounds, so slow drifts of the machine hit every point alike (as
-`compress.bench` does). The table keeps each model's fastest run: on a shared machine other work only ever adds
-time, and in bursts (a run that waits for a descheduled thread takes several times longer, while the fastest runs
-agree to a few percent), so the fastest run is what the model itself costs; the whole-model timings of the
-calibration are taken the same way. A timing still far above its peers' trend (a layer's over the widths of its
-shape, a whole model's over the other whole models) is timed again, up to `rounds` more times (`timing`).
+Runtime's CPU provider or OpenVINO's CPU device, by the timing engine (`compress.timing`, counts
+`LATENCY_TABLE`): every model once per round, alternating over all of them, one session alive at a time, for
+`rounds` rounds, so slow drifts of the machine hit every point alike. The table keeps each model's fastest call,
+the engine's statistic: on a shared machine other work only ever adds time, and in bursts (a call that waits for
+a descheduled thread takes several times longer, while the fastest calls agree closely), so the fastest call is
+what the model itself costs; the whole-model timings of the calibration are taken the same way. A timing still
+far above its peers' trend (a layer's over the widths of its shape, a whole model's over the other whole models)
+is timed again, in up to `rounds` more rounds (`timing.above_trend`).
 
 Calibration: a layer timed alone is not a layer inside a model (the runtime reorders the layout at each graph's
 ends; the head and the input quantizer are not in any layer). Two whole plain models are timed too, the unpruned
@@ -29,6 +30,7 @@ and the rounds. A table whose key matches is read back, anything else is measure
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -45,6 +47,7 @@ from torch import nn
 
 from compress.files import write_json
 from compress.runtime import cpu_flags, cpu_model, get_runtime, isa_flags
+from compress.timing import LATENCY_TABLE, Timings, run_rounds
 from repvgg import LayerSpec
 
 from .errors import PruneError
@@ -52,7 +55,7 @@ from .latency_table import LatencyTable, LayerShape, format_table, layer_io
 from .onnx_layers import layer_input_type, layer_model, plain_model
 from .options import LatencyOptions, PruneOptions
 from .slots import architecture, layer_slots, plain_specs, slots_of, width_axis
-from .timing import Timing, above_trend, time_round
+from .timing import Timing, above_trend, jobs, record
 
 TABLE_FORMAT = 1  # bump when the JSON changes meaning: older files are then rebuilt, not misread
 HELD_OUT_POINTS = 2  # off-grid (input, output) widths timed per layer shape
@@ -165,15 +168,18 @@ def build_table(model: nn.Module, options: LatencyOptions, image_size: int, roun
                                         (batch, specs[0].in_channels, image_size, image_size), np.dtype(np.float32)))
         log(f"[latency] timing {len(timings)} models ({options.precision}, batch {batch}, "
             f"threads {options.threads or 'all'}, {key['runtime']}, {options.provider}) over {options.rounds} rounds")
-        for r in range(2 * options.rounds):  # the rounds, then as many again at most for timings above their trend
-            again = (timings if r < options.rounds
-                     else _slowed(shapes, grid, held_out, whole, layers, specs[0].in_channels))
-            if not again:
-                break
-            round_start = time.perf_counter()
-            time_round(again, options.provider, options.threads, r * len(again) // options.rounds % len(again), rng)
+
+        def again(timed: Timings, _jobs: list) -> list[Timing]:
+            record(timed)
+            return _slowed(shapes, grid, held_out, whole, layers, specs[0].in_channels)
+
+        def said(r: int, timed_now: list, seconds: float, _timed: Timings) -> None:
             what = f"round {r + 1}/{options.rounds}" if r < options.rounds else "again, above their peers' trend"
-            log(f"[latency] {what}: {len(again)} models in {time.perf_counter() - round_start:.1f} s")
+            log(f"[latency] {what}: {len(timed_now)} models in {seconds:.1f} s")
+
+        # the rounds, then as many again at most for the timings above their peers' trend
+        counts = dataclasses.replace(LATENCY_TABLE, rounds=options.rounds, max_rounds=2 * options.rounds)
+        record(run_rounds(jobs(timings, options.provider, options.threads, rng), counts, more=again, on_round=said))
 
     table = _assemble(key, shapes, grid, layers, specs[0].in_channels)
     table.measured = len(timings)

@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
+from compress.timing import LATENCY_TABLE
+
 from .errors import PruneError
 
 TARGET_KINDS = ("keep_macs", "channel_ratio", "keep_latency", "target_ms")
@@ -59,7 +61,7 @@ class LatencyOptions:
     batch: int = 8
     precision: Literal["fp32", "int8"] = "fp32"
     grid_points: int = 8
-    rounds: int = 3
+    rounds: int = LATENCY_TABLE.rounds
     cache_dir: Path | None = None
     verify: int = 3  # plans timed against the unpruned model and corrected at most this often (0: trust the table)
     stem: str = "none"  # the rewrite of the first layer (compress.stem.STEM_REWRITES) its graphs are timed through

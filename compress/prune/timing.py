@@ -1,6 +1,5 @@
-"""Timing ONNX models for the latency table: one session alive at a time on the table's runtime (ONNX Runtime's
-CPU provider or OpenVINO), each model's fastest run kept, and which timings lie far above their peers' trend (to be
-timed again)."""
+"""ONNX models as jobs of the timing engine (`compress.timing`), for the latency table, the check of a latency plan
+(`measure`) and the stem choice; and which timings lie far above their peers' trend (to be timed again)."""
 
 from __future__ import annotations
 
@@ -9,38 +8,41 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from compress.runtime import open_onnx, time_runs
+from compress.runtime import open_onnx
+from compress.timing import Opener, Timings
 
-WARMUP, ITERS = 2, 5  # runs per model and round: rounds, not long runs, spread the machine's moods over all
 SUSPECT = 1.25  # a timing this many times its peers' trend is timed again (see above_trend)
 
 
 class Timing:
-    """One model to time: its ONNX file, its input, and its timed runs."""
+    """One model to time: its ONNX file, its input, and, once timed, its latency `ms` (the engine's statistic: its
+    fastest call, `compress.timing.Series.fastest`)."""
 
     def __init__(self, path: Path, model: onnx.ModelProto, input_shape: tuple[int, ...], dtype: np.dtype):
         onnx.save(model, str(path))  # written now: hundreds of models must not all sit in memory
-        self.path, self.input_shape, self.dtype, self.runs = path, input_shape, dtype, []
+        self.path, self.input_shape, self.dtype = path, input_shape, dtype
+        self.ms: float | None = None
 
     def input(self, rng: np.random.Generator) -> np.ndarray:
         if self.dtype == np.uint8:
             return rng.integers(0, 128, self.input_shape, dtype=np.uint8)
         return rng.standard_normal(self.input_shape, dtype=np.float32)
 
-    @property
-    def ms(self) -> float:
-        return min(self.runs)
+    def opener(self, runtime: str, threads: int | None, rng: np.random.Generator) -> Opener:
+        """The engine's job: the file opened on `runtime` (a name in compress.runtime.RUNTIMES that runs ONNX files)
+        with `threads` threads (None: all cores), one step on a fresh input, its series keyed by this Timing."""
+        return lambda: {self: open_onnx(self.path, runtime, threads).step(self.input(rng))}
 
 
-def time_round(timings: list[Timing], runtime: str, threads: int | None, shift: int, rng: np.random.Generator,
-               warmup: int = WARMUP, iters: int = ITERS) -> None:
-    """Time each model once on `runtime` (a name in compress.runtime.RUNTIMES that runs ONNX files) with `threads`
-    threads (None: all cores), round-robin from `timings[shift]`, one session alive at a time: `warmup` untimed runs,
-    then `iters` timed ones added to its `runs`."""
-    for t in timings[shift:] + timings[:shift]:
-        session = open_onnx(t.path, runtime, threads)
-        t.runs += time_runs(session.step(t.input(rng)), warmup, iters)
-        del session  # the only reference to the session: freed before the next one starts
+def jobs(timings: list[Timing], runtime: str, threads: int | None, rng: np.random.Generator) -> dict[Timing, Opener]:
+    """The engine's jobs of `timings`, in order."""
+    return {t: t.opener(runtime, threads, rng) for t in timings}
+
+
+def record(timed: Timings) -> None:
+    """Give every Timing timed so far its latency (`ms`): its fastest call."""
+    for t, series in timed.items():
+        t.ms = series.fastest
 
 
 def above_trend(ms: np.ndarray, features: np.ndarray) -> np.ndarray:
