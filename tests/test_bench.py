@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-import compress.bench.runner as runner
 import compress.runtime.onnxruntime_ep as onnxruntime_ep
+import compress.timing as timing
 from compress.bench import BenchOptions, benchmark
 from compress.export import export_onnx
 from compress.figures import accuracy_latency_figure, save_figure
@@ -48,28 +48,34 @@ def fast_options(**kw) -> BenchOptions:
 
 
 def test_each_round_gives_its_median_and_its_fastest_call(artifacts, monkeypatch):
-    calls = itertools.count()  # the timer's readings (a host fact, faked): one list for every file of a round
-    monkeypatch.setattr(runner, "time_runs",
-                        lambda step, warmup, iters: [[3.0, 1.0, 2.0], [5.0, 4.0, 6.0]][next(calls) // len(artifacts)])
-    out = benchmark(artifacts, fast_options(runtimes=["cpu"], batch_sizes=(1,)), SIZE)
-    r = next(r for r in out["results"] if r["artifact"] == "plain_fp32")
-    assert r["round_medians_ms"] == [2.0, 5.0] and r["round_fastest_ms"] == [1.0, 4.0]
+    # the timer's readings (a host fact, faked), in the order the files are timed: plain, pruned; then pruned, plain
+    readings = iter([[3.0, 1.0, 2.0], [6.0, 2.0, 4.0], [8.0, 8.0, 8.0], [5.0, 4.0, 6.0]])
+    monkeypatch.setattr(timing, "time_calls", lambda step, warmup, iters, clock=None: next(readings))
+    out = benchmark(artifacts, fast_options(runtimes=["cpu"], batch_sizes=(1,)), SIZE, reference="plain_fp32")
+    rows = {r["artifact"]: r for r in out["results"]}
+    plain, pruned = rows["plain_fp32"], rows["pruned_fp32"]
+    assert plain["round_medians_ms"] == [2.0, 5.0] and plain["round_fastest_ms"] == [1.0, 4.0]
+    assert plain["fastest_ms"] == 1.0 and plain["median_ms"] == 3.5  # the latency; the median beside it
+    assert plain["images_per_s"] == 1000.0  # batch 1 at its fastest call
+    assert pruned["round_fastest_ms"] == [2.0, 8.0]
+    # the ratio: the median of same-round ratios of fastest calls (2/1, 8/4), not of medians (4/2, 8/5)
+    assert out["ratios"] == {"pruned_fp32/plain_fp32": 2.0}
 
 
 def timed_as(monkeypatch, artifacts, rounds: list[float], then: float = 1.0) -> None:
     """A faked timer (a host fact): every call of every file takes `rounds[k]` ms in round k, `then` ms after them
     (2.0: other work slowed the machine)."""
     calls = itertools.count()
-    monkeypatch.setattr(runner, "time_runs", lambda step, warmup, iters: [
+    monkeypatch.setattr(timing, "time_calls", lambda step, warmup, iters, clock=None: [
         (rounds + [then] * 100)[next(calls) // len(artifacts)]] * iters)
 
 
 def test_rounds_continue_until_every_file_has_quiet_rounds(artifacts, monkeypatch):
     timed_as(monkeypatch, artifacts, [1.0, 2.0, 2.0, 2.0, 2.0])  # one quiet round, then four disturbed ones
     out = benchmark(artifacts, fast_options(runtimes=["cpu"], batch_sizes=(1,), max_rounds=20), SIZE)
-    assert out["settings"]["rounds"] == 5 + runner.QUIET_ROUNDS - 1
+    assert out["settings"]["rounds"] == 5 + timing.QUIET_ROUNDS - 1
     for r in out["results"]:
-        assert runner.undisturbed(r["round_fastest_ms"]) == [True] + [False] * 4 + [True] * (runner.QUIET_ROUNDS - 1)
+        assert timing.undisturbed(r["round_fastest_ms"]) == [True] + [False] * 4 + [True] * (timing.QUIET_ROUNDS - 1)
 
 
 def test_rounds_stop_at_max_rounds_or_at_rounds_without_it(artifacts, monkeypatch):
@@ -81,7 +87,7 @@ def test_rounds_stop_at_max_rounds_or_at_rounds_without_it(artifacts, monkeypatc
     assert out["settings"]["rounds"] == 2  # no max_rounds: exactly `rounds`
     timed_as(monkeypatch, artifacts, [])  # quiet throughout: no round past `rounds` needed once it has enough
     out = benchmark(artifacts, fast_options(runtimes=["cpu"], batch_sizes=(1,), max_rounds=9), SIZE)
-    assert out["settings"]["rounds"] == max(2, runner.QUIET_ROUNDS)
+    assert out["settings"]["rounds"] == max(2, timing.QUIET_ROUNDS)
 
 
 def test_benchmark_reports_every_artifact_batch_and_ratio(artifacts, models):
@@ -90,13 +96,15 @@ def test_benchmark_reports_every_artifact_batch_and_ratio(artifacts, models):
     expected = {(a, p, b) for a in artifacts for p in ("cpu", "torch") for b in (1, 4)}
     assert set(rows) == expected
     for r in rows.values():
-        assert r["median_ms"] > 0 and r["p90_ms"] > 0 and r["images_per_s"] > 0
-        assert r["images_per_s"] == pytest.approx(r["batch"] * 1000 / r["median_ms"])
+        assert r["fastest_ms"] == min(r["round_fastest_ms"]) and r["fastest_ms"] <= r["median_ms"] <= r["p90_ms"]
+        assert r["images_per_s"] == pytest.approx(r["batch"] * 1000 / r["fastest_ms"])
         assert len(r["round_medians_ms"]) == len(r["round_fastest_ms"]) == 2
         assert all(0 < fast <= med for fast, med in zip(r["round_fastest_ms"], r["round_medians_ms"]))
-    # main batch = the first batch size; the CPU provider's ratio is unsuffixed
+    # main batch = the first batch size; the CPU provider's ratio is unsuffixed; each the engine's ratio
     assert set(out["ratios"]) == {"pruned_fp32/plain_fp32", "pruned_fp32/plain_fp32@torch"}
-    assert all(v > 0 for v in out["ratios"].values())
+    for key, provider in (("pruned_fp32/plain_fp32", "cpu"), ("pruned_fp32/plain_fp32@torch", "torch")):
+        assert out["ratios"][key] == timing.ratio_of_rounds(rows[("pruned_fp32", provider, 1)]["round_fastest_ms"],
+                                                             rows[("plain_fp32", provider, 1)]["round_fastest_ms"])
     detail = [d for d in out["ratio_details"] if d["batch"] == 4]
     assert len(detail) == 2 and all(len(d["per_round"]) == 2 for d in detail)
     assert {r["timing"] for r in rows.values() if r["provider"] == "cpu"} == {TIMING_HOST}
@@ -152,7 +160,8 @@ def test_one_runtime_at_a_time_across_ort_and_openvino(artifacts, opened):
     benchmark(artifacts, fast_options(rounds=2, runtimes=["cpu", "openvino"]), SIZE)
     assert opened["peak"] == 1
     jobs = [(runtime, name) for runtime in ("cpu", "openvino") for name in ("plain_fp32", "pruned_fp32")]
-    assert opened["order"] == jobs + jobs[1:] + jobs[:1]  # the second round starts one job later
+    # the second round starts half the jobs later: four jobs' starts spread over two rounds
+    assert opened["order"] == jobs + jobs[2:] + jobs[:2]
 
 
 def test_unavailable_provider_is_skipped_and_said(artifacts, monkeypatch):
@@ -203,7 +212,7 @@ def test_iobinding_providers_are_timed_through_iobinding_and_say_so(artifacts, m
     out = benchmark(artifacts, fast_options(runtimes=["cpu"]), SIZE)
     assert sorted(bound) == sorted([(b, "cpu") for b in (1, 4) for _ in artifacts for _ in range(2)])
     assert {r["timing"] for r in out["results"]} == {TIMING_IOBINDING}
-    assert all(r["median_ms"] > 0 for r in out["results"])
+    assert all(r["fastest_ms"] == min(r["round_fastest_ms"]) for r in out["results"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the skip where CUDA is absent")

@@ -10,6 +10,7 @@ import yaml
 from test_latency_table import QUICK
 
 from compress.prune import LatencyOptions, Target
+from compress.prune.pruning import VERIFY_TOLERANCE
 from compress.recipe import LatencyCfg, PruneCfg, RecipeError, load_recipe, validate_recipe
 
 
@@ -91,16 +92,30 @@ def test_pipeline_prunes_to_keep_latency_and_bench_measures_the_prediction(tiny_
     assert latency["budget_ms"] == pytest.approx(0.7 * latency["before_ms"])
     # the plan was timed against the unpruned model (and re-planned while it missed): the chosen plan is within
     # the budget that round planned for
-    chosen = [r for r in latency["rounds"] if r.get("chosen")]
+    rounds = latency["rounds"]
+    chosen = [r for r in rounds if r.get("chosen")]
     assert len(chosen) == 1 and latency["predicted_ms"] <= chosen[0]["budget_ms"] * (1 + 1e-9)
-    assert chosen[0]["target_ratio"] == pytest.approx(0.7) and chosen[0]["measured_ratio"] > 0
+    assert chosen[0]["target_ratio"] == pytest.approx(0.7)
+    # what the loop guarantees on a real, shared machine: the chosen plan measured within the tolerance, or every
+    # plan it was allowed was timed (or a correction fell below the floors, which it says) and it kept the closest
+    # of those not above the tolerance
+    missed = [r for r in rounds if abs(r["measured_ratio"] - 0.7) > VERIFY_TOLERANCE]
+    if abs(chosen[0]["measured_ratio"] - 0.7) > VERIFY_TOLERANCE:
+        assert missed == rounds and (len(rounds) == LatencyCfg().verify + 1 or "stopped" in rounds[-1])
+        within = [r for r in rounds if r["measured_ratio"] <= 0.7 + VERIFY_TOLERANCE] or rounds
+        assert chosen[0] is min(within, key=lambda r: abs(r["measured_ratio"] - 0.7))
+    else:
+        assert rounds[-1] is chosen[0] and missed == rounds[:-1]  # it stopped at the first plan on target
     check = stages["bench"]["prune_latency"]
     assert (check["artifact"], check["provider"], check["batch"]) == ("pruned_fp32", "cpu", 2)
-    assert check["predicted_ms"] == latency["predicted_ms"] and check["measured_ms"] > 0
-    assert check["target_ratio"] == pytest.approx(0.7) and 0 < check["measured_ratio"] < 1.5
-    # the median of per-round ratios, a round's time its fastest call (as the loop measured the plan)
-    timed = {r["artifact"]: r["round_fastest_ms"] for r in stages["bench"]["results"] if r["batch"] == 2}
-    assert check["measured_ratio"] == sorted(a / b for a, b in zip(timed["pruned_fp32"], timed["plain_fp32"]))[1]
+    assert check["predicted_ms"] == latency["predicted_ms"]
+    assert check["target_ratio"] == pytest.approx(0.7)
+    # bench's own measurement of the pruned file: its fastest call, and the engine's ratio (the median of same-round
+    # ratios of fastest calls), as the loop measured the plan
+    timed = {r["artifact"]: r for r in stages["bench"]["results"] if r["batch"] == 2}
+    assert check["measured_ms"] == timed["pruned_fp32"]["fastest_ms"] == min(timed["pruned_fp32"]["round_fastest_ms"])
+    assert check["measured_ratio"] == sorted(a / b for a, b in zip(timed["pruned_fp32"]["round_fastest_ms"],
+                                                                   timed["plain_fp32"]["round_fastest_ms"]))[1]
     out = capsys.readouterr().out
     assert "Latency target (pruned_fp32, ORT CPU, batch 2): budget" in out
     assert re.search(r"pruned_fp32 / plain_fp32 [\d.]+ measured for 0.700", out)

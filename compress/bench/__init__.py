@@ -1,18 +1,20 @@
 """Latency benchmark of exported ONNX artifacts and PyTorch eager models on the runtimes of `compress.runtime`
 (ONNX Runtime, OpenVINO on CPU when installed, PyTorch eager), and the accuracy-latency figure.
 
-Measurement rules, so that two artifacts are compared fairly on a shared machine:
+Measurement rules, so that two artifacts are compared fairly on a shared machine (the engine,
+`compress.timing`, and docs/timing.md):
 - one ORT session (or OpenVINO compiled model, or torch model) is alive at a time: created, warmed up, timed, then
-  deleted;
-- artifacts are alternated round-robin over `options.rounds` rounds (the starting artifact rotates each round),
-  so slow drifts of the machine (thermal, other jobs) hit every artifact alike;
-- each round gives one median per (artifact, runtime, batch); the reported median is the median over rounds,
-  p90 is over every timed batch of every round;
+  dropped;
+- artifacts are alternated over `options.rounds` rounds (the starting artifact moves each round), so slow drifts
+  of the machine (thermal, other jobs) hit every artifact alike;
+- a file's latency (`fastest_ms`) is its fastest call over all rounds: other work only ever adds time; each
+  round's fastest call and median are kept (`round_fastest_ms`, `round_medians_ms`), the median of the medians is
+  `median_ms`, p90 is over every timed call of every round;
 - with `options.max_rounds`, rounds continue past `options.rounds` until every (artifact, runtime, batch) has
   `QUIET_ROUNDS` undisturbed ones (their fastest call within `DISTURBED` of its fastest round), at most
   `max_rounds` in all: on a shared machine other work comes in stretches that can cover most of a fixed count;
-- `ratios` are latency ratios artifact / reference (below 1: faster than the reference), computed within each
-  round and then reduced to their median over rounds.
+- `ratios` are latency ratios artifact / reference (below 1: faster than the reference): within each round, of
+  the two fastest calls, then the median over rounds.
 
 What one timed call covers (each result's `timing` says which): on the CPU provider, `session.run` on a host
 array; on CUDA and TensorRT, `run_with_iobinding` with the input copied to the GPU once, before timing, and the

@@ -1,10 +1,9 @@
-"""The benchmark loop: one session (or compiled or torch model) alive at a time, artifacts alternated over
-rounds, medians and per-round ratios."""
+"""The benchmark: every file on every runtime asked for, timed by the one engine (`compress.timing`) in
+alternating rounds, one session (or compiled or torch model) alive at a time; each file's fastest call and the
+median of per-round ratios of fastest calls."""
 
 from __future__ import annotations
 
-import gc
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,20 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from compress.runtime import RUNTIMES, Runtime, get_runtime, machine_info, time_runs
-
-# A round whose fastest call of a (artifact, runtime, batch) is more than this above its fastest round was disturbed
-# by other work. On a 2-core Zen 5 VM, an INT8 file timed each second for three minutes ran within 6% of 0.26 ms for
-# 15-80 s at a time, then 1.5-2x slower for 20-45 s (a neighbour's work; FP32 files slow far less): within a quiet
-# stretch a file runs as it does alone, and a fixed number of rounds may give some files few quiet ones.
-DISTURBED = 1.10
-QUIET_ROUNDS = 3  # undisturbed rounds of every (artifact, runtime, batch) that `BenchOptions.max_rounds` waits for
-
-
-def undisturbed(round_fastest: list[float]) -> list[bool]:
-    """Which rounds timed a job undisturbed: their fastest call within DISTURBED of its fastest over all rounds."""
-    at_most = DISTURBED * min(round_fastest)
-    return [t <= at_most for t in round_fastest]
+from compress.runtime import RUNTIMES, Runtime, get_runtime, machine_info
+from compress.timing import BENCH, Counts, Opener, Timings, ratio, round_ratios, run_rounds
 
 
 @dataclass(frozen=True)
@@ -34,26 +21,27 @@ class BenchOptions:
     ratios are read at), on `threads` threads (None: all cores), `warmup` untimed and `iters` timed calls per
     (artifact, runtime, batch) in each of `rounds` rounds, on `runtimes` (names in compress.runtime.RUNTIMES; None:
     every one that can run here). With `max_rounds` above `rounds`, more rounds follow, up to `max_rounds` in all,
-    until every (artifact, runtime, batch) has QUIET_ROUNDS undisturbed ones (`undisturbed`): other work on a shared
-    machine can cover most of a fixed number of rounds."""
+    until every (artifact, runtime, batch) has `compress.timing.QUIET_ROUNDS` undisturbed ones. Defaults:
+    `compress.timing.BENCH`."""
 
     batch_sizes: tuple[int, ...] = (8,)
     main_batch: int | None = None
     threads: int | None = None
-    warmup: int = 10
-    iters: int = 20
-    rounds: int = 3
+    warmup: int = BENCH.warmup
+    iters: int = BENCH.iters
+    rounds: int = BENCH.rounds
     runtimes: tuple[str, ...] | None = None
-    max_rounds: int | None = None
+    max_rounds: int | None = BENCH.max_rounds
 
     def __post_init__(self):  # lists, as a recipe gives them, become tuples: the options stay immutable
         object.__setattr__(self, "batch_sizes", tuple(self.batch_sizes))
         if self.runtimes is not None:
             object.__setattr__(self, "runtimes", tuple(self.runtimes))
 
-
-def _percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values), q))
+    @property
+    def counts(self) -> Counts:
+        """The engine's counts for these options."""
+        return Counts(self.warmup, self.iters, self.rounds, self.max_rounds, BENCH.why)
 
 
 def _resolve_runtimes(
@@ -93,10 +81,12 @@ def benchmark(
     call covers is in each result's `timing` (see the package's docstring).
 
     `reference` names the artifact the ratios divide by (default: the first artifact, else the first torch model).
-    Returns {"results": [{artifact, provider, batch, median_ms, p90_ms, images_per_s, round_medians_ms,
-    round_fastest_ms (each round's fastest call), timing}],
-    "ratios": {"<name>/<reference>": median ratio at the main batch on CPU (else the first runtime); others get
-    an "@runtime" suffix}, "ratio_details": [...], "machine": {..., "skipped_providers": {runtime: why}}}.
+    Returns {"results": [{artifact, provider, batch, fastest_ms (the latency: the fastest call of every round),
+    median_ms (the median of each round's median), p90_ms (of every call), images_per_s (at fastest_ms),
+    round_medians_ms, round_fastest_ms (each round's median and fastest call), timing}],
+    "ratios": {"<name>/<reference>": the median of same-round ratios of fastest calls (`compress.timing.ratio`) at
+    the main batch on CPU (else the first runtime); others get an "@runtime" suffix}, "ratio_details": [...],
+    "machine": {..., "skipped_providers": {runtime: why}}}.
     A runtime asked for but unable to run here is skipped (and said so in machine.skipped_providers), not an
     error; without GPU runtimes an ONNX session is always on CPU.
     """
@@ -117,40 +107,39 @@ def benchmark(
     rng = np.random.default_rng(0)
     inputs = {b: rng.standard_normal((b, 3, image_size, image_size), dtype=np.float32) for b in batch_sizes}
 
+    timing: dict[tuple[str, str], str] = {}
+
+    def opener(name: str, runtime: Runtime, model: Path | nn.Module) -> Opener:
+        def open_job() -> dict:
+            session = runtime.open(model, options.threads, torch_device)
+            timing[(name, runtime.name)] = session.timing
+            # one step per batch size; what they hold of the session lives until the engine drops them
+            return {(name, runtime.name, b): session.step(inputs[b]) for b in batch_sizes}
+
+        return open_job
+
     torch_threads = torch.get_num_threads()
     if options.threads is not None:
         torch.set_num_threads(options.threads)  # torch eager's threads are the process's
-    times: dict[tuple[str, str, int], list[list[float]]] = {}
-    timing: dict[tuple[str, str], str] = {}
-    rnd = 0
     try:
-        while rnd < options.rounds or (rnd < (options.max_rounds or 0) and not _settled(times)):
-            shift = rnd % len(jobs)
-            for name, runtime, model in jobs[shift:] + jobs[:shift]:
-                session = runtime.open(model, options.threads, torch_device)
-                timing[(name, runtime.name)] = session.timing
-                for b in batch_sizes:
-                    t = time_runs(session.step(inputs[b]), options.warmup, options.iters)
-                    times.setdefault((name, runtime.name, b), []).append(t)
-                del session  # the only reference to the session: it is freed before the next one starts
-                gc.collect()
-            rnd += 1
+        times = run_rounds({(name, runtime.name): opener(name, runtime, model) for name, runtime, model in jobs},
+                           options.counts)
     finally:
         torch.set_num_threads(torch_threads)
 
     results = []
-    for (name, provider, b), rounds in times.items():
-        med = statistics.median(statistics.median(r) for r in rounds)
+    for (name, provider, b), series in times.items():
         results.append(
             {
                 "artifact": name,
                 "provider": provider,
                 "batch": b,
-                "median_ms": med,
-                "p90_ms": _percentile([t for r in rounds for t in r], 90),
-                "images_per_s": b / (med / 1000.0),
-                "round_medians_ms": [statistics.median(r) for r in rounds],
-                "round_fastest_ms": [min(r) for r in rounds],
+                "fastest_ms": series.fastest,
+                "median_ms": series.median,
+                "p90_ms": series.percentile(90),
+                "images_per_s": b / (series.fastest / 1000.0),
+                "round_medians_ms": series.round_medians,
+                "round_fastest_ms": series.round_fastest,
                 "timing": timing[(name, provider)],
             }
         )
@@ -162,19 +151,15 @@ def benchmark(
         "ratio_details": details,
         "main_batch": main_batch,
         "machine": {**machine_info(options.threads, list(names)), "skipped_providers": skipped},
-        "settings": {"warmup": options.warmup, "iters": options.iters, "rounds": rnd,
+        "settings": {"warmup": options.warmup, "iters": options.iters, "rounds": times.rounds,
                      "image_size": image_size},
     }
 
 
-def _settled(times: dict[tuple[str, str, int], list[list[float]]]) -> bool:
-    """Whether every timed (artifact, runtime, batch) has QUIET_ROUNDS undisturbed rounds."""
-    return all(sum(undisturbed([min(r) for r in rounds])) >= QUIET_ROUNDS for rounds in times.values())
-
-
-def _ratios(times: dict, names: dict[str, list[str]], batch_sizes: list[int], main_batch: int,
+def _ratios(times: Timings, names: dict[str, list[str]], batch_sizes: list[int], main_batch: int,
             reference: str | None) -> tuple[dict, list]:
-    """Per-round latency ratios of each runtime's models (`names`: {runtime: its models}) against its reference."""
+    """Per-round latency ratios of each runtime's models (`names`: {runtime: its models}) against its reference,
+    and the product's ratio of each (`compress.timing.ratio`)."""
     ratios, details = {}, []
     primary = "cpu" if "cpu" in names else next(iter(names))
     for provider, models in names.items():
@@ -182,14 +167,12 @@ def _ratios(times: dict, names: dict[str, list[str]], batch_sizes: list[int], ma
         if ref is None:
             continue
         for b in batch_sizes:
-            ref_rounds = [statistics.median(r) for r in times[(ref, provider, b)]]
+            denominator = times[(ref, provider, b)]
             for name in models:
                 if name == ref:
                     continue
-                per_round = [
-                    statistics.median(r) / rt for r, rt in zip(times[(name, provider, b)], ref_rounds, strict=True)
-                ]
-                value = statistics.median(per_round)
+                per_round = round_ratios(times[(name, provider, b)], denominator)
+                value = ratio(times[(name, provider, b)], denominator)
                 details.append(
                     {
                         "ratio": f"{name}/{ref}",

@@ -17,6 +17,7 @@ from compress.registry import STAGE_NAMES
 from compress.runtime import RUNTIMES
 from compress.stem import FP32_STEM_REWRITES, STEM_REWRITES
 from compress.study.strategies import STRATEGIES
+from compress.timing import BENCH, LATENCY_TABLE
 from repvgg import CONFIGS
 
 from .errors import suggest
@@ -185,7 +186,7 @@ class LatencyCfg(Section):
     batch: int = Field(8, gt=0)
     precision: Literal["fp32", "int8"] = "fp32"  # int8: QDQ layers, as the quantize + export stages deploy them
     grid_points: int = Field(8, ge=2)  # measured widths per axis of each layer's table; bilinear in between
-    rounds: int = Field(3, gt=0)  # every model timed in this many rounds, round-robin; its fastest run kept
+    rounds: int = Field(LATENCY_TABLE.rounds, gt=0)  # every model timed in this many rounds, alternating; its fastest call kept
     # a plan is timed whole against the unpruned model and re-planned (budget scaled by the miss) until it measures
     # within 0.02 of the target, at most this many times; 0: trust the table's prediction
     verify: int = Field(3, ge=0)
@@ -342,10 +343,11 @@ class BenchCfg(Section):
     batch_sizes: list[int] = Field(default_factory=lambda: [8])
     main_batch: int | None = None  # the batch size of the accuracy-latency curve; default the first
     threads: int | None = Field(None, gt=0)  # None: all cores
-    warmup: int = Field(10, ge=0)
-    iters: int = Field(20, gt=0)
-    rounds: int = Field(3, gt=0)
-    # more rounds, up to this many in all, until every file has bench.QUIET_ROUNDS undisturbed ones (None: `rounds`)
+    warmup: int = Field(BENCH.warmup, ge=0)  # untimed calls of each file per round (compress.timing.BENCH)
+    iters: int = Field(BENCH.iters, gt=0)  # timed calls of each file per round; its latency: its fastest call
+    rounds: int = Field(BENCH.rounds, gt=0)
+    # more rounds, up to this many in all, until every file has compress.timing.QUIET_ROUNDS undisturbed ones
+    # (None: `rounds`)
     max_rounds: int | None = Field(None, gt=0)
     # ONNX Runtime's cpu/cuda/tensorrt, OpenVINO's CPU runtime, PyTorch eager; None: all available
     providers: list[Annotated[str, one_of(RUNTIMES, "runtime")]] | None = None

@@ -14,6 +14,7 @@ from ..figures import accuracy_latency_figure, log_bench
 from ..profile import profile_onnx
 from ..recipe import BenchCfg
 from ..rundir import PipelineError
+from ..timing import ratio_of_rounds
 from .export import onnx_sources
 
 
@@ -24,29 +25,23 @@ def bench_options(cfg: BenchCfg) -> BenchOptions:
                         runtimes=tuple(cfg.providers) if cfg.providers is not None else None)
 
 
-def _round_ratio(numerator: list[float], denominator: list[float]) -> float:
-    """The median of per-round ratios of two models timed in the same rounds (machine drift cancels)."""
-    ratios = sorted(a / b for a, b in zip(numerator, denominator))
-    return ratios[len(ratios) // 2]
-
-
 def int8_speedups(results: list[dict], batch: int) -> dict:
-    """FP32/INT8 latency of each quantized artifact against its own FP32 twin: the median of per-round ratios."""
-    rounds = {(r["artifact"], r["provider"]): r["round_medians_ms"] for r in results if r["batch"] == batch}
+    """FP32/INT8 latency of each quantized artifact against its own FP32 twin: the engine's ratio, the median of
+    same-round ratios of fastest calls (`compress.timing.ratio_of_rounds`)."""
+    rounds = {(r["artifact"], r["provider"]): r["round_fastest_ms"] for r in results if r["batch"] == batch}
     speedups = {}
     for (name, provider), int8 in rounds.items():
         fp32 = rounds.get((name.replace("_int8", "_fp32"), provider))
         if name.endswith("_int8") and fp32:
-            speedups[f"{name}@{provider}"] = _round_ratio(fp32, int8)
+            speedups[f"{name}@{provider}"] = ratio_of_rounds(fp32, int8)
     return speedups
 
 
 def _latency_check(c: StageContext, results: list[dict]) -> dict | None:
     """The prune stage's latency prediction beside the bench's measurement of the same file, runtime and batch
     (the pruned model in the table's precision), when the run pruned to a latency target and bench timed it: its
-    median, and the median of its per-round ratios to the unpruned plain file of that precision, which
-    `prune.keep_latency` aims at. A round's time is its fastest call, as the prune stage's loop measured the plan
-    (`prune.measure`)."""
+    fastest call, and the engine's ratio to the unpruned plain file of that precision (`compress.timing`), which
+    `prune.keep_latency` aims at, as the prune stage's loop measured the plan (`prune.measure`)."""
     prune = c.summary["stages"].get("prune", {}).get("latency")
     if not prune:
         return None
@@ -55,9 +50,9 @@ def _latency_check(c: StageContext, results: list[dict]) -> dict | None:
     rounds = {r["artifact"]: r for r in results if (r["provider"], r["batch"]) == (cfg.provider, cfg.batch)}
     measured = rounds.get(artifact)
     check = {"artifact": artifact, "provider": cfg.provider, "batch": cfg.batch, "budget_ms": prune["budget_ms"],
-             "predicted_ms": prune["predicted_ms"], "measured_ms": measured and measured["median_ms"]}
+             "predicted_ms": prune["predicted_ms"], "measured_ms": measured and measured["fastest_ms"]}
     if measured and reference in rounds:
-        check["measured_ratio"] = _round_ratio(measured["round_fastest_ms"], rounds[reference]["round_fastest_ms"])
+        check["measured_ratio"] = ratio_of_rounds(measured["round_fastest_ms"], rounds[reference]["round_fastest_ms"])
         check["target_ratio"] = prune["budget_ms"] / prune["before_ms"]
     return check
 
@@ -85,7 +80,7 @@ def run(c: StageContext) -> dict:
     predicted = _latency_check(c, result["results"])
     if predicted:
         result["prune_latency"] = predicted
-    points = [{"name": r["artifact"], "latency_ms": r["median_ms"], "top1": artifacts[r["artifact"]]["top1"]}
+    points = [{"name": r["artifact"], "latency_ms": r["fastest_ms"], "top1": artifacts[r["artifact"]]["top1"]}
               for r in result["results"]
               if r["batch"] == main_batch and r["provider"] == "cpu" and r["artifact"] in artifacts]
     if c.writer is not None and points:

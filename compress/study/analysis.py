@@ -7,7 +7,6 @@ import itertools
 
 import numpy as np
 
-from ..bench.runner import DISTURBED, undisturbed
 from ..errors import UserError
 from ..files import read_predictions
 from ..stats import (
@@ -19,6 +18,7 @@ from ..stats import (
     upper_hull,
     wilson_interval,
 )
+from ..timing import DISTURBED, undisturbed
 from .strategies import STRATEGIES
 
 PRECISIONS = ("fp32", "int8")
@@ -47,13 +47,9 @@ def correctness(entry: dict) -> tuple[np.ndarray, np.ndarray]:
     return (predicted == label).astype(np.float64), label
 
 
-# A file's latency in the study is its fastest timed call (the fastest of each round's fastest). Other work on the
-# machine only ever adds time, so the fastest call is the one least disturbed. On the 2-core Zen 5 VM, timing six
-# study files (two pairs of one network each) three times over, 5 alternating rounds of 100 calls, beside a busy
-# loop on one core (10-300 ms bursts): the fastest round's median moved a file by up to 14.0% between repeats and
-# put two files of one network 9.1% apart; the fastest call moved 3.1%, and 1.6% apart. With 30 calls per round
-# the fastest round's median (the study's latency before) gave 15.3% and 11.1%: one such bench timed plain-latency
-# 0.5 (12.6 M MACs) as slow as plain 0.5 (14.1 M MACs), which quiet benches time 15-25% slower.
+# A file's latency in the study is the engine's statistic (`compress.timing`): its fastest timed call, the fastest
+# of each round's fastest. Other work on the machine only ever adds time, so the fastest call is the one least
+# disturbed; a round's median, or the fastest round's median, moves with how much of the round other work covered.
 ROUND_STATISTIC = "round_fastest_ms"
 
 
@@ -185,24 +181,23 @@ def seed_differences(rows: list[dict], comparisons: list[dict]) -> None:
             c["seed_diffs"].append(None if a is None or b is None else a - b)
 
 
-# Rounds in which both points of an interpolation must be timed undisturbed (`bench.undisturbed`), and in the same
-# order. In the two-seed bench of study_cifar10_cpu_new (Zen 5 VM, 100 calls a round) one disturbed round swapped
-# points 37% apart; with `bench.max_rounds`, rounds continue until every file has `bench.QUIET_ROUNDS` undisturbed ones.
+# Rounds in which both points of an interpolation must be timed undisturbed (`compress.timing.undisturbed`), and in
+# the same order: one disturbed round can swap two points far apart; with `bench.max_rounds`, rounds continue until
+# every file has `compress.timing.QUIET_ROUNDS` undisturbed ones.
 ORDER_ROUNDS = 2
 
 
 def _order_in_noise(latencies: list[float], rounds: list[list[float] | None],
                     weights: dict[int, float]) -> str | None:
     """Why a curve's interpolation (`weights`) rests on timing noise, or None when it does not. Its two points must
-    be timed in the same order in every bench round that timed both undisturbed (`bench.undisturbed`), and there
+    be timed in the same order in every bench round that timed both undisturbed (`timing.undisturbed`), and there
     must be ORDER_ROUNDS such rounds: the rounds alternate over all files, so a slow drift of the machine slows both
     points of a round, and their per-round difference tells them apart where each point's own rounds spread wider
     than the gap between them; a round that other work disturbed says nothing of their order.
 
     Where fewer rounds timed both undisturbed, each point's own undisturbed rounds (ORDER_ROUNDS or more each) must
-    lie apart, every one of the faster point's below every one of the slower's: in a 27-round bench of
-    study_cifar10_cpu_new (rounds of 17 s, other work in stretches of 20-45 s) files had 3-15 undisturbed rounds
-    each, yet 15 of 53 comparisons had fewer than two in common.
+    lie apart, every one of the faster point's below every one of the slower's: when other work comes in stretches
+    longer than a round, two files can each have several undisturbed rounds and few in common.
 
     A point measured at the latency itself, or points without round timings, interpolate nothing that noise could
     decide."""
