@@ -5,23 +5,25 @@ space-to-depth where the stem has stride 2, an FP32 stem in an INT8 file) and th
     python benchmarks/graph_rewrites.py FILE.onnx [FILE.onnx ...] [--runtime cpu] [--threads 1] [--batch 1]
         [--rounds 7] [--iters 20] [--warmup 5]
 
-Each round times every variant of a file in turn (the order rotating from round to round), the median of `--iters`
-runs each; a variant's speed-up is the median over rounds of (original ms / variant ms) in the same round, so a
-load change on the machine hits both alike. Also prints each variant's stem K (in_channels x kernel area), its node count and its
-largest logit difference from the original on the timed batch."""
+The variants of a file are timed by the engine (`compress.timing`, defaults `GRAPH_REWRITES`): alternating rounds,
+one session alive at a time; a variant's latency is its fastest call, its speed-up the median over rounds of
+(original / variant) of the fastest calls in the same round, so a load change on the machine hits both alike. Also
+prints each variant's stem K (in_channels x kernel area), its node count and its largest logit difference from the
+original on the timed batch."""
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import dataclasses
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from compress.runtime import open_onnx, time_runs
+from compress.runtime import open_onnx
 from compress.stem import STEM_REWRITES, conv_kernel, find_stem
+from compress.timing import GRAPH_REWRITES, ratio, run_rounds
 
 
 def slim(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -51,25 +53,27 @@ def bench_file(path: Path, args: argparse.Namespace, tmp: Path) -> None:
             skipped.append(str(e))
     dims = original.graph.input[0].type.tensor_type.shape.dim
     x = np.random.default_rng(0).standard_normal((args.batch, *(d.dim_value for d in dims[1:]))).astype(np.float32)
-    sessions = {}
+    paths = {}
     for name, model in variants.items():
-        onnx.save(model, str(tmp / f"{name}.onnx"))
-        sessions[name] = open_onnx(tmp / f"{name}.onnx", args.runtime, args.threads)
-    reference = sessions["original"].logits(x)
-    diffs = {name: float(np.abs(s.logits(x) - reference).max()) for name, s in sessions.items()}
-    steps = {name: s.step(x) for name, s in sessions.items()}
-    names = list(steps)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(args.rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            times[name].append(statistics.median(time_runs(steps[name], args.warmup, args.iters)))
+        paths[name] = tmp / f"{name}.onnx"
+        onnx.save(model, str(paths[name]))
+    reference = open_onnx(paths["original"], args.runtime, args.threads).logits(x)
+    diffs = {name: float(np.abs(open_onnx(p, args.runtime, args.threads).logits(x) - reference).max())
+             for name, p in paths.items()}
+
+    def opener(name: str):
+        return lambda: {name: open_onnx(paths[name], args.runtime, args.threads).step(x)}
+
+    counts = dataclasses.replace(GRAPH_REWRITES, warmup=args.warmup, iters=args.iters, rounds=args.rounds)
+    timed = run_rounds({name: opener(name) for name in paths}, counts)
     print(f"\n{path}  ({args.runtime}, {x.shape[1]}x{x.shape[2]}x{x.shape[3]}, batch {args.batch}, "
           f"{args.threads} threads, {args.rounds} rounds x {args.iters} runs)")
-    print(f"{'variant':16s} {'K':>5s} {'nodes':>6s} {'median ms':>10s} {'speed-up':>9s} {'max |dlogit|':>13s}")
-    for name in names:
-        speedup = statistics.median(o / t for o, t in zip(times["original"], times[name]))
+    print(f"{'variant':16s} {'K':>5s} {'nodes':>6s} {'fastest ms':>10s} {'median ms':>10s} {'speed-up':>9s} "
+          f"{'max |dlogit|':>13s}")
+    for name in paths:
+        speedup = ratio(timed["original"], timed[name])
         print(f"{name:16s} {stem_k(variants[name]):5d} {len(variants[name].graph.node):6d} "
-              f"{statistics.median(times[name]):10.3f} {speedup:8.3f}x {diffs[name]:13.2e}")
+              f"{timed[name].fastest:10.3f} {timed[name].median:10.3f} {speedup:8.3f}x {diffs[name]:13.2e}")
     for line in skipped:
         print(f"  not applicable: {line}")
 
@@ -80,9 +84,9 @@ def main() -> None:
     ap.add_argument("--runtime", default="cpu", help="a runtime of ONNX files (compress.runtime.RUNTIMES)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=GRAPH_REWRITES.rounds)
+    ap.add_argument("--iters", type=int, default=GRAPH_REWRITES.iters)
+    ap.add_argument("--warmup", type=int, default=GRAPH_REWRITES.warmup)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         for path in args.files:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import INPUT_NAME, MIN_OPSET, OUTPUT_NAME, Runtime, Session, Step, time_runs
+from .base import INPUT_NAME, MIN_OPSET, OUTPUT_NAME, Runtime, Session, Step
 from .machine import cpu_flags, cpu_model, describe_cpu, isa_flags, machine_info
 from .onnxruntime_ep import OrtRuntime
 from .openvino_cpu import OpenVinoCpu
@@ -43,4 +43,4 @@ def open_onnx(path: str | Path, runtime: str = "cpu", threads: int | None = None
 
 
 __all__ = ["INPUT_NAME", "MIN_OPSET", "OUTPUT_NAME", "RUNTIMES", "Runtime", "Session", "Step", "cpu_flags", "cpu_model",
-           "describe_cpu", "get_runtime", "isa_flags", "machine_info", "open_onnx", "time_runs"]
+           "describe_cpu", "get_runtime", "isa_flags", "machine_info", "open_onnx"]

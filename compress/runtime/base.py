@@ -1,10 +1,8 @@
 """What every runtime offers (`Runtime`), what an opened model offers (`Session`), the ONNX files' input and output
-names, and the timing loop every benchmark shares."""
+names. Timing them is `compress.timing`'s."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -12,12 +10,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from compress.timing import Step  # what `Session.step` makes: one call the engine times
+
 # the ONNX contract: export writes these names and at least this opset; every ONNX runtime feeds and reads them
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 MIN_OPSET = 17
 
-Step = Callable[[], object]  # one timed call; what it returns stays where the runtime left it (host or device)
 ModelSource = str | Path | nn.Module  # what `Runtime.open` takes: an ONNX file's path, or a torch model
 Device = str | torch.device
 
@@ -59,15 +58,3 @@ class Runtime(Protocol):
         """Start `model` with `threads` intra-op threads (None: the library's default, every core) on `device`
         (see `unavailable`). A runtime that cannot run here raises, never falls back to another."""
         ...
-
-
-def time_runs(step: Step, warmup: int, iters: int) -> list[float]:
-    """Milliseconds of each of `iters` calls of `step`, after `warmup` untimed ones."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - start) * 1000.0)
-    return times
