@@ -56,19 +56,20 @@ def test_run_dir_lock_names_the_holder(tiny_recipe, tmp_path, capsys):
     assert f"pid {os.getpid()}" in line
 
 
-def _tiny_fit(tmp_path, model, cfg):
+def _tiny_fit(tmp_path, model, cfg, key="k"):
     data = build_data(DataCfg(image_size=16, augment="none", batch_size=64))
     env = Env(device=torch.device("cpu"), out_dir=tmp_path)
-    return fit(model, cfg, data, env, tag="t", ckpt_path=tmp_path / "t.ckpt", key="k")
+    return fit(model, cfg, data, env, tag="t", ckpt_path=tmp_path / "t.ckpt", key=key)
 
 
 def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path):
     model = RepVGG([1, 1, 1, 1], widths=[8, 8, 8, 8, 8], num_classes=10)
     _tiny_fit(tmp_path, model, TrainCfg(epochs=1, lr=0.01))
     good = (tmp_path / "t.ckpt").read_bytes()
-    # resumes after epoch 1, then an absurd learning rate blows the weights up within a few steps
-    with pytest.raises(TrainingError, match=r"loss is (nan|inf) at epoch 2 step \d+; stopped, last good checkpoint kept: .*t\.ckpt"):
-        _tiny_fit(tmp_path, model, TrainCfg(epochs=2, lr=1e30, schedule="constant"))
+    # another recipe (another key: trained afresh) whose absurd learning rate blows the weights up within a few
+    # steps: the checkpoint already there is the last good one
+    with pytest.raises(TrainingError, match=r"loss is (nan|inf) at epoch 1 step \d+; stopped, last good checkpoint kept: .*t\.ckpt"):
+        _tiny_fit(tmp_path, model, TrainCfg(epochs=2, lr=1e30, schedule="constant"), key="absurd")
     assert (tmp_path / "t.ckpt").read_bytes() == good
 
 
