@@ -53,7 +53,7 @@ def test_run_dir_lock_names_the_holder(tiny_recipe, tmp_path, capsys):
         line = one_line_error(capsys, ["--recipe", str(tiny_recipe()), "--out", str(out)])
     import os
 
-    assert f"pid {os.getpid()}" in line
+    assert f"run dir {out} is in use by another run (pid {os.getpid()})" in line
 
 
 def _tiny_fit(tmp_path, model, cfg, key="k"):
