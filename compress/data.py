@@ -160,18 +160,18 @@ def dataset_labels(dataset: Dataset) -> np.ndarray:
 
 
 def stratified_indices(labels: np.ndarray, n: int, seed: int = EVAL_SEED) -> list[int]:
-    """`n` indices (all, if there are fewer), each class taking its share of `n` (largest remainders), drawn at
-    random within the class (seeded), in ascending order: a test subset of a class-sorted folder holds every class
-    in its proportion, where the first `n` images would hold the first classes only."""
+    """`n` indices (all, if there are fewer), in ascending order, drawn by scikit-learn's stratified `resample`
+    (seeded): each class takes the floor of its share of `n`, the classes with the largest remainders one more
+    (ties drawn at random), each class's images drawn at random. A test subset of a class-sorted folder so holds
+    every class in its proportion, where the first `n` images would hold the first classes only. `resample`, not
+    `train_test_split`: the latter refuses a class of one image and fewer than one image per class on either
+    side."""
     if n >= len(labels):
         return list(range(len(labels)))
-    classes, counts = np.unique(labels, return_counts=True)
-    quota = counts * n / len(labels)
-    take = np.floor(quota).astype(np.int64)
-    take[np.argsort(-(quota - take), kind="stable")[: n - take.sum()]] += 1
-    rng = np.random.default_rng(seed)
-    picked = [rng.choice(np.flatnonzero(labels == c), size=k, replace=False) for c, k in zip(classes, take)]
-    return sorted(int(i) for i in np.concatenate(picked))
+    from sklearn.utils import resample
+
+    picked = resample(np.arange(len(labels)), replace=False, n_samples=n, stratify=labels, random_state=seed)
+    return sorted(int(i) for i in picked)
 
 
 def stratified_subset(dataset: Dataset, n: int | None) -> Dataset:

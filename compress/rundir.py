@@ -13,10 +13,11 @@ What each recipe value changes (its role) is marked in the recipe's schema with 
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 from pathlib import Path
+
+from filelock import FileLock, Timeout
 
 from .errors import UserError
 from .files import write_json
@@ -30,31 +31,26 @@ class PipelineError(UserError, RuntimeError):
 
 
 class RunLock:
-    """One run per directory: a second concurrent run gets the holder's pid."""
+    """One run per directory: a second concurrent run fails at once, naming the directory and the holder's pid.
+
+    filelock 4 opens a contended lock file without truncating it, so the pid the holder writes stays readable."""
 
     def __init__(self, out_dir: Path):
         self.path = Path(out_dir) / ".lock"
-        self.file = None
+        self.lock = FileLock(self.path, timeout=0)
 
-    def __enter__(self):
+    def __enter__(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.path, "a+")
         try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.file.seek(0)
-            holder = self.file.read().strip() or "unknown"
-            self.file.close()
+            self.lock.acquire()
+        except Timeout:
+            holder = self.path.read_text().strip() or "unknown"
             raise PipelineError(f"run dir {self.path.parent} is in use by another run (pid {holder})") from None
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(str(os.getpid()))
-        self.file.flush()
+        self.path.write_text(str(os.getpid()))
         return self
 
-    def __exit__(self, *exc):
-        fcntl.flock(self.file, fcntl.LOCK_UN)
-        self.file.close()
+    def __exit__(self, *exc) -> None:
+        self.lock.release()
 
 
 class RunDir:

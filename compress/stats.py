@@ -7,23 +7,18 @@ All of them cover the sampling of test images only (one trained model per point)
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
+from scipy.stats import binomtest
 
-Z95 = 1.959963984540054  # two-sided 95% quantile of the standard normal
 
-
-def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """The Wilson score interval (95% by default) of the proportion `correct` / `n`, as fractions."""
+def wilson_interval(correct: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The Wilson score interval of the proportion `correct` / `n`, as fractions (scipy's `binomtest`)."""
     if n <= 0 or not 0 <= correct <= n:
         raise ValueError(f"wilson_interval: {correct} correct of {n}")
-    p = correct / n
-    denom = 1 + z * z / n
-    center = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, center - half), min(1.0, center + half)
+    ci = binomtest(correct, n).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(ci.low), float(ci.high)
 
 
 def interpolation_weights(latencies: Sequence[float], at: float) -> dict[int, float] | None:

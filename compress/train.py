@@ -7,9 +7,10 @@ reseeded per epoch, see `Data.train_loader`).
 
 from __future__ import annotations
 
-import math
+import re
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -82,15 +83,49 @@ def make_optimizer(model: nn.Module, cfg: OptimCfg) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
-def lr_at(cfg: OptimCfg, step: int, total_steps: int, steps_per_epoch: int) -> float:
-    """Linear warm-up, then cosine decay to zero (or constant), per iteration."""
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimCfg, total_steps: int,
+                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """The per-iteration learning rate: a linear warm-up over `cfg.warmup_epochs` (its first step at lr / warm-up
+    steps, its last at lr), then a cosine decay to zero at `total_steps` (or the constant lr). Stepped once after
+    each iteration, so the optimizer holds the rate of the coming step."""
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    if cfg.schedule == "constant":
-        return cfg.lr
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    return 0.5 * cfg.lr * (1 + math.cos(math.pi * progress))
+    if cfg.schedule == "cosine":
+        after = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup))
+    else:
+        after = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    if warmup == 0:
+        return after
+    ramp = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1 / warmup, total_iters=warmup - 1)
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, after], milestones=[warmup])
+
+
+def advance(scheduler: torch.optim.lr_scheduler.LRScheduler, steps: int = 1) -> None:
+    """`steps` steps of the schedule. GradScaler skips the optimizer's step after an FP16 overflow; the schedule
+    still counts it (the loop's iterations set the rate), so torch's warning about a scheduler stepping before its
+    optimizer says nothing here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"),
+                                category=UserWarning)
+        for _ in range(steps):
+            scheduler.step()
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                      state: dict, step: int) -> None:
+    """Load a checkpoint's optimizer and schedule, `step` iterations into training. The schedule's saved state
+    is used where it stopped at `step`; otherwise (a checkpoint without it, or one written under another number
+    of processes, so another number of steps per epoch) the fresh `scheduler` is advanced to `step`, as an
+    uninterrupted run of this shape would be."""
+    saved = state.get("scheduler")
+    if saved is not None and saved["last_epoch"] == step:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(saved)
+        return
+    advance(scheduler, step)
+    scheduled = [{k: group[k] for k in ("lr", "initial_lr")} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state["optimizer"])  # its groups' rates are those of the checkpoint's last step
+    for group, rates in zip(optimizer.param_groups, scheduled):
+        group.update(rates)
 
 
 def distill_loss(logits, teacher_logits, targets, distill: Distill, label_smoothing: float) -> torch.Tensor:
@@ -117,12 +152,15 @@ def fit(
 
     Returns the last evaluation (made afresh when no epoch was left to train: the test set may differ from the
     checkpoint's) and the per-epoch history. Under DDP every rank calls it, and each evaluates its shard of the
-    test set. The checkpoint holds the GradScaler's state too. TensorBoard gets `<tag>/loss`, `<tag>/lr`,
-    `<tag>/top1` and `<tag>/top5` per epoch."""
+    test set. The checkpoint holds the learning-rate schedule's and the GradScaler's state too. TensorBoard gets
+    `<tag>/loss`, `<tag>/lr`, `<tag>/top1` and `<tag>/top5` per epoch."""
     model.to(env.device)
     if env.cuda and cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg)
+    steps_per_epoch = max(1, data.steps_per_epoch())
+    total_steps = steps_per_epoch * cfg.epochs
+    scheduler = make_scheduler(optimizer, cfg, total_steps, steps_per_epoch)
     use_amp = cfg.amp and env.device.type in AMP_DEVICE_TYPES
     scaler = torch.amp.GradScaler(env.device.type, enabled=use_amp)
     history, start = [], 0
@@ -130,7 +168,7 @@ def fit(
         state = load_checkpoint(ckpt_path)
         if state.get("key") == key:
             model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
+            restore_optimizer(optimizer, scheduler, state, (state["epoch"] + 1) * steps_per_epoch)
             if state.get("scaler"):  # empty when saved without AMP
                 scaler.load_state_dict(state["scaler"])
             history, start = state["history"], state["epoch"] + 1
@@ -141,18 +179,13 @@ def fit(
     net = model
     if env.world_size > 1:
         net = DistributedDataParallel(model, device_ids=[env.device.index] if env.cuda else None)
-    steps_per_epoch = max(1, data.steps_per_epoch())
-    total_steps = steps_per_epoch * cfg.epochs
     for epoch in range(start, cfg.epochs):
         net.train()
         running, seen, began = 0.0, 0, time.perf_counter()
         loader = data.train_loader(epoch)
         bar = tqdm(loader, desc=f"{tag} {epoch + 1}/{cfg.epochs}", leave=False, disable=not env.main or None, mininterval=2)
         for i, (x, y) in enumerate(bar):
-            step = epoch * steps_per_epoch + i
-            lr = lr_at(cfg, step, total_steps, steps_per_epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = optimizer.param_groups[0]["lr"]
             x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
             if env.cuda and cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -175,6 +208,7 @@ def fit(
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
+                advance(scheduler)
             except torch.cuda.OutOfMemoryError:
                 raise TrainingError(
                     f"[{tag}] CUDA out of memory at data.batch_size={data.cfg.batch_size}; lower it"
@@ -203,7 +237,7 @@ def fit(
             )
             torch_save(
                 {"key": key, "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scaler": scaler.state_dict(), "history": history},
+                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "history": history},
                 ckpt_path,
             )
     model.to(memory_format=torch.contiguous_format)

@@ -53,22 +53,23 @@ def test_run_dir_lock_names_the_holder(tiny_recipe, tmp_path, capsys):
         line = one_line_error(capsys, ["--recipe", str(tiny_recipe()), "--out", str(out)])
     import os
 
-    assert f"pid {os.getpid()}" in line
+    assert f"run dir {out} is in use by another run (pid {os.getpid()})" in line
 
 
-def _tiny_fit(tmp_path, model, cfg):
+def _tiny_fit(tmp_path, model, cfg, key="k"):
     data = build_data(DataCfg(image_size=16, augment="none", batch_size=64))
     env = Env(device=torch.device("cpu"), out_dir=tmp_path)
-    return fit(model, cfg, data, env, tag="t", ckpt_path=tmp_path / "t.ckpt", key="k")
+    return fit(model, cfg, data, env, tag="t", ckpt_path=tmp_path / "t.ckpt", key=key)
 
 
 def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path):
     model = RepVGG([1, 1, 1, 1], widths=[8, 8, 8, 8, 8], num_classes=10)
     _tiny_fit(tmp_path, model, TrainCfg(epochs=1, lr=0.01))
     good = (tmp_path / "t.ckpt").read_bytes()
-    # resumes after epoch 1, then an absurd learning rate blows the weights up within a few steps
-    with pytest.raises(TrainingError, match=r"loss is (nan|inf) at epoch 2 step \d+; stopped, last good checkpoint kept: .*t\.ckpt"):
-        _tiny_fit(tmp_path, model, TrainCfg(epochs=2, lr=1e30, schedule="constant"))
+    # another recipe (another key: trained afresh) whose absurd learning rate blows the weights up within a few
+    # steps: the checkpoint already there is the last good one
+    with pytest.raises(TrainingError, match=r"loss is (nan|inf) at epoch 1 step \d+; stopped, last good checkpoint kept: .*t\.ckpt"):
+        _tiny_fit(tmp_path, model, TrainCfg(epochs=2, lr=1e30, schedule="constant"), key="absurd")
     assert (tmp_path / "t.ckpt").read_bytes() == good
 
 
@@ -199,8 +200,25 @@ def test_evaluation_subsets_of_a_class_sorted_test_set_are_stratified_and_seed_f
         assert data.test_images(100) == Data(test, test, 10, DataCfg(), 0).test_images(100)
     assert data.test_images(None)["images"] == 1000 and data.test_images(100) != data.test_images(99)
     few = np.array([0] * 5 + [1] * 3 + [2] * 2)
-    odd = stratified_indices(few, 5)  # quotas 2.5, 1.5, 1: floors 2, 1, 1, the one left to the first largest remainder
-    assert sorted(odd) == odd and np.bincount(few[odd]).tolist() == [3, 1, 1]
+    odd = stratified_indices(few, 5)  # quotas 2.5, 1.5, 1: floors 2, 1, 1, the one left to a tied remainder
+    assert sorted(odd) == odd and np.bincount(few[odd]).tolist() in ([3, 1, 1], [2, 2, 1])
+    assert stratified_indices(few, 5) == odd  # the tie is drawn from the fixed seed
+
+
+def test_stratified_indices_take_any_class_sizes_and_sample_sizes():
+    import numpy as np
+
+    from compress.data import stratified_indices
+
+    one_of_a_class = np.array([0] * 6 + [1] + [2] * 3)  # quotas at n=5: 3, 0.5, 1.5
+    picked = stratified_indices(one_of_a_class, 5)
+    assert len(set(picked)) == 5 and np.bincount(one_of_a_class[picked], minlength=3).tolist() in ([3, 1, 1], [3, 0, 2])
+    ten_classes = np.repeat(np.arange(10), 10)
+    fewer_than_classes = stratified_indices(ten_classes, 4)  # a class each for 4 of the 10 tied remainders
+    assert np.bincount(ten_classes[fewer_than_classes], minlength=10).tolist().count(1) == 4
+    all_but_one = stratified_indices(ten_classes, 99)
+    assert len(set(all_but_one)) == 99 and sorted(np.bincount(ten_classes[all_but_one]).tolist()) == [9] + [10] * 9
+    assert stratified_indices(ten_classes, 100) == list(range(100))
 
 
 def test_a_stratified_subset_keys_its_sampling_and_no_subset_keys_nothing_new():
@@ -208,5 +226,5 @@ def test_a_stratified_subset_keys_its_sampling_and_no_subset_keys_nothing_new():
 
     assert DataCfg().key_values("evaluation") == {"test_subset": None}  # all images: as before
     assert DataCfg(test_subset=500).key_values("evaluation") == {"test_subset": 500,
-                                                                 "test_subset_sampling": "stratified"}
-    assert ExportCfg(eval_subset=100).key_values("evaluation")["eval_subset_sampling"] == "stratified"
+                                                                 "test_subset_sampling": "stratified_sklearn"}
+    assert ExportCfg(eval_subset=100).key_values("evaluation")["eval_subset_sampling"] == "stratified_sklearn"

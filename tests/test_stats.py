@@ -1,6 +1,8 @@
+import math
+
 import numpy as np
 import pytest
-from scipy.stats import binomtest
+from scipy.stats import norm
 
 from compress.stats import (
     holm,
@@ -13,12 +15,23 @@ from compress.stats import (
 )
 
 
-def test_wilson_interval_matches_the_textbook_value_and_scipy():
+def _wilson_written_out(correct: int, n: int, confidence: float) -> tuple[float, float]:
+    """The oracle: the Wilson score interval's formula."""
+    z = norm.ppf((1 + confidence) / 2)
+    p = correct / n
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def test_wilson_interval_matches_the_textbook_value_and_formula():
     low, high = wilson_interval(8, 10)
     assert (round(low, 4), round(high, 4)) == (0.4902, 0.9433)
-    for correct, n in [(0, 20), (20, 20), (7123, 10000), (3, 1000)]:
-        ci = binomtest(correct, n).proportion_ci(confidence_level=0.95, method="wilson")
-        assert wilson_interval(correct, n) == pytest.approx((ci.low, ci.high), abs=1e-6)
+    for correct, n in [(0, 20), (20, 20), (1, 3), (7123, 10000), (3, 1000)]:
+        for confidence in (0.95, 0.9):
+            expected = _wilson_written_out(correct, n, confidence)
+            assert wilson_interval(correct, n, confidence) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert wilson_interval(7123, 10000, 0.9)[0] > wilson_interval(7123, 10000)[0]  # narrower at a lower level
     assert wilson_interval(0, 20)[0] == 0.0 and wilson_interval(20, 20)[1] == 1.0
     with pytest.raises(ValueError):
         wilson_interval(11, 10)

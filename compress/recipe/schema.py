@@ -39,8 +39,8 @@ def one_of(table: Mapping[str, object], what: str, fits: Callable[[object], bool
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    # evaluation subsets whose sampling changed (first N, or unstratified, to stratified): set, their key names
-    # the sampling, so that evaluations of the older samples are not reused; unset (all images), nothing changes
+    # evaluation subsets drawn by `data.stratified_indices`: set, their key names that sampling, so that scores of
+    # other images are not reused; unset (all images), the key holds nothing more
     _stratified: tuple[str, ...] = ()
 
     def key_values(self, role: str = ROLE_WEIGHTS) -> dict:
@@ -57,7 +57,7 @@ class Section(BaseModel):
                              or not (type(nested).model_fields[k].json_schema_extra or {}).get("when_set")}
         for name in self._stratified:
             if name in out and out[name] is not None:
-                out[f"{name}_sampling"] = "stratified"
+                out[f"{name}_sampling"] = "stratified_sklearn"
         return out
 
 
