@@ -40,6 +40,15 @@ MAX_IMAGE_SIZE = 4096  # one image's activations at this size already take gigab
 MAX_OPSET = getattr(torch.onnx._constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 20)
 # a process-group timeout: torch keeps it in milliseconds, and a year is already "never" for a run
 MAX_TIMEOUT_S = 365 * 24 * 3600.0
+# Counts that reach C APIs or loops: thread counts go to ONNX Runtime and torch as C ints, batch sizes allocate
+# their tensors at once, and a timing loop or table grid must finish; each bound is far beyond any useful value.
+MAX_THREADS = 1024
+MAX_WORKERS = 256
+MAX_BATCH = 65_536
+MAX_TIMED_CALLS = 100_000  # bench warm-up and timed calls per file and round, and rounds
+MAX_GRID = 64  # measured widths per axis of a latency table or a sensitivity curve
+MAX_STEPS = 100  # iterative pruning steps, latency re-plans, study seeds
+MAX_IMAGES = 1_000_000_000  # a count of images beyond any dataset (ImageNet-21k has 14 M)
 
 
 def one_of(table: Mapping[str, object], what: str, fits: Callable[[object], bool] = lambda entry: True,
@@ -75,7 +84,7 @@ def _usable_path(path: Path) -> Path:
 
 
 FilePath = Annotated[Path, AfterValidator(_usable_path)]  # a path the operating system can take
-PositiveInt = Annotated[int, Field(gt=0)]
+ImageCount = Annotated[int, Field(gt=0, le=MAX_IMAGES)]
 Fraction = Annotated[float, Field(gt=0, lt=1)]
 
 
@@ -115,7 +124,7 @@ class ModelCfg(Section):
         None, description="(a, a, a, b) of the paper: stage widths min(64, 64a), 64a, 128a, 256a, 512b (4 values)")
     widths: list[Annotated[int, Field(gt=0, le=MAX_WIDTH)]] | None = Field(
         None, description="the 5 stage widths instead of width_multiplier (narrowed models)")
-    override_groups_map: dict[Annotated[int, Field(ge=1)], PositiveInt] | None = Field(
+    override_groups_map: dict[Annotated[int, Field(ge=1)], Annotated[int, Field(gt=0, le=MAX_WIDTH)]] | None = Field(
         None, description="block index (counted from 1 after stage0) -> groups of its 3x3 conv; the groups must "
                           "divide the block's input and output widths")
     num_classes: int | None = Field(None, gt=0, le=MAX_CLASSES, description="the head's classes; None: the data's")
@@ -186,16 +195,16 @@ class DataCfg(Section):
                                                 "directory; run keys hash its resolved path, so a link and its "
                                                 "target share runs")
     image_size: int = Field(32, gt=0, le=MAX_IMAGE_SIZE, description="input height and width")
-    batch_size: int = Field(64, gt=0, description="per process (under torchrun, the global batch is this x ranks)")
-    workers: int = Field(0, ge=0, json_schema_extra=NO_EFFECT, description="DataLoader worker processes")
+    batch_size: int = Field(64, gt=0, le=MAX_BATCH, description="per process (under torchrun, the global batch is this x ranks)")
+    workers: int = Field(0, ge=0, le=MAX_WORKERS, json_schema_extra=NO_EFFECT, description="DataLoader worker processes")
     augment: Literal["none", "cifar", "imagenet"] = Field(
         "cifar", description="training augmentation: none, cifar (random crop with 4-pixel padding, flip) or imagenet "
                              "(random resized crop, flip)")
     download: bool = Field(False, json_schema_extra=NO_EFFECT, description="fetch CIFAR-10's python batches into "
                                                                            "root when missing (kind cifar10 only)")
-    train_subset: int | None = Field(None, gt=0, description="train on the first N images of a fixed shuffled order "
+    train_subset: int | None = Field(None, gt=0, le=MAX_IMAGES, description="train on the first N images of a fixed shuffled order "
                                                              "(CPU-affordable runs); None: all")
-    test_subset: int | None = Field(None, gt=0, json_schema_extra=EVALUATION,
+    test_subset: int | None = Field(None, gt=0, le=MAX_IMAGES, json_schema_extra=EVALUATION,
                                     description="evaluate on a stratified sample of N test images (seed 0, the same "
                                                 "for every run); None: all")
     bad_images: Literal["fail", "skip"] = Field(
@@ -265,7 +274,7 @@ class FinetuneCfg(OptimCfg):
         "bn", description="how a pruned plain model trains: as it is (plain), with a temporary BN after each conv, "
                           "folded back after (bn), or re-branched into RepVGG blocks at its pruned widths, "
                           "re-parameterized back after, exactly (rebranch); docs/pruning.md compares them")
-    train_subset: int | None = Field(None, gt=0, description="fine-tune on the first N training images (fixed order); "
+    train_subset: int | None = Field(None, gt=0, le=MAX_IMAGES, description="fine-tune on the first N training images (fixed order); "
                                                              "None: all")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, json_schema_extra=KEYED_WHEN_SET,
                             description="the fine-tune's own seed (its shuffles, training subset and calibration "
@@ -297,14 +306,14 @@ class LatencyCfg(Section):
                                     also=("auto",))] = Field(
         "cpu", description="a runtime that runs ONNX files; auto: the one that runs the unpruned model fastest here, "
                            "in the table's precision (timed by the prune stage, recorded in its summary)")
-    threads: int | None = Field(None, gt=0, description="intra-op threads; None: all cores")
-    batch: int = Field(8, gt=0, description="batch size the table is timed at")
+    threads: int | None = Field(None, gt=0, le=MAX_THREADS, description="intra-op threads; None: all cores")
+    batch: int = Field(8, gt=0, le=MAX_BATCH, description="batch size the table is timed at")
     precision: Literal["fp32", "int8"] = Field("fp32", description="int8: QDQ layers, as the quantize and export "
                                                                    "stages deploy them")
-    grid_points: int = Field(8, ge=2, description="measured widths per axis of each layer's table; bilinear in "
+    grid_points: int = Field(8, ge=2, le=MAX_GRID, description="measured widths per axis of each layer's table; bilinear in "
                                                          "between")
-    rounds: int = Field(3, gt=0, description="every model timed in this many rounds, round-robin; its fastest call kept")
-    verify: int = Field(3, ge=0, description="a plan is timed whole against the unpruned model and re-planned (budget "
+    rounds: int = Field(3, gt=0, le=MAX_TIMED_CALLS, description="every model timed in this many rounds, round-robin; its fastest call kept")
+    verify: int = Field(3, ge=0, le=MAX_STEPS, description="a plan is timed whole against the unpruned model and re-planned (budget "
                                              "scaled by the miss) until it measures within 0.02 of the target, at most "
                                              "this many times; 0: trust the table's prediction")
     cache_dir: FilePath | None = Field(None, json_schema_extra=NO_EFFECT,
@@ -336,21 +345,21 @@ class PruneCfg(Section):
     target_ms: float | None = Field(None, gt=0, description="target: latency budget in milliseconds (`prune.latency`)")
     latency: LatencyCfg = Field(default_factory=LatencyCfg, description="how a latency target is measured")
     max_layer_ratio: float = Field(0.8, gt=0, lt=1, description="at most this fraction of one layer's channels removed")
-    min_width: int | None = Field(None, gt=0, description="no layer narrower (channels); None: round_to")
+    min_width: int | None = Field(None, gt=0, le=MAX_WIDTH, description="no layer narrower (channels); None: round_to")
     isomorphic: bool = Field(False, description="Torch-Pruning's isomorphic global ranking (planner: ranking)")
-    round_to: int | None = Field(None, gt=0, description="widths rounded to multiples of this; None: 16 on CPU, 8 on "
+    round_to: int | None = Field(None, gt=0, le=MAX_WIDTH, description="widths rounded to multiples of this; None: 16 on CPU, 8 on "
                                                          "CUDA (`Recipe.resolved`)")
-    steps: int = Field(1, gt=0, description="iterative pruning in this many steps, fine-tuning between them")
+    steps: int = Field(1, gt=0, le=MAX_STEPS, description="iterative pruning in this many steps, fine-tuning between them")
     steps_finetune_epochs: int = Field(1, ge=0, le=MAX_EPOCHS, description="epochs of each fine-tune between steps")
     prune_first_layer: bool = Field(False, description="also prune stage0's output channels")
-    gradient_batches: int = Field(4, gt=0, description="training batches the gradients of taylor / hessian / "
+    gradient_batches: int = Field(4, gt=0, le=MAX_IMAGES, description="training batches the gradients of taylor / hessian / "
                                                        "sensitivity's channel order are accumulated over")
     planner: Literal["budget", "ranking"] = Field(
         "budget", description="budget: the widths that keep the most importance within the target's cost (global "
                               "scope); ranking: bisect the ratio of Torch-Pruning's global ranking")
-    sensitivity_images: int = Field(2048, gt=0, description="training images (a seeded sample) sensitivity's loss "
+    sensitivity_images: int = Field(2048, gt=0, le=MAX_IMAGES, description="training images (a seeded sample) sensitivity's loss "
                                                             "curves are measured on")
-    sensitivity_grid: int = Field(8, ge=2, description="widths measured per slot by sensitivity; "
+    sensitivity_grid: int = Field(8, ge=2, le=MAX_GRID, description="widths measured per slot by sensitivity; "
                                                               "interpolated in between")
     sensitivity_cache: FilePath | None = Field(None, json_schema_extra=NO_EFFECT,
                                            description="the file caching sensitivity's loss curves (keyed by the "
@@ -359,7 +368,7 @@ class PruneCfg(Section):
     reconstruct: bool | None = Field(None, description="re-fit each pruned plain layer to the unpruned model's outputs "
                                                        "(least squares); None: on for mode plain, off for multibranch "
                                                        "(which has no plain layers until after fine-tuning)")
-    reconstruct_images: int = Field(512, gt=0, description="training images (a seeded sample) the re-fit uses")
+    reconstruct_images: int = Field(512, gt=0, le=MAX_IMAGES, description="training images (a seeded sample) the re-fit uses")
     reconstruct_ridge: float = Field(1e-3, ge=0, description="ridge of the re-fit, x mean(diag(X^T X)), on the "
                                                              "weights, not the bias")
 
@@ -409,14 +418,14 @@ class QuantCfg(Section):
 
     mode: Literal["qat", "ptq"] = Field("qat", description="ptq: calibration only; qat: calibration, then training "
                                                            "with fake quantization")
-    calibration_size: int = Field(256, gt=0, description="training images (test-time transforms) the activation "
+    calibration_size: int = Field(256, gt=0, le=MAX_IMAGES, description="training images (test-time transforms) the activation "
                                                          "ranges are calibrated on")
     epochs: int = Field(1, ge=0, le=MAX_EPOCHS, description="QAT epochs (mode qat)")
     lr: float = Field(1e-4, gt=0, description="QAT's learning rate; docs/int8.md gives the evidence for the default")
     weight_decay: float = Field(0.0, ge=0, description="QAT's weight decay")
     distill: Distill | None = Field(None, description="QAT distilled from the model's own FP32 weights")
     fp32_first_last: bool = Field(False, description="keep the first conv and the head in FP32")
-    train_subset: int | None = Field(None, gt=0, description="QAT on the first N training images (fixed order); None: "
+    train_subset: int | None = Field(None, gt=0, le=MAX_IMAGES, description="QAT on the first N training images (fixed order); None: "
                                                              "all")
     optimizer: Literal["sgd", "adamw"] = Field("sgd", description="QAT's optimizer (with weight_decay 0, adamw is Adam)")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, json_schema_extra=KEYED_WHEN_SET,
@@ -451,10 +460,10 @@ class ExportCfg(Section):
                                                             "exporter's)")
     artifacts: Annotated[list[Literal[ARTIFACT_NAMES]], Field(min_length=1)] | None = Field(
         None, description="the models to export; None: every model the run produced")
-    eval_subset: int | None = Field(None, gt=0, json_schema_extra=EVALUATION,
+    eval_subset: int | None = Field(None, gt=0, le=MAX_IMAGES, json_schema_extra=EVALUATION,
                                     description="test images each exported file is evaluated on (a stratified "
                                                 "sample, seed 0); None: all of them")
-    parity_images: int = Field(512, gt=0, json_schema_extra=EVALUATION,
+    parity_images: int = Field(512, gt=0, le=MAX_IMAGES, json_schema_extra=EVALUATION,
                                description="INT8 parity: each INT8 file against its fake-quant model on this many "
                                            "test images, on every CPU runtime here")
     int8_agreement: float = Field(0.97, gt=0, le=1, json_schema_extra=EVALUATION,
@@ -487,16 +496,16 @@ class ExportCfg(Section):
 class BenchCfg(Section):
     """The latency benchmark of the exported files (stage bench)."""
 
-    batch_sizes: Annotated[list[PositiveInt], Field(min_length=1)] = Field(
+    batch_sizes: Annotated[list[Annotated[int, Field(gt=0, le=MAX_BATCH)]], Field(min_length=1)] = Field(
         default_factory=lambda: [8], description="batch sizes every file is timed at")
-    main_batch: int | None = Field(None, gt=0, description="the batch size of the accuracy-latency curve and the "
+    main_batch: int | None = Field(None, gt=0, le=MAX_BATCH, description="the batch size of the accuracy-latency curve and the "
                                                            "INT8 speed-ups (one of batch_sizes); None: the first")
-    threads: int | None = Field(None, gt=0, description="intra-op threads; None: all cores")
-    warmup: int = Field(10, ge=0, description="untimed calls before each file's timed calls in a round")
-    iters: int = Field(20, gt=0, description="timed calls per file and round")
-    rounds: int = Field(3, gt=0, description="rounds, every file once per round in turn; a file's latency is its "
+    threads: int | None = Field(None, gt=0, le=MAX_THREADS, description="intra-op threads; None: all cores")
+    warmup: int = Field(10, ge=0, le=MAX_TIMED_CALLS, description="untimed calls before each file's timed calls in a round")
+    iters: int = Field(20, gt=0, le=MAX_TIMED_CALLS, description="timed calls per file and round")
+    rounds: int = Field(3, gt=0, le=MAX_TIMED_CALLS, description="rounds, every file once per round in turn; a file's latency is its "
                                              "fastest call (docs/timing.md)")
-    max_rounds: int | None = Field(None, gt=0, description="more rounds, up to this many in all, until every file has "
+    max_rounds: int | None = Field(None, gt=0, le=MAX_TIMED_CALLS, description="more rounds, up to this many in all, until every file has "
                                                            "bench.QUIET_ROUNDS undisturbed ones; None: rounds")
     providers: Annotated[list[Annotated[str, one_of(RUNTIMES, "runtime")]], Field(min_length=1)] | None = Field(
         None, description="runtimes to time on (ONNX Runtime's cpu/cuda/tensorrt, OpenVINO's CPU runtime, PyTorch "
@@ -542,11 +551,11 @@ class StudyCfg(Section):
     base_dir: FilePath | None = Field(None, description="a run (or study) directory whose trained base this study shares, "
                                                     "after checking its keys; its finished points made under the "
                                                     "same settings are reused too")
-    seeds: int = Field(1, ge=1, description="every pruned point fine-tuned and quantized this many times on the one "
+    seeds: int = Field(1, ge=1, le=MAX_STEPS, description="every pruned point fine-tuned and quantized this many times on the one "
                                             "base (finetune.seed and quantize.seed the recipe's seed + 0, 1, ...), "
                                             "every scratch point trained as many times; the curves and comparisons "
                                             "use the first, the points table lists them all")
-    added_images: Annotated[list[PositiveInt], Distinct, Field(min_length=1)] | None = Field(
+    added_images: Annotated[list[ImageCount], Distinct, Field(min_length=1)] | None = Field(
         None, description="the prune-or-retrain curve (`compress.study.budget`): at budget_keep_latency of the "
                           "unpruned latency, the pruned model fine-tuned and a latency-matched model trained from "
                           "scratch on each number of added images; None: no such curve")
@@ -554,7 +563,7 @@ class StudyCfg(Section):
     budget_equal_total: bool = Field(True, description="also scratch on the base's images plus the recipe's fine-tune "
                                                        "(equal total images): each seed costs about as much as "
                                                        "training the base")
-    bootstrap_resamples: int = Field(2000, ge=100, description="bootstrap resamples of the test set for the "
+    bootstrap_resamples: int = Field(2000, ge=100, le=1_000_000, description="bootstrap resamples of the test set for the "
                                                                "comparisons' intervals")
 
 
