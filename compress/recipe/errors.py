@@ -49,8 +49,10 @@ def _shown(value, limit: int = 60) -> str:
 
 
 def first_error(err: ValidationError, cls: type[BaseModel]) -> str:
-    """pydantic's first error as one line: the dotted key, what is wrong, and what was given."""
-    e = err.errors()[0]
+    """pydantic's first error as one line: the dotted key, what is wrong, and what was given. An unknown key comes
+    first: a misspelt key often causes the other errors (its section or value left at the default)."""
+    errors = err.errors()
+    e = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = ".".join(str(p) for p in e["loc"])
     if e["type"] == "extra_forbidden":
         section = _section_at(cls, e["loc"][:-1])

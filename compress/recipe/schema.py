@@ -579,7 +579,7 @@ class Recipe(Section):
     stages: Annotated[list[Annotated[str, one_of(STAGES, "stage")]], Field(min_length=1)] = Field(
         default_factory=lambda: list(STAGE_NAMES), description="the stages to run, always in pipeline order; a "
                                                               "skipped stage passes its input through")
-    model: ModelCfg = Field(default_factory=ModelCfg, description="the starting model")
+    model: ModelCfg = Field(description="the starting model (required: it has no default)")
     data: DataCfg = Field(default_factory=DataCfg, description="the dataset")
     train: TrainCfg = Field(default_factory=TrainCfg, description="training the multi-branch model")
     prune: PruneCfg = Field(default_factory=PruneCfg, description="pruning")
