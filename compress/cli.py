@@ -70,7 +70,8 @@ def run(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     plan = _stage_plan(recipe, args.stages)
     out_dir = args.out or Path("runs") / recipe.name
-    if args.dry_run:
+    if args.dry_run:  # resolved as the run resolves it (for the device it asks for), so that what passes here runs
+        recipe = recipe.resolved("cuda" if recipe.device == "cuda" else _device(recipe, 0).type)
         print(json.dumps(recipe.model_dump(mode="json"), indent=2))
         if recipe.study is not None:
             study = recipe.study

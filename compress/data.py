@@ -113,14 +113,23 @@ class CheckedImageFolder(datasets.ImageFolder):
         raise DataError(f"no decodable image in {self.root}")
 
 
-def _imagefolder(cfg: DataCfg):
+def check_data_root(cfg: DataCfg) -> tuple[Path, Path]:
+    """An ImageFolder root's train/ and val/ (or test/) folders; a missing root or layout is one line naming
+    data.root, the layout it needs and how to provide it."""
     root = Path(cfg.root)
-    if not root.is_dir():
-        raise DataError(f"data.root not found: {root}")
     train_dir = root / "train"
     test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
-    if not train_dir.is_dir() or test_dir is None:
-        raise DataError(f"data.root {root} needs train/ and val/ (or test/) class folders")
+    if root.is_dir() and train_dir.is_dir() and test_dir is not None:
+        return train_dir, test_dir
+    what = "not found" if not root.is_dir() else "lacks train/ and val/ (or test/)"
+    raise DataError(f"data.root {cfg.root} {what}: it must hold train/ and val/ (or test/) with one folder of "
+                    f"images per class; link the dataset there (ln -s /path/to/cifar10 {cfg.root}), point at it "
+                    f"(--set data.root=/path/to/dataset), or for CIFAR-10 set data.kind: cifar10 with "
+                    f"download: true")
+
+
+def _imagefolder(cfg: DataCfg):
+    train_dir, test_dir = check_data_root(cfg)
     sets = []
     for split, train in ((train_dir, True), (test_dir, False)):
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -102,15 +103,60 @@ def save_model(model: nn.Module, path: str | Path, **extra) -> None:
     torch_save({**model_record(model), **extra}, path)
 
 
+ZIP_MAGIC, PICKLE_MAGIC = b"PK", b"\x80\x02"  # how torch's zip files and its legacy pickles (protocol 2) start
+REDO = "delete it and rerun the stage that writes it (or copy it again)"
+
+
+def _reason(e: Exception) -> str:
+    """What went wrong reading a file, in a few words: the error's first sentence, without torch's advice to retry
+    with weights_only=False (wrong for a damaged file, and unsafe for a foreign one)."""
+    text = " ".join(str(e).split())
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    text = text.split(" Check the documentation")[0].split(". ")[0].strip().rstrip(".")
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 def load_checkpoint(path: str | Path) -> dict:
-    """Read a checkpoint file; a truncated or foreign file gets one line naming it."""
+    """Read a checkpoint file; a damaged, truncated or foreign file gets one line naming it and what to do."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a damaged zip/pickle
-        raise CheckpointError(f"checkpoint {path} cannot be read (truncated or not a torch file): {e}") from None
+    except Exception as e:  # torch raises many types for a damaged zip or pickle
+        with open(path, "rb") as f:
+            head = f.read(2)
+        pickled = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if pickled:  # intact, but a pickled object (a whole module, say) that a safe load does not run
+            raise CheckpointError(f"checkpoint {path} holds a pickled {pickled[1]}, which is not loaded (loading it "
+                                  f"would run its code): save its state_dict() instead") from None
+        if not head:
+            raise CheckpointError(f"checkpoint {path} cannot be read: it is empty (0 bytes): {REDO}") from None
+        if not head.startswith((ZIP_MAGIC, PICKLE_MAGIC)):
+            raise CheckpointError(f"checkpoint {path} cannot be read: not a PyTorch file ({_reason(e)})") from None
+        raise CheckpointError(f"checkpoint {path} cannot be read: it is damaged or truncated ({_reason(e)}): "
+                              f"{REDO}") from None
+
+
+def check_exported_onnx(path: str | Path, size_bytes: int | None = None) -> None:
+    """An ONNX file the export stage wrote, checked whole before it is used: missing, of another size than the
+    export recorded, or not parseable is one line naming it and saying to export again (the run directory's onnx/
+    folder deleted, the export stage reruns)."""
+    import onnx  # only where ONNX files are read
+
+    path = Path(path)
+    redo = f"delete {path.parent} and rerun the export stage"
+    if not path.is_file():
+        raise CheckpointError(f"ONNX file {path} is missing: {redo}")
+    size = path.stat().st_size
+    if size_bytes is not None and size != size_bytes:
+        raise CheckpointError(f"ONNX file {path} is damaged or truncated ({size} bytes, exported as {size_bytes}): "
+                              f"{redo}")
+    try:
+        onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise CheckpointError(f"ONNX file {path} is damaged or truncated ({_reason(e)}): {redo}") from None
 
 
 def load_model(path: str | Path, stem_stride: int = 2) -> nn.Module:

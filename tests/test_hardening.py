@@ -127,8 +127,16 @@ def test_truncated_and_foreign_checkpoints(tiny_recipe, capsys, tmp_path):
     path = tmp_path / "m.pt"
     save_model(model, path)
     path.write_bytes(path.read_bytes()[:200])
-    with pytest.raises(CheckpointError, match="cannot be read"):
+    with pytest.raises(CheckpointError) as err:
         load_model(path)
+    # the file named, damaged, and what to do; not torch's advice to retry with weights_only=False
+    assert str(err.value).startswith(f"checkpoint {path} cannot be read: it is damaged or truncated (")
+    assert str(err.value).endswith("delete it and rerun the stage that writes it (or copy it again)")
+    assert "weights_only" not in str(err.value) and "\n" not in str(err.value)
+    pickled = tmp_path / "module.pt"
+    torch.save(model, pickled)  # a whole module: intact, but a safe load does not run its class
+    with pytest.raises(CheckpointError, match=r"holds a pickled repvgg\.model\.RepVGG.*save its state_dict"):
+        load_model(pickled)
     foreign = tmp_path / "f.pt"
     torch.save({"features.0.weight": torch.zeros(3)}, foreign)
     line = one_line_error(capsys, ["--recipe", str(tiny_recipe()), "--set", f"model.checkpoint={foreign}"])
@@ -228,3 +236,49 @@ def test_a_stratified_subset_keys_its_sampling_and_no_subset_keys_nothing_new():
     assert DataCfg(test_subset=500).key_values("evaluation") == {"test_subset": 500,
                                                                  "test_subset_sampling": "stratified_sklearn"}
     assert ExportCfg(eval_subset=100).key_values("evaluation")["eval_subset_sampling"] == "stratified_sklearn"
+
+
+def test_recipe_file_errors_keep_the_line(tmp_path, capsys):
+    duplicate = tmp_path / "dup.yaml"
+    duplicate.write_text("model:\n  name: RepVGG-A0\ntrain:\n  lr: 0.1\n  epochs: 2\n  lr: 0.2\n")
+    line = one_line_error(capsys, ["--recipe", str(duplicate), "--dry-run"])
+    assert line == f"error: recipe {duplicate}: key 'train.lr' given twice (lines 4 and 6): give it once"
+    syntax = tmp_path / "syntax.yaml"
+    syntax.write_text("model:\n  name: RepVGG-A0\ntrain: {lr: 0.1\n")
+    line = one_line_error(capsys, ["--recipe", str(syntax), "--dry-run"])
+    assert line.startswith(f"error: recipe {syntax} is not valid YAML: line 4, column 1: expected ',' or '}}'")
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("# r\xe9glage\nmodel: {name: RepVGG-A0}\n".encode("latin-1"))
+    line = one_line_error(capsys, ["--recipe", str(latin1), "--dry-run"])
+    assert line == f"error: recipe {latin1} is not UTF-8 text (byte 0xe9 at offset 3): save it as UTF-8"
+
+
+def test_misspelt_key_two_levels_down_suggests_the_closest(tiny_recipe, capsys):
+    line = one_line_error(capsys, ["--recipe", str(tiny_recipe()), "--dry-run", "--set", "finetune.distill.alpah=0.5"])
+    assert line == "error: unknown recipe key 'finetune.distill.alpah' (did you mean 'alpha'?)"
+    # a misspelt section is the error, not the default its absence leaves
+    line = one_line_error(capsys, ["--recipe", str(tiny_recipe()), "--dry-run", "--set", "modl.name=RepVGG-A0"])
+    assert line == "error: unknown recipe key 'modl' (did you mean 'model'?)"
+
+
+def test_seed_bound_is_what_the_data_loader_seeds_torch_with(tiny_recipe, capsys):
+    from compress.recipe.schema import MAX_EPOCHS, MAX_SEED
+
+    torch.Generator().manual_seed(MAX_SEED * 1000 + MAX_EPOCHS - 1)  # the last epoch of the largest seed: taken
+    with pytest.raises(ValueError, match="Overflow"):
+        torch.Generator().manual_seed((MAX_SEED + 1) * 1000 + MAX_EPOCHS - 1)
+    assert main(["--recipe", str(tiny_recipe()), "--dry-run", "--set", f"seed={MAX_SEED}"]) == 0
+    line = one_line_error(capsys, ["--recipe", str(tiny_recipe()), "--dry-run", "--set", f"seed={MAX_SEED + 1}"])
+    assert line.startswith("error: recipe key 'seed': Input should be less than or equal to 18446744073709550")
+
+
+def test_missing_data_root_says_the_layout_and_how_to_fill_it(tiny_recipe, capsys, tmp_path):
+    root = tmp_path / "cifar10"
+    argv = ["--recipe", str(tiny_recipe()), "--out", str(tmp_path / "run"), "--set", "data.kind=imagefolder",
+            "--set", f"data.root={root}"]
+    line = one_line_error(capsys, argv)
+    assert line.startswith(f"error: data.root {root} not found: it must hold train/ and val/ (or test/)")
+    assert f"ln -s /path/to/cifar10 {root}" in line and "--set data.root=" in line and "download: true" in line
+    (root / "train").mkdir(parents=True)
+    assert f"data.root {root} lacks train/ and val/ (or test/)" in one_line_error(capsys, argv)
+    assert not (tmp_path / "run").exists()  # refused before the run directory is made

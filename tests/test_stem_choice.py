@@ -39,14 +39,15 @@ def test_export_writes_and_checks_the_rewritten_stems(tiny_recipe, tmp_path, cap
     stem = find_stem(onnx.load(int8["path"]))
     assert stem.input[0] == "input"  # the INT8 file's stem reads the float image: no Q/DQ before it
     assert int8["int8_parity"]["cpu"]["agreement"] >= 0.9
-    # a rewrite that does not fit the stem (space-to-depth of a stride-1 stem) stops the run in one line
+    # a rewrite that does not fit the stem (space-to-depth of a stride-1 stem) is refused at the door, in one line
     bad = tiny_recipe(stages=["train", "reparam", "export"], train={"epochs": 1, "lr": 0.05},
                       model={"num_blocks": [1, 1, 1, 1], "width_multiplier": [0.25, 0.25, 0.25, 0.125],
                              "stem_stride": 1},
                       export={"stem_fp32": "space_to_depth", "parity_images": 64})
     assert main(["--recipe", str(bad), "--out", str(tmp_path / "bad")]) != 0
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("error: export.stem_fp32=space_to_depth on ") and "stride-2" in err, err
+    assert err == "error: export.stem_fp32: space_to_depth rewrites a stride-2 stem; model.stem_stride is 1", err
+    assert not (tmp_path / "bad").exists()  # before any training
 
 
 def test_auto_takes_a_rewrite_only_past_the_margin_and_caches_the_timing(tiny_recipe, tmp_path, monkeypatch):

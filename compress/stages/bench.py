@@ -11,6 +11,7 @@ from ..bench import BenchOptions, benchmark
 from ..context import StageContext
 from ..deploy import isa_warning
 from ..figures import accuracy_latency_figure, log_bench
+from ..files import check_exported_onnx
 from ..profile import profile_onnx
 from ..recipe import BenchCfg
 from ..rundir import PipelineError
@@ -62,6 +63,8 @@ def run(c: StageContext) -> dict:
     artifacts = c.summary["stages"].get("export", {}).get("artifacts")
     if not c.dir.active("export") or not artifacts:
         raise PipelineError("bench needs the export stage's ONNX files: run export first")
+    for entry in artifacts.values():  # a damaged or missing file is one line naming it, before any timing
+        check_exported_onnx(entry["path"], entry.get("size_bytes"))
     paths = {name: Path(a["path"]) for name, a in artifacts.items()}
     for warning in filter(None, (isa_warning(p) for name, p in paths.items() if name.endswith("int8"))):
         print(warning, file=sys.stderr)
