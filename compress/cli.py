@@ -197,7 +197,8 @@ def _nncf_log_level(level: int):
 
 def _diagnosed_run(args: argparse.Namespace) -> tuple[Path, Recipe]:
     """The run directory `int8-diagnosis` works on (a study's point with --point) and its resolved recipe: the one
-    it recorded, or --recipe (with --set; for a point, the study's recipe, the point's rebuilt from it)."""
+    it recorded; where it recorded none, --recipe with --set (for a point: the study's, the point's rebuilt from it
+    as the study builds it)."""
     from .record import RecordError, provenance, read_json
     from .study.points import pruned_recipe, reseeded
     from .study.strategies import STRATEGIES
@@ -205,16 +206,17 @@ def _diagnosed_run(args: argparse.Namespace) -> tuple[Path, Recipe]:
     run_dir = args.run_dir
     points = run_dir / "points"
     if args.point is not None or points.is_dir():
-        names = sorted(p.name for p in points.iterdir() if p.is_dir()) if points.is_dir() else []
-        if args.point is None or args.point not in names:
-            what = "name a point with --point" if args.point is None else f"--point: no point '{args.point}' in it"
-            raise RecordError(f"{run_dir} is {'a study directory' if names else 'not a study directory'}: {what}"
-                              + (f" (points: {', '.join(names)})" if names else ""))
+        if not points.is_dir():
+            raise RecordError(f"--point: {run_dir} is not a study directory (no points/)")
+        names = sorted(p.name for p in points.iterdir() if p.is_dir())
+        if args.point not in names:
+            what = "name a point with --point" if args.point is None else f"no point '{args.point}' in it"
+            raise RecordError(f"{run_dir} is a study directory: {what} (points: {', '.join(names) or 'none'})")
         run_dir = points / args.point
     summary = read_json(run_dir / "summary.json")
     made = provenance(run_dir, summary, summary.get("recipe"), args.recipe, args.overrides)
-    if not made.reconstructed and args.recipe is None:
-        return run_dir, made.recipe  # recorded resolved
+    if not made.reconstructed:
+        return run_dir, made.recipe  # as recorded: resolved where it ran
     recipe = made.recipe.resolved(_device(made.recipe, 0).type)
     if args.point is not None:  # a study's recipe: the point's is the study's rebuilt as the study rebuilt it
         match = re.fullmatch(r"(.+)_([0-9.]+)(?:_seed(\d+))?", args.point)

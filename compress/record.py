@@ -71,19 +71,16 @@ def read_json(path: Path) -> dict:
 def provenance(run_dir: Path, written: dict, recorded_name: str | None, recipe_path: Path | None = None,
                overrides: Sequence[str] = ()) -> Provenance:
     """How the run in `run_dir` was made, from `written` (its summary.json or study.json, whose mtime dates an
-    unrecorded run). Its recorded recipe, unless `recipe_path` (with `overrides`) is given; a run without a record
-    needs `recipe_path` or recipes/<`recorded_name`>.yaml."""
+    unrecorded run): its recorded recipe; where it recorded none, the one in `recipe_path` (with `overrides`), else
+    in recipes/<`recorded_name`>.yaml."""
     run_dir = Path(run_dir)
     record = written.get("run") or {}
-    if recipe_path is not None:
-        recipe = load_recipe(recipe_path, overrides)
-    elif "recipe" in record:
+    if "recipe" in record:
         recipe = validate_recipe(record["recipe"])
     else:
-        recipe_path = Path("recipes") / f"{recorded_name}.yaml"
-        if recorded_name is None or not recipe_path.is_file():
-            raise RecordError(f"{run_dir} records no recipe and "
-                              f"{recipe_path if recorded_name else 'no recipe name'} is here: give --recipe")
+        recipe_path = recipe_path or Path("recipes") / f"{recorded_name}.yaml"
+        if not recipe_path.is_file():
+            raise RecordError(f"{run_dir} records no recipe and {recipe_path} is not here: give --recipe")
         recipe = load_recipe(recipe_path, overrides)
     if "command" in record:
         return Provenance(recipe, record["command"], datetime.date.fromisoformat(record["date"]),

@@ -131,15 +131,25 @@ def test_int8_diagnosis_of_a_run_sorts_layers_by_loss_and_scales_by_move(tiny_ru
 
 
 
-def test_int8_diagnosis_finds_a_study_point_and_its_recorded_recipe(tiny_run, tmp_path, capsys):
-    _, out = tiny_run
+def test_int8_diagnosis_finds_a_study_point_and_its_recipe(tiny_run, tmp_path, capsys):
+    recipe_path, out = tiny_run
     study = tmp_path / "study"
     (study / "points").mkdir(parents=True)
     (study / "points" / "plain_0.5").symlink_to(out)
     assert "name a point with --point (points: plain_0.5)" in one_line_error(capsys, ["int8-diagnosis", str(study)])
     line = one_line_error(capsys, ["int8-diagnosis", str(study), "--point", "plain_0.3"])
     assert "no point 'plain_0.3'" in line
-    args = parser().parse_args(["int8-diagnosis", str(study), "--point", "plain_0.5"])
-    run_dir, recipe = _diagnosed_run(args)
+    summary = json.loads((out / "summary.json").read_text())
+    run_dir, recipe = _diagnosed_run(parser().parse_args(["int8-diagnosis", str(study), "--point", "plain_0.5"]))
     assert run_dir == study / "points" / "plain_0.5"
-    assert recipe.model_dump(mode="json") == json.loads((out / "summary.json").read_text())["run"]["recipe"]
+    assert recipe.model_dump(mode="json") == summary["run"]["recipe"]
+
+    # a point that recorded no recipe: a pruned point's is rebuilt from the study's recipe, as the study builds it
+    for name in ("plain_0.4", "scratch_0.4"):
+        (study / "points" / name).mkdir()
+        (study / "points" / name / "summary.json").write_text(json.dumps({**summary, "run": {}}))
+    argv = ["int8-diagnosis", str(study), "--point", "plain_0.4", "--recipe", str(recipe_path)]
+    _, rebuilt = _diagnosed_run(parser().parse_args(argv))
+    assert rebuilt.prune.keep_macs == 0.4 and rebuilt.prune.mode == "plain" and rebuilt.train == recipe.train
+    line = one_line_error(capsys, [*argv[:3], "scratch_0.4", *argv[4:]])
+    assert "records no recipe and 'scratch_0.4' is not a pruned point" in line
