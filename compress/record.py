@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import json
 import shlex
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +27,10 @@ class RecordError(UserError, ValueError):
 
 
 def invocation(argv: list[str] | None, world_size: int = 1) -> str:
-    """The command line of this process as a user types it again: `argv` are compress.py's arguments (None: this
-    process's own sys.argv); under torchrun with `world_size` processes, the torchrun line."""
-    line = command_line() if argv is None else command_line(["compress.py", *argv])
+    """The command line of this process as a user types it again from a checkout: `python compress.py` with `argv`,
+    compress.py's arguments (None: this process's own, whether it started as compress.py or the installed
+    `repvgg-compress`); under torchrun with `world_size` processes, the torchrun line."""
+    line = command_line(["compress.py", *(sys.argv[1:] if argv is None else argv)])
     if world_size > 1:
         line = f"torchrun --nproc_per_node {world_size} " + line.removeprefix("python ")
     return line

@@ -38,11 +38,12 @@ def rewrite(run_dir: Path, recipe_path: Path | None = None, overrides: Sequence[
     """Re-write the report of the finished run or study in `run_dir` (DIR/report.md or DIR/study.md) from its outputs.
     Returns (the report's markdown, how the run was made, the header's machine, the figures the report shows)."""
     from .report import run_report
-    from .study.report import study_markdown
+    from .study.report import read_result, study_markdown
 
     run_dir = Path(run_dir)
     if (run_dir / "study.json").exists():
-        result = read_json(run_dir / "study.json")
+        read_json(run_dir / "study.json")  # one line where it cannot be read
+        result = read_result(run_dir)
         made = provenance(run_dir, result, run_dir.name, recipe_path, overrides)  # its default out dir: runs/<name>
         text = study_markdown(made.recipe, result)
         write_text(run_dir / "study.md", text)

@@ -12,6 +12,8 @@ from conftest import TINY, one_line_error, write_recipe
 from compress.cli import COMMANDS, _diagnosed_run, main, parser
 from compress.int8_diagnosis import quantizer_scales, scale_moves
 from compress.quant import quantize_model
+from compress.record import invocation
+from compress.study.report import read_result
 from repvgg import RepVGG, reparameterize
 
 
@@ -47,6 +49,18 @@ def test_every_command_prints_a_user_error_as_one_line(tmp_path, capsys, argv, n
     assert needle in one_line_error(capsys, argv)
     with pytest.raises(Exception, match=needle):  # --debug: the exception itself, for its traceback
         main([*argv, "--debug"])
+
+
+def test_a_study_result_reads_back_with_its_batch_keys(tmp_path):
+    result = {"rows": [{"fp32_ms": {8: 1.5, 1: 0.2}, "tag": "plain_0.6"}], "settings": {"batches": [8, 1]},
+              "timings": {"points/plain_0.6": 3.0}}
+    (tmp_path / "study.json").write_text(json.dumps(result))
+    assert read_result(tmp_path) == result
+
+
+def test_invocation_is_the_command_typed_again():
+    assert invocation(["--recipe", "r.yaml", "--set", "a.b=1 2"]) == "python compress.py --recipe r.yaml --set 'a.b=1 2'"
+    assert invocation(["--recipe", "r.yaml"], world_size=2) == "torchrun --nproc_per_node 2 compress.py --recipe r.yaml"
 
 
 def test_scale_moves_puts_the_scale_qat_moved_most_first():
