@@ -1,14 +1,24 @@
-"""`python compress.py --recipe R [--out DIR] [--set k=v ...] [--stages a,b] [--dry-run]`,
-`python compress.py latency-table --recipe R [--set k=v ...]`, `python compress.py inspect PATH` and
-`python compress.py profile FILE.onnx [--threads N] [--batch B] [--image-size S] [--runs R]` (also installed as
-`repvgg-compress`). Parse, validate once, dispatch; every expected failure is one line."""
+"""The command line, `python compress.py COMMAND ...` (also installed as `repvgg-compress`):
+
+  run             a recipe's stages over a run directory (the default command: `compress.py --recipe R ...` is
+                  `compress.py run --recipe R ...`)
+  latency-table   the latency table a recipe's `prune.latency` settings ask for
+  inspect         what a checkpoint or ONNX file holds
+  profile         ONNX Runtime's CPU kernel times of an ONNX file
+  int8-diagnosis  where a run's INT8 model loses accuracy, layer by layer
+  report          a finished run's or study's report re-written from its directory (optionally into docs/results/)
+
+Each command parses, validates once and dispatches. Every failure a user can fix (`UserError`) prints as one
+`error:` line, in one place (`main`) for every command; `--debug` shows the traceback instead."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import logging
 import os
+import re
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -17,22 +27,9 @@ import torch
 
 from .errors import UserError
 from .recipe import Recipe, RecipeError, load_recipe
+from .record import invocation
 from .registry import STAGE_NAMES
 from .study.strategies import strategy_keeps
-
-
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="compress.py", description=__doc__)
-    ap.add_argument("--recipe", type=Path, help="YAML recipe")
-    ap.add_argument("--out", type=Path, help="run directory (default runs/<recipe name>)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                    help="override a recipe value (repeatable)")
-    ap.add_argument("--stages", help=f"comma-separated subset of the recipe's stages: {','.join(STAGE_NAMES)}")
-    ap.add_argument("--dry-run", action="store_true", help="print the validated recipe and the stage plan")
-    ap.add_argument("--resume", action="store_true",
-                    help="require an existing run dir to resume (resuming is automatic when one exists)")
-    ap.add_argument("--debug", action="store_true", help="full tracebacks")
-    return ap
 
 
 def _stage_plan(recipe: Recipe, stages_arg: str | None) -> list[str]:
@@ -55,7 +52,8 @@ def _device(recipe: Recipe, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
+    """`compress.py [run] --recipe R`: the recipe's stages, or its study, over the run directory."""
     # imported here, not at the top: the pipeline pulls in torchvision, matplotlib, TensorBoard and Torch-Pruning
     # (about 4 s), which --help, --dry-run and a recipe error never need
     from torch.utils.tensorboard import SummaryWriter
@@ -108,7 +106,7 @@ def run(args) -> int:
                 writer = SummaryWriter(str(out_dir / "tb"))
                 stack.callback(writer.close)
             env = Env(device=device, out_dir=out_dir, rank=rank, world_size=world_size, writer=writer,
-                      wait_group=wait_group)
+                      wait_group=wait_group, command=invocation(args.argv, world_size))
             if recipe.study is not None:
                 Study(recipe, out_dir, env, data).run()
                 if rank == 0:
@@ -147,7 +145,7 @@ def _resolve_stems(recipe: Recipe, num_classes: int, device_type: str, rank: int
     return resolved[0]
 
 
-def latency_table_main(args) -> int:
+def latency_table(args: argparse.Namespace) -> int:
     """`compress.py latency-table --recipe R`: build (or read from the cache) and print the latency table the
     recipe's `prune.latency` settings ask for, for the recipe's starting model (random weights do: latency does
     not depend on them)."""
@@ -167,43 +165,213 @@ def latency_table_main(args) -> int:
     return 0
 
 
-def profile_main(argv: list[str]) -> int:
-    """`compress.py profile FILE.onnx`: ONNX Runtime's CPU kernel times of the file, per op type and per node."""
-    from .profile import format_profile, profile_onnx
 
-    ap = argparse.ArgumentParser(prog="compress.py profile", description=profile_main.__doc__)
-    ap.add_argument("path", type=Path, metavar="FILE.onnx")
-    ap.add_argument("--threads", type=int, help="intra-op threads (default: ORT's, all physical cores)")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--image-size", type=int, help="input height and width (default: the file's, when fixed)")
-    ap.add_argument("--runs", type=int, default=20, help="profiled runs, after 5 warm-up runs")
-    ap.add_argument("--debug", action="store_true", help="full tracebacks")
-    args = ap.parse_args(argv)
-    try:
-        result = profile_onnx(args.path, args.threads, args.batch, args.image_size, args.runs)
-    except UserError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_profile(result))
+
+def inspect(args: argparse.Namespace) -> int:
+    """`compress.py inspect PATH`: what a checkpoint or ONNX file holds, without running a recipe."""
+    from .describe import describe
+
+    print("\n".join(describe(args.path, args.image_size)))
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["inspect"]:
-        from .describe import inspect_main
+def profile(args: argparse.Namespace) -> int:
+    """`compress.py profile FILE.onnx`: ONNX Runtime's CPU kernel times of the file, per op type and per node."""
+    from .profile import format_profile, profile_onnx
 
-        return inspect_main(argv[1:])
-    if argv[:1] == ["profile"]:
-        return profile_main(argv[1:])
-    latency_table = argv[:1] == ["latency-table"]
-    args = _parser().parse_args(argv[1:] if latency_table else argv)
-    if args.recipe is None:
-        _parser().error("--recipe is required")
+    print(format_profile(profile_onnx(args.path, args.threads, args.batch, args.image_size, args.runs)))
+    return 0
+
+
+@contextlib.contextmanager
+def _nncf_log_level(level: int):
+    """NNCF's log level for the block (its handler writes to stdout)."""
+    from nncf.common.logging.logger import nncf_logger, set_log_level
+
+    before = nncf_logger.level
+    set_log_level(level)
     try:
-        return latency_table_main(args) if latency_table else run(args)
+        yield
+    finally:
+        set_log_level(before)
+
+
+def _diagnosed_run(args: argparse.Namespace) -> tuple[Path, Recipe]:
+    """The run directory `int8-diagnosis` works on (a study's point with --point) and its resolved recipe: the one
+    it recorded; where it recorded none, --recipe with --set (for a point: the study's, the point's rebuilt from it
+    as the study builds it)."""
+    from .record import RecordError, provenance, read_json
+    from .study.points import pruned_recipe, reseeded
+    from .study.strategies import STRATEGIES
+
+    run_dir = args.run_dir
+    points = run_dir / "points"
+    if args.point is not None or points.is_dir():
+        if not points.is_dir():
+            raise RecordError(f"--point: {run_dir} is not a study directory (no points/)")
+        names = sorted(p.name for p in points.iterdir() if p.is_dir())
+        if args.point not in names:
+            what = "name a point with --point" if args.point is None else f"no point '{args.point}' in it"
+            raise RecordError(f"{run_dir} is a study directory: {what} (points: {', '.join(names) or 'none'})")
+        run_dir = points / args.point
+    summary = read_json(run_dir / "summary.json")
+    made = provenance(run_dir, summary, summary.get("recipe"), args.recipe, args.overrides)
+    if not made.reconstructed:
+        return run_dir, made.recipe  # as recorded: resolved where it ran
+    recipe = made.recipe.resolved(_device(made.recipe, 0).type)
+    if args.point is not None:  # a study's recipe: the point's is the study's rebuilt as the study rebuilt it
+        match = re.fullmatch(r"(.+)_([0-9.]+)(?:_seed(\d+))?", args.point)
+        if match is None or match[1] not in STRATEGIES or STRATEGIES[match[1]].from_scratch:
+            raise RecordError(f"{run_dir} records no recipe and '{args.point}' is not a pruned point whose recipe "
+                              "can be rebuilt from the study's")
+        recipe = reseeded(pruned_recipe(recipe, match[1], float(match[2])), int(match[3] or 0), False)
+    return run_dir, recipe
+
+
+def int8_diagnosis(args: argparse.Namespace) -> int:
+    """`compress.py int8-diagnosis RUN_DIR [--point NAME]`: where the run's INT8 model loses accuracy. Per layer,
+    PTQ top-1 with that layer kept in FP32, and how far QAT moved each quantizer's scale from its PTQ start; the
+    run's fine-tuned FP32 model and QAT model, its calibration settings, on --images test images."""
+    from .data import build_data
+    from .files import CheckpointError, build_model, load_checkpoint
+    from .int8_diagnosis import Diagnosis, format_diagnosis, layer_losses, scale_moves
+    from .quant import rebuild_quantized
+    from .rundir import RunDir
+    from .stages.quantize import calibration_options
+    from .train import evaluate
+
+    if args.images < 1:
+        raise RecipeError(f"--images must be >= 1, got {args.images}")
+    run_dir, recipe = _diagnosed_run(args)
+    state = RunDir(run_dir, recipe)
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr)
+
+    def artifact(stage: str) -> tuple[Path | None, dict | None, str | None]:
+        """The file standing for `stage`'s output, its record (None: absent or not made under the recipe) and
+        why it is not usable."""
+        source = state.source(stage)
+        path = state.path(source) if source else None
+        if path is None or not path.is_file():
+            return path, None, f"{path or stage + ' output'} is missing"
+        record = load_checkpoint(path)
+        stale = state.staleness(source, record.get("provenance") if isinstance(record, dict) else None)
+        return path, (None if stale else record), stale and f"{path} does not belong to the recipe ({stale})"
+
+    fp32_path, fp32_record, why = artifact("finetune")
+    if fp32_record is None:
+        raise CheckpointError(f"{why}: the FP32 model to diagnose must be the recipe's (the run's own recipe, or "
+                              "--recipe/--set as it was made)")
+    fp32 = build_model(fp32_record).eval()
+    torch.manual_seed(recipe.seed)
+    data = build_data(recipe.data, recipe.seed)
+    cfg = recipe.quantize
+    example = data.example_input()
+    calibration = data.reseeded(cfg.seed).calibration_loader(cfg.calibration_size)  # the quantize stage's images
+    test = data.test_sample_loader(args.images)
+    # stdout holds the tables alone: NNCF's progress bars (stdout) go to stderr, its INFO notes are muted
+    with contextlib.redirect_stdout(sys.stderr), _nncf_log_level(logging.WARNING):
+        fp32_top1, ptq_top1, ptq_model, layers = layer_losses(fp32, calibration, example, test,
+                                                              calibration_options(cfg), log=log)
+        diagnosis = Diagnosis(f"{run_dir} ({fp32_path.name})", len(test.dataset),
+                              f"overflow_fix {cfg.overflow_fix}, ranges {cfg.activation_ranges}, calibration "
+                              f"{cfg.calibration_size} images", fp32_top1, ptq_top1, layers)
+        if "quantize" in recipe.stages and cfg.mode == "qat":
+            qat_path, qat_record, why = artifact("quantize")
+            if qat_record is None:
+                log(f"[int8-diagnosis] the QAT scale table is left out: {why}")
+            else:
+                qat = rebuild_quantized(qat_record, qat_path, example)
+                diagnosis.qat_top1 = evaluate(qat, test, torch.device("cpu"))["top1"]
+                diagnosis.scales = scale_moves(ptq_model, qat)
+    print(format_diagnosis(diagnosis))
+    return 0
+
+
+def report(args: argparse.Namespace) -> int:
+    """`compress.py report RUN_DIR`: the run's or study's report from its outputs on disk."""
+    from .republish import republish
+
+    text, written = republish(args.run_dir, args.to, args.title, args.recipe, args.overrides)
+    print(text, end="")
+    if written is not None:
+        print(f"report: {written}", file=sys.stderr)
+    return 0
+
+
+def _recipe_arguments(ap: argparse.ArgumentParser, required: bool, what: str = "YAML recipe") -> None:
+    ap.add_argument("--recipe", type=Path, required=required, help=what)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override a recipe value (repeatable)")
+
+
+def parser() -> argparse.ArgumentParser:
+    """The parser of every command; each subparser's `handler` runs it."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="full tracebacks")
+    ap = argparse.ArgumentParser(prog="compress.py", description="Compress a RepVGG by recipe. Without a command, "
+                                 "`compress.py --recipe R ...` runs `compress.py run --recipe R ...`.",
+                                 epilog="`compress.py COMMAND --help` describes a command's arguments.")
+    commands = ap.add_subparsers(title="commands", metavar="COMMAND")
+
+    def command(name: str, handler, summary: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, parents=[common], help=summary, description=handler.__doc__)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    sub = command("run", run, "run a recipe's stages (the default command)")
+    _recipe_arguments(sub, required=True)
+    sub.add_argument("--out", type=Path, help="run directory (default runs/<recipe name>)")
+    sub.add_argument("--stages", help=f"comma-separated subset of the recipe's stages: {','.join(STAGE_NAMES)}")
+    sub.add_argument("--dry-run", action="store_true", help="print the validated recipe and the stage plan")
+    sub.add_argument("--resume", action="store_true",
+                     help="require an existing run dir to resume (resuming is automatic when one exists)")
+
+    sub = command("latency-table", latency_table, "print the latency table of a recipe's prune.latency settings")
+    _recipe_arguments(sub, required=True)
+
+    sub = command("inspect", inspect, "what a checkpoint or ONNX file holds")
+    sub.add_argument("path", type=Path)
+    sub.add_argument("--image-size", type=int, default=224, help="input size for the MACs count")
+
+    sub = command("profile", profile, "ONNX Runtime CPU kernel times of an ONNX file")
+    sub.add_argument("path", type=Path, metavar="FILE.onnx")
+    sub.add_argument("--threads", type=int, help="intra-op threads (default: ORT's, all physical cores)")
+    sub.add_argument("--batch", type=int, default=8)
+    sub.add_argument("--image-size", type=int, help="input height and width (default: the file's, when fixed)")
+    sub.add_argument("--runs", type=int, default=20, help="profiled runs, after 5 warm-up runs")
+
+    sub = command("int8-diagnosis", int8_diagnosis, "where a run's INT8 model loses accuracy, layer by layer")
+    sub.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a pipeline run directory, or a study's")
+    sub.add_argument("--point", help="in a study directory: the point's name (its directory under points/)")
+    sub.add_argument("--images", type=int, default=2000, help="test images each variant is scored on (stratified)")
+    _recipe_arguments(sub, required=False, what="the run's recipe, where its directory records none")
+
+    sub = command("report", report, "a finished run's or study's report, re-written from its directory")
+    sub.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a pipeline run directory, or a study's")
+    sub.add_argument("--to", type=Path, metavar="PATH.md",
+                     help="write it as a published report (docs/results/NAME.md): header with the command that "
+                          "measured it, figures copied beside it")
+    sub.add_argument("--title", help="the published report's title (default: the report's own)")
+    _recipe_arguments(sub, required=False, what="the run's recipe, where its directory records none")
+    return ap
+
+
+COMMANDS = ("run", "latency-table", "inspect", "profile", "int8-diagnosis", "report")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse `argv` (default this process's), run the command, and print any `UserError` as one line."""
+    args_given = argv
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
+        argv = ["run", *argv]  # the default command: `compress.py --recipe R` keeps working
+    args = parser().parse_args(argv)
+    # the command as typed, recorded by a run: this process's own argv, or compress.py with the given arguments
+    args.argv = None if args_given is None else list(args_given)
+    try:
+        return args.handler(args)
     except UserError as e:  # expected failures are one line; --debug shows the traceback
         if args.debug:
             raise

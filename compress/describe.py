@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -16,6 +14,7 @@ from .files import FORMAT, CheckpointError, build_model, load_checkpoint, load_m
 
 
 def describe_torch(path: Path, image_size: int) -> list[str]:
+    """A torch checkpoint's model: kind, layers, widths, MACs at `image_size`, params and precision."""
     record = load_checkpoint(path)
     int8 = isinstance(record, dict) and "quant_format" in record  # NNCF model: its FP32 architecture + quantizers
     if isinstance(record, dict) and "model" in record and "key" in record:
@@ -43,6 +42,7 @@ def describe_torch(path: Path, image_size: int) -> list[str]:
 
 
 def describe_onnx(path: Path) -> list[str]:
+    """An ONNX file's opset, inputs and outputs, conv widths, params, precision and op counts."""
     import onnx
     from onnx import numpy_helper
 
@@ -80,17 +80,15 @@ def describe_onnx(path: Path) -> list[str]:
     ]
 
 
-def inspect_main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="compress.py inspect", description=__doc__)
-    ap.add_argument("path", type=Path)
-    ap.add_argument("--image-size", type=int, default=224, help="input size for the MACs count")
-    args = ap.parse_args(argv)
+def describe(path: Path, image_size: int = 224) -> list[str]:
+    """What the checkpoint or ONNX file `path` holds, as lines (`describe_onnx` for .onnx, else `describe_torch`
+    with MACs at `image_size`); a missing or unreadable file is a CheckpointError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no such file: {path}")
     try:
-        if not args.path.is_file():
-            raise CheckpointError(f"no such file: {args.path}")
-        lines = describe_onnx(args.path) if args.path.suffix == ".onnx" else describe_torch(args.path, args.image_size)
-    except (CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print("\n".join(lines))
-    return 0
+        return describe_onnx(path) if path.suffix == ".onnx" else describe_torch(path, image_size)
+    except CheckpointError:
+        raise
+    except (ValueError, KeyError, TypeError) as e:  # a torch file whose record is not a model
+        raise CheckpointError(f"{path}: {e}") from None

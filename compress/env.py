@@ -20,6 +20,8 @@ class Env:
     # gloo group with a long timeout, where ranks wait while rank 0 runs a stage alone (exports, benchmarks):
     # the training group's timeout (NCCL: 10 minutes) must not bound a stage's length
     wait_group: object | None = None
+    # the command line that started this process, recorded with what a run measures (None: this process's argv)
+    command: str | None = None
 
     @property
     def main(self) -> bool:

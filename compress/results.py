@@ -36,12 +36,14 @@ def command_line(argv: list[str] | None = None) -> str:
     return " ".join(["python", *map(shlex.quote, argv)])
 
 
-def report_header(title: str, command: str, machine: dict | None = None, when: datetime.date | None = None) -> str:
-    """The opening lines of a result report: its title, the `command` that measured it, the date, the CPU
-    (`machine`: a `machine_info`-like dict of the measuring machine, default this one) and the package versions."""
+def report_header(title: str, command: str, machine: dict | None = None, when: datetime.date | None = None,
+                  packages: dict[str, str] | None = None) -> str:
+    """The opening lines of a result report: its title, the `command` that measured it, the date (`when`, default
+    today), the CPU (`machine`: a `machine_info`-like dict of the measuring machine, default this one) and the
+    package versions (`packages`: the measuring environment's `package_versions`, default this one's)."""
     machine = cpu_info() if machine is None else machine
     when = when or datetime.date.today()
-    versions = ", ".join(f"{name} {version}" for name, version in package_versions().items())
+    versions = ", ".join(f"{name} {version}" for name, version in (packages or package_versions()).items())
     lines = [f"# {title}", "",
              f"- command: `{command}`",
              f"- date: {when.isoformat()}",
@@ -53,12 +55,13 @@ def report_header(title: str, command: str, machine: dict | None = None, when: d
 
 
 def write_result_report(path: Path, title: str, body: str, command: str | None = None,
-                        machine: dict | None = None) -> Path:
+                        machine: dict | None = None, when: datetime.date | None = None,
+                        packages: dict[str, str] | None = None) -> Path:
     """Write a report to `path` (parents made): `report_header` then `body`. Written to a temporary file and moved
     into place, so an interrupted write never leaves half a report."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = report_header(title, command or command_line(), machine) + body.rstrip() + "\n"
+    text = report_header(title, command or command_line(), machine, when, packages) + body.rstrip() + "\n"
     partial = path.with_name(path.name + ".partial")
     partial.write_text(text)
     partial.replace(path)

@@ -105,6 +105,13 @@ def test_digits_smoke_study_with_every_strategy_then_a_second_study_on_its_base(
     assert all(len(set(stage)) == 1 for stage in by["multibranch"]["stage_widths"])
     assert re.search(r"\| multibranch \| 0\.6 \| \d+ \| \d+ \| \d+ \| \d+ \| \d+ \|", md)
     assert (out / "pareto.png").stat().st_size > 10_000
+    # published from its directory: the header names the command that ran the study, the figure is copied beside it
+    assert result["run"]["command"] == f"python compress.py --recipe {recipe} --out {out}"
+    assert main(["report", str(out), "--to", str(tmp_path / "results" / "smoke.md")]) == 0
+    published = (tmp_path / "results" / "smoke.md").read_text()
+    assert published.startswith(f"# Study: tiny\n\n- command: `{result['run']['command']}`\n")
+    assert md.partition("\n")[2].strip() in published and "![pareto](smoke_pareto.png)" in published
+    assert (tmp_path / "results" / "smoke_pareto.png").read_bytes() == (out / "pareto.png").read_bytes()
     events = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0})
     events.Reload()
     assert "study/plain/int8_top1" in events.Tags()["scalars"]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ..figures import finish_panels, new_figure
@@ -12,6 +13,21 @@ from ..runtime import describe_cpu
 from .analysis import ORDER_ROUNDS, PRECISIONS, curve
 from .budget import budget_figure, comparisons
 from .strategies import STRATEGIES, UNPRUNED_COLOUR
+
+
+def _batch_keys(obj):
+    """`obj` with every all-digit dict key made an int again: JSON writes the batch sizes that key the latencies
+    ({batch: ms}) as strings."""
+    if isinstance(obj, dict):
+        return {int(k) if isinstance(k, str) and k.isdigit() else k: _batch_keys(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_batch_keys(v) for v in obj]
+    return obj
+
+
+def read_result(out_dir: Path) -> dict:
+    """The study result `write_report` wrote to DIR/study.json, as it was in memory (`study_markdown` reads it)."""
+    return _batch_keys(json.loads((Path(out_dir) / "study.json").read_text()))
 
 
 def write_report(recipe: Recipe, result: dict, out_dir: Path, writer=None) -> None:

@@ -23,6 +23,7 @@ from ..models import recipe_architecture
 from ..pipeline import Pipeline
 from ..prune import default_round_to
 from ..recipe import Recipe
+from ..record import run_record
 from ..stages.bench import bench_options
 from .analysis import PRECISIONS, ROUND_STATISTIC, compare, correctness, point_row, seed_differences
 from .budget import PRUNED, SCRATCH, finetune_with, latency_matched_widths, scratch_with, verdict, with_side
@@ -202,6 +203,8 @@ class Study:
         result = self._timed("bench", lambda: benchmark(files, options, cfg.image_size or self.data.cfg.image_size),
                              fresh=True)
         result["key"] = key
+        # the command that measured the latencies: the study's report names it, also when a rerun reuses them
+        result["run"] = run_record(self.recipe, self.env.device, self.env.command)
         write_json(cache, result)
         return result
 
@@ -241,6 +244,9 @@ class Study:
         batches = sorted({b for (_, _, b) in rounds}, key=lambda b: (b != bench["main_batch"], b))
         first = [(pt, row) for pt, row in zip(points, rows) if pt["seed"] == 0]  # the curves: each point's first seed
         result = {
+            # the command, date and machine of the benchmark (the study's last measurement), this recipe
+            "run": {**bench.get("run", run_record(self.recipe, self.env.device, self.env.command)),
+                    "recipe": self.recipe.model_dump(mode="json")},
             "base": {"dir": str(base.out_dir), "top1": base.summary["stages"]["train"]["top1"]},
             "rows": rows,
             **compare(*map(list, zip(*first)), batches, self.recipe.study.bootstrap_resamples),
