@@ -62,8 +62,8 @@ def insert_bn(model: PlainRepVGG, batches: Iterable, max_batches: int | None = N
         # The conv is divided by sqrt(sigma) and the BN (weight sigma) puts the scale back: a step on the conv then
         # moves the outputs sigma times as far as without the BN. Dividing by sigma (standardising) makes that
         # sigma^2, and re-fitted layers reach sigma ~9 (a fine-tune diverged); not dividing makes it 1, the plain
-        # stack's own steps (which blew up on a uniformly pruned model). Measured: README, "Fine-tuning a pruned
-        # plain model".
+        # stack's own steps (which blew up on a uniformly pruned model). See docs/pruning.md, "`bn` and its
+        # initialisation".
         root = sigma.sqrt()
         conv.weight.div_(root.reshape(-1, 1, 1, 1))
         conv.bias.div_(root)

@@ -25,8 +25,8 @@ class Strategy:
 
 
 # plain-latency points: fractions of the FP32 latency at batch 8, so they sit at latencies comparable to the others'.
-# Not INT8: at 32x32 an INT8 file's time is nearly flat below half the MACs, and plans to fractions of it starved
-# stage 3 for no time saved (-4 pt INT8 against plain on the CPU study; README "What the CPU studies found")
+# Not INT8: at 32x32 an INT8 file's time is nearly flat below half the MACs, and plans to fractions of it starve
+# stage 3 for no time saved (docs/study.md, "Strategies")
 LATENCY_POINTS = {"precision": "fp32", "batch": 8}
 
 STRATEGIES: dict[str, Strategy] = {
