@@ -50,7 +50,7 @@ def test_b1_prune50_recipe_end_to_end_from_a_timm_checkpoint(tmp_path):
     assert set(stages["export"]["artifacts"]) == {"train_fp32", "plain_fp32", "plain_int8", "pruned_fp32",
                                                   "pruned_int8"}
     table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
-    assert table[0].startswith("| artifact | top-1 % |") and "ORT CPU ms @8" in table[0]
+    assert table[0].startswith("| artifact | top-1 % |") and "ORT CPU fastest call ms @8" in table[0]
     assert {line.split("|")[1].strip() for line in table[1:6]} == set(stages["export"]["artifacts"])
     assert (out / "report.md").read_text() in proc.stdout
 

@@ -20,7 +20,8 @@ from compress.data import build_data
 from compress.env import Env
 from compress.export import export_onnx
 from compress.recipe import DataCfg, OptimCfg
-from compress.runtime import get_runtime, open_onnx, time_runs
+from compress.runtime import get_runtime, open_onnx
+from compress.timing import time_calls
 from compress.train import fit
 from repvgg import RepVGG, reparameterize
 
@@ -76,4 +77,4 @@ def test_ort_gpu_provider_matches_ort_cpu(runtime, tmp_path):
     gpu = session.logits(x.numpy())
     # TF32 convolutions on the GPU: agreement to about 1e-3 of the logits' scale, not FP32's 1e-6
     assert gpu.shape == cpu.shape and np.abs(gpu - cpu).max() <= 1e-2 * max(1.0, np.abs(cpu).max())
-    time_runs(session.step(x.numpy()), warmup=1, iters=3)  # a timed call, its input and output bound on the GPU
+    time_calls(session.step(x.numpy()), warmup=1, iters=3)  # a timed call, its input and output bound on the GPU

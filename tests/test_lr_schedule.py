@@ -26,7 +26,7 @@ CASES = {
     "fractional warm-up epochs": (TrainCfg(epochs=3, lr=0.1, warmup_epochs=0.5), 7),  # int(3.5): 3 steps
     "one-step warm-up": (TrainCfg(epochs=3, lr=0.1, warmup_epochs=0.2), 5),
     "one epoch, warm-up over all of it": (TrainCfg(epochs=1, lr=0.05, warmup_epochs=1), 10),
-    "warm-up longer than training": (TrainCfg(epochs=2, lr=0.1, warmup_epochs=3), 4),
+    "warm-up over all of training": (TrainCfg(epochs=2, lr=0.1, warmup_epochs=2), 4),
     "several epochs": (TrainCfg(epochs=6, lr=0.2, warmup_epochs=2), 13),
     "one step per epoch": (TrainCfg(epochs=8, lr=0.1, warmup_epochs=1.5), 1),
     "constant": (TrainCfg(epochs=2, lr=0.1, schedule="constant"), 5),
