@@ -3,7 +3,7 @@ space-to-depth where the stem has stride 2, an FP32 stem in an INT8 file) and th
 (where it is installed).
 
     python benchmarks/graph_rewrites.py FILE.onnx [FILE.onnx ...] [--runtime cpu] [--threads 1] [--batch 1]
-        [--rounds 7] [--iters 20] [--warmup 5]
+        [--rounds 7] [--iters 20] [--warmup 5] [--report docs/results/graph_rewrites.md]
 
 The variants of a file are timed by the engine (`compress.timing`, defaults `GRAPH_REWRITES`): alternating rounds,
 one session alive at a time; a variant's latency is its fastest call, its speed-up the median over rounds of
@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from compress.results import Transcript
 from compress.runtime import open_onnx
 from compress.stem import STEM_REWRITES, conv_kernel, find_stem
 from compress.timing import GRAPH_REWRITES, ratio, run_rounds
@@ -43,7 +44,7 @@ def stem_k(model: onnx.ModelProto) -> int:
     return int(np.prod(conv_kernel(model.graph, find_stem(model)).dims[1:]))
 
 
-def bench_file(path: Path, args: argparse.Namespace, tmp: Path) -> None:
+def bench_file(path: Path, args: argparse.Namespace, tmp: Path, out: Transcript) -> None:
     original = onnx.load(str(path))
     variants, skipped = {"original": original}, []
     for name, rewrite in REWRITES.items():
@@ -66,16 +67,16 @@ def bench_file(path: Path, args: argparse.Namespace, tmp: Path) -> None:
 
     counts = dataclasses.replace(GRAPH_REWRITES, warmup=args.warmup, iters=args.iters, rounds=args.rounds)
     timed = run_rounds({name: opener(name) for name in paths}, counts)
-    print(f"\n{path}  ({args.runtime}, {x.shape[1]}x{x.shape[2]}x{x.shape[3]}, batch {args.batch}, "
+    out.say(f"\n{path}  ({args.runtime}, {x.shape[1]}x{x.shape[2]}x{x.shape[3]}, batch {args.batch}, "
           f"{args.threads} threads, {args.rounds} rounds x {args.iters} runs)")
-    print(f"{'variant':16s} {'K':>5s} {'nodes':>6s} {'fastest ms':>10s} {'median ms':>10s} {'speed-up':>9s} "
+    out.say(f"{'variant':16s} {'K':>5s} {'nodes':>6s} {'fastest ms':>10s} {'median ms':>10s} {'speed-up':>9s} "
           f"{'max |dlogit|':>13s}")
     for name in paths:
         speedup = ratio(timed["original"], timed[name])
-        print(f"{name:16s} {stem_k(variants[name]):5d} {len(variants[name].graph.node):6d} "
+        out.say(f"{name:16s} {stem_k(variants[name]):5d} {len(variants[name].graph.node):6d} "
               f"{timed[name].fastest:10.3f} {timed[name].median:10.3f} {speedup:8.3f}x {diffs[name]:13.2e}")
     for line in skipped:
-        print(f"  not applicable: {line}")
+        out.say(f"  not applicable: {line}")
 
 
 def main() -> None:
@@ -87,10 +88,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=GRAPH_REWRITES.rounds)
     ap.add_argument("--iters", type=int, default=GRAPH_REWRITES.iters)
     ap.add_argument("--warmup", type=int, default=GRAPH_REWRITES.warmup)
+    ap.add_argument("--report", type=Path, metavar="PATH.md", help="also write the output as a published report")
     args = ap.parse_args()
+    out = Transcript()
     with tempfile.TemporaryDirectory() as tmp:
         for path in args.files:
-            bench_file(path, args, Path(tmp))
+            bench_file(path, args, Path(tmp), out)
+    out.publish(args.report, "ONNX graph rewrites: stem and whole-graph latency")
 
 
 if __name__ == "__main__":

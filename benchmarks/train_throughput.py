@@ -1,6 +1,7 @@
 """Training throughput of our loop (`compress.train.fit`) vs a bare PyTorch loop, same model, data and batch.
 
-    python benchmarks/train_throughput.py --recipe recipes/cifar10_a0.yaml --images 5000
+    python benchmarks/train_throughput.py --recipe recipes/cifar10_a0.yaml --images 5000 [--rounds 3]
+        [--report docs/results/train_throughput.md]
 
 Both loops are timed by the engine (`compress.timing`, counts `TRAIN_THROUGHPUT`): one epoch of each per round, each
 on a fresh model of the same seed; ours counts its epoch's training only (`fit` reports it without the evaluation
@@ -20,6 +21,7 @@ from compress.data import build_data
 from compress.env import Env
 from compress.models import initial_model
 from compress.recipe import load_recipe
+from compress.results import Transcript
 from compress.timing import TRAIN_THROUGHPUT, SelfTimed, ratio, run_rounds
 from compress.train import fit, make_optimizer
 
@@ -52,6 +54,7 @@ def main():
     ap.add_argument("--recipe", default="recipes/cifar10_a0.yaml")
     ap.add_argument("--images", type=int, default=5000)
     ap.add_argument("--rounds", type=int, default=TRAIN_THROUGHPUT.rounds)
+    ap.add_argument("--report", type=Path, metavar="PATH.md", help="also write the output as a published report")
     args = ap.parse_args()
     recipe = load_recipe(args.recipe, [f"data.train_subset={args.images}", "data.test_subset=512"])
     device = torch.device("cuda" if torch.cuda.is_available() and recipe.device != "cpu" else "cpu")
@@ -73,15 +76,17 @@ def main():
     images = data.steps_per_epoch() * data.cfg.batch_size  # both loops drop the last, incomplete batch
 
     def said(r: int, _jobs: list, _seconds: float, timed: dict) -> None:
-        print(f"round {r + 1}: " + ", ".join(f"{name} {images / (s.round_fastest[-1] / 1000):.1f} img/s"
+        out.say(f"round {r + 1}: " + ", ".join(f"{name} {images / (s.round_fastest[-1] / 1000):.1f} img/s"
                                              for name, s in timed.items()))
 
+    out = Transcript()
     counts = dataclasses.replace(TRAIN_THROUGHPUT, rounds=args.rounds)
     timed = run_rounds({"bare": bare, "ours": ours}, counts, on_round=said)
     rate = {name: images / (series.fastest / 1000) for name, series in timed.items()}
-    print(f"fastest epoch: bare {rate['bare']:.1f} img/s, ours {rate['ours']:.1f} img/s; ours / bare "
+    out.say(f"fastest epoch: bare {rate['bare']:.1f} img/s, ours {rate['ours']:.1f} img/s; ours / bare "
           f"{ratio(timed['bare'], timed['ours']):.3f} (median of same-round ratios; {recipe.model.name}, {device}, "
           f"batch {recipe.data.batch_size})")
+    out.publish(args.report, "Training throughput: our loop vs a bare PyTorch loop")
 
 
 if __name__ == "__main__":

@@ -66,3 +66,22 @@ def write_result_report(path: Path, title: str, body: str, command: str | None =
     partial.write_text(text)
     partial.replace(path)
     return path
+
+
+class Transcript:
+    """A benchmark's printed lines, kept so that `--report PATH` publishes exactly what the terminal showed."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def say(self, line: str = "") -> None:
+        """Print `line` and keep it."""
+        print(line, flush=True)
+        self.lines.append(line)
+
+    def publish(self, path: Path | None, title: str, machine: dict | None = None) -> None:
+        """With `path`, write the kept lines as a result report (a code block: its columns are aligned for a
+        terminal, not for markdown) and say where."""
+        if path is not None:
+            body = "```\n" + "\n".join(self.lines).strip("\n") + "\n```\n"
+            print(f"report: {write_result_report(path, title, body, machine=machine)}")

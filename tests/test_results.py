@@ -21,3 +21,18 @@ def test_report_opens_with_command_date_cpu_and_versions(tmp_path):
 def test_command_line_quotes_and_names_python():
     assert command_line(["compress.py", "--set", "data.root=a b"]) == "python compress.py --set 'data.root=a b'"
     assert report_header("T", "c", {"cpu": "X", "isa": []}).count("\n- ") == 4
+
+
+def test_transcript_publishes_what_it_printed(tmp_path, capsys):
+    from compress.results import Transcript
+
+    out = Transcript()
+    out.say("variant  fastest ms")
+    out.say("pad4         0.250")
+    out.publish(None, "T")  # no path: nothing written
+    assert not list(tmp_path.iterdir())
+    out.publish(tmp_path / "t.md", "Rewrites")
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[:2] == ["variant  fastest ms", "pad4         0.250"] and printed[2] == f"report: {tmp_path / 't.md'}"
+    text = (tmp_path / "t.md").read_text()
+    assert text.startswith("# Rewrites\n") and text.endswith("```\nvariant  fastest ms\npad4         0.250\n```\n")
