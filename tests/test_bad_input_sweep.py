@@ -19,8 +19,6 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-import torch
 import yaml
 from conftest import ROOT
 
@@ -312,15 +310,7 @@ def _temp_files(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
 
 
-@pytest.fixture(scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_every_mutant_is_accepted_or_refused_in_one_line_and_accepted_ones_run(tmp_path, single_thread):
+def test_every_mutant_is_accepted_or_refused_in_one_line_and_accepted_ones_run(tmp_path, one_thread):
     mutants = generate()
     assert len(mutants) >= 200
     assert generate() == mutants  # fixed seed: the same sweep every time
