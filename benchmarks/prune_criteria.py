@@ -32,10 +32,11 @@ from compress.runtime.machine import cpu_info, describe_cpu
 from compress.stages.prune import prune_options
 
 CELLS = {
-    "l2-ranking": {"importance": "l2", "planner": "ranking"},  # weight magnitude, layers ranked against each other
-    "l2-budget": {"importance": "l2", "planner": "budget"},
-    "taylor": {"importance": "taylor", "planner": "budget"},
-    "sensitivity": {"importance": "sensitivity", "planner": "budget"},
+    # weight magnitude, layers ranked against each other; without the re-fit (the recipe's default is on)
+    "l2-ranking": {"importance": "l2", "planner": "ranking", "reconstruct": False},
+    "l2-budget": {"importance": "l2", "planner": "budget", "reconstruct": False},
+    "taylor": {"importance": "taylor", "planner": "budget", "reconstruct": False},
+    "sensitivity": {"importance": "sensitivity", "planner": "budget", "reconstruct": False},
     "l2-ranking+reconstruct": {"importance": "l2", "planner": "ranking", "reconstruct": True},
     "taylor+reconstruct": {"importance": "taylor", "planner": "budget", "reconstruct": True},
     "sensitivity+reconstruct": {"importance": "sensitivity", "planner": "budget", "reconstruct": True},
