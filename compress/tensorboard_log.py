@@ -202,8 +202,13 @@ def split_tables(markdown: str, max_columns: int = 7) -> str:
         if width <= max_columns:
             out += ["| " + " | ".join(row) + " |" for row in table]
             continue
-        for begin in range(1, width, max_columns - 1):
-            columns = [0, *range(begin, min(width, begin + max_columns - 1))]
+        parts = -(-(width - 1) // (max_columns - 1))
+        size, longer = divmod(width - 1, parts)  # parts as even as can be
+        begin = 1
+        for part in range(parts):
+            end = begin + size + (part < longer)
+            columns = [0, *range(begin, end)]
+            begin = end
             out += ["| " + " | ".join(row[c] if c < len(row) else "" for c in columns) + " |" for row in table]
             out.append("")
         if out[-1] == "":
