@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -60,7 +61,7 @@ def accuracy_latency_figure(points: list[dict], runtime: str = "ORT CPU", batch:
     """Top-1 against latency (the fastest call, `compress.timing`) on `runtime` at `batch`, one point per artifact
     (dicts with name, latency_ms, top1), each with its own marker and legend entry (no labels to collide); the
     dashed line is the Pareto front (no other file both faster and more accurate), said so in the legend. `notes`
-    (e.g. top-1 from few images) are printed on the plot."""
+    (e.g. top-1 from few images) are printed under the plot, in red."""
     fig = new_figure((7.5, 5))
     ax = fig.add_subplot(1, 1, 1)
     xs = [float(p["latency_ms"]) for p in points]
@@ -79,10 +80,12 @@ def accuracy_latency_figure(points: list[dict], runtime: str = "ORT CPU", batch:
     ax.grid(True, alpha=0.3)
     if points:
         ax.legend(fontsize=8, loc="best")
-    if notes:
-        ax.text(0.01, 0.01, "\n".join(notes), transform=ax.transAxes, fontsize=8, va="bottom", ha="left",
-                color="#a00000", bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "#a00000"}, zorder=4)
-    fig.tight_layout()
+    # the notes below the plot, wrapped to its width: on it, they would hide points
+    lines = [line for note in notes for line in textwrap.wrap(note, 100)]
+    if lines:
+        fig.set_figheight(fig.get_figheight() + 0.2 * len(lines))
+        fig.text(0.01, 0.01, "\n".join(lines), fontsize=8, va="bottom", ha="left", color="#a00000")
+    fig.tight_layout(rect=(0, (0.2 * len(lines) + 0.1) / fig.get_figheight() if lines else 0, 1, 1))
     return fig
 
 

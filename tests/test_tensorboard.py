@@ -172,4 +172,5 @@ def test_the_figure_says_what_it_shows():
     assert [line.split(":")[0] for line in legend[:3]] == [p["name"] for p in points]
     assert legend[3].startswith("Pareto front")
     assert ax.get_xlabel() == "latency (ms): fastest call on ORT CPU, batch 8"
-    assert [t.get_text() for t in ax.texts] == ["top-1 from 32 test images"]
+    assert [t.get_text() for t in fig.texts] == ["top-1 from 32 test images"] and not ax.texts
+    assert fig.texts[0].get_position()[1] < ax.get_position().y0  # under the plot: it hides no point
