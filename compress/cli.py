@@ -64,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from .report import run_report
     from .rundir import RunLock
     from .study.run import Study
+    from .tensorboard_log import add_text
 
     recipe = load_recipe(args.recipe, args.overrides)
     plan = _stage_plan(recipe, args.stages)
@@ -116,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
             summary = Pipeline(recipe, out_dir, env, data).run(plan, explicit=args.stages is not None)
             if rank == 0:
                 report = run_report(recipe, summary, out_dir)
-                writer.add_text("report", report, 0)
+                add_text(writer, "report", report)
                 print(report, end="")
                 print(f"report: {out_dir / 'report.md'}   summary: {out_dir / 'summary.json'}")
     finally:

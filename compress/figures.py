@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -42,29 +43,49 @@ def widths_figure(before: list[int], after: list[int]) -> Figure:
     return fig
 
 
-def accuracy_latency_figure(points: list[dict], title: str = "Accuracy vs latency"):
-    """Top-1 against latency (the fastest call, `compress.timing`), one labelled point per artifact (dicts with name,
-    latency_ms, top1); the dashed line joins the Pareto front (no other point is both faster and more accurate)."""
-    fig = new_figure((6, 4.5))
+MARKERS = "osD^vP*Xh"
+
+
+def pareto_front(xs: list[float], ys: list[float]) -> list[tuple[float, float]]:
+    """The points no other point beats on both axes (faster and at least as accurate), by increasing latency."""
+    front, best = [], -float("inf")
+    for x, y in sorted(zip(xs, ys), key=lambda xy: (xy[0], -xy[1])):
+        if y > best:
+            front.append((x, y))
+            best = y
+    return front
+
+
+def accuracy_latency_figure(points: list[dict], runtime: str = "ORT CPU", batch: int | None = None,
+                            notes: list[str] | tuple[str, ...] = (), title: str = "Accuracy vs latency") -> Figure:
+    """Top-1 against latency (the fastest call, `compress.timing`) on `runtime` at `batch`, one point per artifact
+    (dicts with name, latency_ms, top1), each with its own marker and legend entry (no labels to collide); the
+    dashed line is the Pareto front (no other file both faster and more accurate), said so in the legend. `notes`
+    (e.g. top-1 from few images) are printed under the plot, in red."""
+    fig = new_figure((7.5, 5))
     ax = fig.add_subplot(1, 1, 1)
-    if points:
-        xs = [float(p["latency_ms"]) for p in points]
-        ys = [float(p["top1"]) for p in points]
-        ax.scatter(xs, ys, zorder=3)
-        for p, x, y in zip(points, xs, ys):
-            ax.annotate(str(p["name"]), (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
-        front, best = [], -float("inf")
-        for x, y in sorted(zip(xs, ys), key=lambda xy: (xy[0], -xy[1])):
-            if y > best:
-                front.append((x, y))
-                best = y
-        if len(front) > 1:
-            ax.plot(*zip(*front), linestyle="--", linewidth=1, alpha=0.6, zorder=2)
-    ax.set_xlabel("latency, fastest call (ms)")
-    ax.set_ylabel("top-1 accuracy (%)")
+    xs = [float(p["latency_ms"]) for p in points]
+    ys = [float(p["top1"]) for p in points]
+    for i, (p, x, y) in enumerate(zip(points, xs, ys)):
+        ax.scatter([x], [y], marker=MARKERS[i % len(MARKERS)], s=60, zorder=3,
+                   label=f"{p['name']}: {y:.2f}%, {x:.2f} ms")
+    front = pareto_front(xs, ys)
+    if len(front) > 1:
+        ax.plot(*zip(*front), linestyle="--", linewidth=1, color="grey", zorder=2,
+                label="Pareto front (no other file is faster and more accurate)")
+    at = f", batch {batch}" if batch is not None else ""
+    ax.set_xlabel(f"latency (ms): fastest call on {runtime}{at}")
+    ax.set_ylabel("top-1 accuracy (%) of the exported file")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    fig.tight_layout()
+    if points:
+        ax.legend(fontsize=8, loc="best")
+    # the notes below the plot, wrapped to its width: on it, they would hide points
+    lines = [line for note in notes for line in textwrap.wrap(note, 100)]
+    if lines:
+        fig.set_figheight(fig.get_figheight() + 0.2 * len(lines))
+        fig.text(0.01, 0.01, "\n".join(lines), fontsize=8, va="bottom", ha="left", color="#a00000")
+    fig.tight_layout(rect=(0, (0.2 * len(lines) + 0.1) / fig.get_figheight() if lines else 0, 1, 1))
     return fig
 
 
@@ -74,25 +95,3 @@ def save_figure(fig, path: str | Path) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
     return path
-
-
-def log_prune(writer, report: dict, top1: float) -> None:
-    """The prune stage: widths before/after, top-1 right after pruning (step 0) and any latency target's figures."""
-    writer.add_figure("prune/widths", widths_figure(report["widths_before"], report["widths_after"]), 0)
-    writer.add_scalar("prune/top1", top1, 0)  # step 0: before fine-tuning; the finetune stage logs step 1
-    if "latency" in report:
-        for name in ("before_ms", "budget_ms", "predicted_ms"):
-            writer.add_scalar(f"prune/latency_{name}", report["latency"][name], 0)
-
-
-def log_bench(writer, points: list[dict], results: list[dict], main_batch: int, files: list[str], figure) -> None:
-    """The bench stage: the accuracy-latency figure, each file's top-1, and every runtime's latency of a file side by
-    side (one chart per file, one line per runtime), each its fastest call."""
-    writer.add_figure("bench/accuracy_latency", figure, 0)
-    for pt in points:
-        writer.add_scalar(f"bench/top1/{pt['name']}", pt["top1"], 0)
-    for r in results:
-        if r["batch"] == main_batch:
-            writer.add_scalar(f"bench/latency_ms/{r['artifact']}/{r['provider']}", r["fastest_ms"], 0)
-    writer.add_custom_scalars({"bench: latency (ms) by runtime": {
-        name: ["Multiline", [rf"bench/latency_ms/{name}/.*"]] for name in files}})

@@ -11,6 +11,9 @@ from .recipe import Recipe
 from .runtime import RUNTIMES, describe_cpu
 
 REFERENCE = "plain_fp32"
+# a top-1 below these says little: measured on fewer test images, or this close to guessing (points)
+MIN_IMAGES = 1000
+CHANCE_MARGIN_PT = 2.0
 
 
 def _label(runtime: str) -> str:
@@ -46,6 +49,25 @@ def _latencies(bench: dict) -> tuple[list[str], dict, dict]:
         if (REFERENCE, provider) in latency:
             speedup[(REFERENCE, provider)] = 1.0
     return providers, latency, speedup
+
+
+def accuracy_caveats(artifacts: dict, num_classes: int | None) -> list[str]:
+    """Why the files' top-1 is not a result, one line per reason: measured on fewer than `MIN_IMAGES` test images,
+    or within `CHANCE_MARGIN_PT` of chance (100 / classes). The figure and the result table print the same lines."""
+    few = [name for name, a in artifacts.items() if a.get("n") is not None and a["n"] < MIN_IMAGES]
+    lines = []
+    if few:
+        counts = sorted({artifacts[name]["n"] for name in few})
+        lines.append(f"top-1 of {', '.join(few)} comes from {', '.join(map(str, counts))} test images "
+                     f"(fewer than {MIN_IMAGES:,}): not a result")
+    if num_classes:
+        chance = 100.0 / num_classes
+        near = [name for name, a in artifacts.items()
+                if a.get("top1") is not None and a["top1"] <= chance + CHANCE_MARGIN_PT]
+        if near:
+            lines.append(f"top-1 of {', '.join(near)} is within {CHANCE_MARGIN_PT:g} pt of chance "
+                         f"({chance:.1f}% for {num_classes} classes): the model has not learned the task")
+    return lines
 
 
 def artifact_table(artifacts: dict, bench: dict | None) -> list[str]:
@@ -109,6 +131,9 @@ def run_report(recipe: Recipe, summary: dict, out_dir: Path) -> str:
                      f"{describe_cpu(bench['machine'])}"
                      f", threads {bench['machine'].get('threads') or 'all'})" if bench else ")"), "",
                   *artifact_table(artifacts, bench), ""]
+        caveats = accuracy_caveats(artifacts, stages["export"].get("num_classes"))
+        if caveats:
+            lines += [f"Caution: {line}." for line in caveats] + [""]
         parity = int8_parity_table(artifacts)
         if parity:
             lines += ["INT8 parity (each INT8 file and its fake-quant model on the same test images):", "", *parity, ""]

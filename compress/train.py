@@ -25,6 +25,21 @@ from .env import Env
 from .errors import UserError
 from .files import load_checkpoint, torch_save
 from .recipe import Distill, OptimCfg
+from .tensorboard_log import add_scalar
+
+# TensorBoard gets a training's loss and learning rate every this many steps (and at each epoch's last step), so a
+# one-epoch fine-tune or QAT is a curve
+LOG_EVERY_STEPS = 10
+
+# what each per-epoch scalar of `fit` holds: (tag suffix, metrics key, description); the step is images seen
+EPOCH_SCALARS = (
+    ("top1", "top1", "top-1 (%) on the test set after the epoch, in PyTorch; step: training images seen"),
+    ("top5", "top5", "top-5 (%) on the test set after the epoch, in PyTorch; step: training images seen"),
+    ("test_loss", "loss", "mean cross-entropy on the test set after the epoch; step: training images seen"),
+    ("epoch_train_loss", "train_loss", "the epoch's mean training loss; step: training images seen"),
+    ("epoch_seconds", "train_seconds", "the epoch's training time (s), its evaluation left out; step: training "
+                                       "images seen"),
+)
 
 # where `fit` trains under FP16 autocast + GradScaler when the recipe asks for AMP: on CPUs FP16 is emulated
 # (slower than FP32), and BF16 autocast's conv backward returned garbage gradients in torch 2.14 on AVX512-BF16
@@ -136,6 +151,13 @@ def distill_loss(logits, teacher_logits, targets, distill: Distill, label_smooth
     return (1 - distill.alpha) * ce + distill.alpha * t * t * kl
 
 
+def _log_step(writer, tag: str, loss: float, lr: float, images: int) -> None:
+    """One training step's loss and learning rate, at `images` training images seen."""
+    add_scalar(writer, f"{tag}/train_loss", loss, images, "training loss of one batch, every "
+               f"{LOG_EVERY_STEPS} steps and each epoch's last; step: training images seen")
+    add_scalar(writer, f"{tag}/lr", lr, images, "learning rate of that step; step: training images seen")
+
+
 def fit(
     model: nn.Module,
     cfg: OptimCfg,
@@ -153,7 +175,8 @@ def fit(
     Returns the last evaluation (made afresh when no epoch was left to train: the test set may differ from the
     checkpoint's) and the per-epoch history. Under DDP every rank calls it, and each evaluates its shard of the
     test set. The checkpoint holds the learning-rate schedule's and the GradScaler's state too. TensorBoard gets
-    `<tag>/loss`, `<tag>/lr`, `<tag>/top1` and `<tag>/top5` per epoch."""
+    `<tag>/train_loss` and `<tag>/lr` every `LOG_EVERY_STEPS` steps and `EPOCH_SCALARS` per epoch, all with the
+    training images seen (over every process) as the step."""
     model.to(env.device)
     if env.cuda and cfg.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -179,9 +202,12 @@ def fit(
     net = model
     if env.world_size > 1:
         net = DistributedDataParallel(model, device_ids=[env.device.index] if env.cuda else None)
+    images_per_step = data.cfg.batch_size * env.world_size  # full batches only: the last, incomplete one is dropped
+    logged = -1  # the step whose loss and lr TensorBoard has last
     for epoch in range(start, cfg.epochs):
         net.train()
         running, seen, began = 0.0, 0, time.perf_counter()
+        step = epoch * steps_per_epoch
         loader = data.train_loader(epoch)
         bar = tqdm(loader, desc=f"{tag} {epoch + 1}/{cfg.epochs}", leave=False, disable=not env.main or None, mininterval=2)
         for i, (x, y) in enumerate(bar):
@@ -215,8 +241,15 @@ def fit(
                 ) from None
             running += loss.item() * len(y)
             seen += len(y)
+            step = epoch * steps_per_epoch + i + 1
             if env.main and i % 20 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
+            if env.main and env.writer is not None and (step - 1) % LOG_EVERY_STEPS == 0:
+                _log_step(env.writer, tag, loss.item(), lr, step * images_per_step)
+                logged = step
+        if env.main and env.writer is not None and logged != step and seen:  # the epoch's last step: the curve's end
+            _log_step(env.writer, tag, loss.item(), lr, step * images_per_step)
+            logged = step
         if env.world_size > 1:
             # DDP hands rank 0's buffers to the others at the start of each forward, so the last step left every
             # rank its own BN statistics: evaluate rank 0's model, the one the checkpoint keeps, on every shard
@@ -228,8 +261,9 @@ def fit(
         history.append(metrics)
         if env.main:
             if env.writer is not None:
-                for name in ("train_loss", "lr", "top1", "top5", "loss", "train_seconds"):
-                    env.writer.add_scalar(f"{tag}/{name}", metrics[name], epoch + 1)
+                for suffix, name, description in EPOCH_SCALARS:
+                    add_scalar(env.writer, f"{tag}/{suffix}", metrics[name], (epoch + 1) * steps_per_epoch * images_per_step,
+                               description)
             print(
                 f"[{tag}] epoch {epoch + 1}/{cfg.epochs} train_loss {metrics['train_loss']:.4f} "
                 f"top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} ({train_seconds:.0f} s)",

@@ -245,11 +245,11 @@ def test_accuracy_latency_figure(tmp_path):
         {"name": "pruned_fp32", "latency_ms": 2.5, "top1": 73.5},
         {"name": "pruned_int8", "latency_ms": 1.2, "top1": 73.0},
     ]
-    fig = accuracy_latency_figure(points)
+    fig = accuracy_latency_figure(points, "ORT CPU", 8)
     ax = fig.axes[0]
-    offsets = ax.collections[0].get_offsets().tolist()
-    assert offsets == [[p["latency_ms"], p["top1"]] for p in points]
-    assert {t.get_text() for t in ax.texts} == {p["name"] for p in points}
-    assert "latency" in ax.get_xlabel() and "top-1" in ax.get_ylabel()
+    offsets = [c.get_offsets().tolist() for c in ax.collections]  # one marker, and legend entry, per file
+    assert offsets == [[[p["latency_ms"], p["top1"]]] for p in points]
+    assert [t.get_text().split(":")[0] for t in ax.get_legend().get_texts()][:3] == [p["name"] for p in points]
+    assert "ORT CPU, batch 8" in ax.get_xlabel() and "top-1" in ax.get_ylabel()
     path = save_figure(fig, tmp_path / "curve.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

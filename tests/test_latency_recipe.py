@@ -119,6 +119,20 @@ def test_pipeline_prunes_to_keep_latency_and_bench_measures_the_prediction(tiny_
     out = capsys.readouterr().out
     assert "Latency target (pruned_fp32, ORT CPU, batch 2): budget" in out
     assert re.search(r"pruned_fp32 / plain_fp32 [\d.]+ measured for 0.700", out)
+    # TensorBoard: every re-plan round's budget, prediction and measurement, and bench's measurement, on one chart
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    card = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]
+            if tag.startswith("prune/latency_target/")}
+    at = f"ort_cpu_b{check['batch']}"
+    for name in ("budget_ms", "predicted_ms"):
+        assert card[f"prune/latency_target/{name}_{at}"] == [
+            (i, pytest.approx(r[name], rel=1e-6)) for i, r in enumerate(rounds, 1)]
+    assert card[f"prune/latency_target/measured_ms_{at}"] == [
+        (i, pytest.approx(r["measured_ratio"] * r["unpruned_ms"], rel=1e-6)) for i, r in enumerate(rounds, 1)]
+    assert card[f"prune/latency_target/bench_measured_ms_{at}"] == [(0, pytest.approx(check["measured_ms"], rel=1e-6))]
 
 
 def test_latency_provider_takes_auto_or_a_runtime_of_onnx_files():

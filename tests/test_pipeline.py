@@ -202,9 +202,10 @@ def test_every_stage_fills_summary_and_tensorboard(tiny_recipe, tmp_path, capsys
     events = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0, "images": 0})
     events.Reload()
     scalars, images = events.Tags()["scalars"], events.Tags()["images"]
-    assert {"train/top1", "train/loss", "train/lr", "finetune/top1", "prune/top1"} <= set(scalars)
-    assert [e.step for e in events.Scalars("prune/top1")] == [0, 1]  # pruned, then fine-tuned
-    assert {"bench/latency_ms/pruned_int8/cpu", "bench/latency_ms/pruned_fp32/torch", "bench/top1/pruned_int8"} <= set(scalars)
+    assert {"train/top1", "train/test_loss", "train/lr", "finetune/top1", "prune/top1_before_finetune",
+            "prune/top1_after_finetune"} <= set(scalars)  # pruned, then fine-tuned: two tags
+    assert {"bench/latency_ms/pruned_int8_ort_cpu_b4", "bench/latency_ms/pruned_fp32_torch_cpu_b1",
+            "accuracy_vs_latency/ort_cpu_b1_int8"} <= set(scalars)
     assert {"prune/widths", "bench/accuracy_latency"} <= set(images)
 
 

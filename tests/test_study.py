@@ -114,8 +114,14 @@ def test_digits_smoke_study_with_every_strategy_then_a_second_study_on_its_base(
     assert (tmp_path / "results" / "smoke_pareto.png").read_bytes() == (out / "pareto.png").read_bytes()
     events = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0})
     events.Reload()
-    assert "study/plain/int8_top1" in events.Tags()["scalars"]
-    assert len(list((out / "tb" / "hparams").iterdir())) == 11  # the HParams table: one run per point
+    assert not any(t.startswith("accuracy_vs_latency/") for t in events.Tags()["scalars"])  # a curve per strategy
+    # the HParams table: one entry per point, precision and batch (ORT CPU)
+    assert len(list((out / "tb" / "hparams").iterdir())) == 11 * 2 * 2
+    curve = EventAccumulator(str(out / "tb" / "curves" / "plain"), size_guidance={"scalars": 0})
+    curve.Reload()
+    plain = [r for r in result["rows"] if r["strategy"] in ("plain", "unpruned") and r["seed"] == 0]
+    assert sorted(e.step for e in curve.Scalars("accuracy_vs_latency/ort_cpu_b8_int8")) == sorted(
+        round(r["int8_ms"]["8"] * 1000) for r in plain)  # the plain curve ends at the unpruned model
 
     # rerun: every point is reused, nothing is trained again
     capsys.readouterr()

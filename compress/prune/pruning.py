@@ -99,6 +99,8 @@ def _plan(model, options: PruneOptions, example_input, importance, slots, seed: 
         if options.latency.verify:
             widths, ratio, report["latency"]["rounds"] = _verify(model, options, example_input.shape[-1], budget,
                                                                  (widths, ratio), plan_within, measure)
+            for r in report["latency"]["rounds"]:  # each round's plan as the table predicts it, beside its measurement
+                r["predicted_ms"] = cost.cost(tuple(r["widths"]))
         report["latency"]["predicted_ms"] = cost.cost(widths)
     if budgeted:
         report["values"]["plan"] = sum(v[s.choices().index(w)] for v, s, w in zip(values, slots, widths))

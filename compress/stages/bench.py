@@ -10,11 +10,14 @@ from pathlib import Path
 from ..bench import BenchOptions, benchmark
 from ..context import StageContext
 from ..deploy import isa_warning
-from ..figures import accuracy_latency_figure, log_bench
+from ..figures import accuracy_latency_figure
 from ..files import check_exported_onnx
 from ..profile import profile_onnx
 from ..recipe import BenchCfg
+from ..report import accuracy_caveats
 from ..rundir import PipelineError
+from ..runtime import RUNTIMES
+from ..tensorboard_log import log_bench, log_latency_check
 from ..timing import ratio_of_rounds
 from .export import onnx_sources
 
@@ -87,5 +90,9 @@ def run(c: StageContext) -> dict:
               for r in result["results"]
               if r["batch"] == main_batch and r["provider"] == "cpu" and r["artifact"] in artifacts]
     if c.writer is not None and points:
-        log_bench(c.writer, points, result["results"], main_batch, list(paths), accuracy_latency_figure(points))
+        notes = accuracy_caveats(artifacts, c.data.num_classes)
+        figure = accuracy_latency_figure(points, RUNTIMES["cpu"].label, main_batch, notes)
+        log_bench(c.writer, result["results"], artifacts, figure, c.device.type, latency_target=predicted is not None)
+        if predicted:
+            log_latency_check(c.writer, predicted, c.device.type)
     return {**result, "curve": points}

@@ -107,4 +107,5 @@ def run(c: StageContext) -> dict:
         artifacts[name] = entry
     if not artifacts:
         raise PipelineError("export found no model to export: run train or reparam first")
-    return {"artifacts": artifacts, "test_images": c.data.test_images(c.recipe.export.eval_subset)}
+    return {"artifacts": artifacts, "test_images": c.data.test_images(c.recipe.export.eval_subset),
+            "num_classes": c.data.num_classes}

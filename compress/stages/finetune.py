@@ -10,6 +10,7 @@ from repvgg import PlainRepVGG, RepVGG, fold_bn, insert_bn, rebranch
 from ..context import StageContext
 from ..recipe import FinetuneCfg
 from ..reparam import check_equivalent, to_plain
+from ..tensorboard_log import add_scalar
 from ..train import evaluate, fit
 
 
@@ -54,6 +55,7 @@ def run(c: StageContext) -> dict | None:
         model = plain
     final = evaluate(model, c.data.test_loader(), c.device)
     if c.writer is not None:
-        c.writer.add_scalar("prune/top1", final["top1"], 1)  # step 1: after fine-tuning
+        add_scalar(c.writer, "prune/top1_after_finetune", final["top1"], 0,
+                   "top-1 (%) on the test set of the pruned model after fine-tuning (re-parameterized), in PyTorch")
     c.save("finetune", model)
     return {**result, "top1": final["top1"], "top5": final["top5"]}

@@ -11,11 +11,11 @@ import torch
 from repvgg import PlainRepVGG, RepVGG
 
 from ..context import StageContext
-from ..figures import log_prune
 from ..prune import LatencyOptions, PruneOptions, criterion, load_or_build_table, prune_model
 from ..prune.measure import fastest_runtime, measure_ratios
 from ..recipe import LatencyCfg, PruneCfg
 from ..rundir import PipelineError
+from ..tensorboard_log import log_prune, runtime_tag
 from ..train import evaluate
 from .finetune import finetune_model
 
@@ -118,6 +118,7 @@ def run(c: StageContext) -> dict | None:
         return None
     metrics = evaluate(model, c.data.test_loader(), c.device)
     if c.writer is not None:
-        log_prune(c.writer, report, metrics["top1"])
+        log_prune(c.writer, report, metrics["top1"], runtime_tag(options.latency.provider, c.device.type),
+                  options.latency.batch)
     c.save("prune", model)
     return {**report, "top1": metrics["top1"], "top5": metrics["top5"]}

@@ -68,6 +68,7 @@ def point_row(point: dict, rounds: dict, macs_params: tuple[float, float], num_b
         row[f"{precision}_top1"] = entry["top1"]
         row[f"{precision}_ci"] = [100 * low, 100 * high]
         row[f"{precision}_n"] = entry["n"]
+        row[f"{precision}_file"], row[f"{precision}_size_bytes"] = name, entry.get("size_bytes")
         row[f"{precision}_rounds_ms"] = {b: ms for (tag, p, b), ms in rounds.items()
                                          if (tag, p) == (point["tag"], precision)}
         row[f"{precision}_ms"] = {b: min(ms) for b, ms in row[f"{precision}_rounds_ms"].items()}

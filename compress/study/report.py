@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from torch.utils.tensorboard import SummaryWriter
+
 from ..figures import finish_panels, new_figure
 from ..files import write_json, write_text
 from ..recipe import Recipe
 from ..runtime import describe_cpu
+from ..tensorboard_log import custom_layout, hparams, log_accuracy_latency
 from .analysis import ORDER_ROUNDS, PRECISIONS, curve
 from .budget import budget_figure, comparisons
 from .strategies import STRATEGIES, UNPRUNED_COLOUR
@@ -72,25 +75,35 @@ def pareto_figure(rows: list[dict], batch: int):
                          "Accuracy vs latency: pruning after re-parameterization vs before, vs training small")
 
 
-def log_tensorboard(writer, rows: list[dict], batch: int, fig) -> None:
-    writer.add_figure("study/pareto", fig, 0)
-    layout = {"study": {}}
-    for precision in PRECISIONS:
-        for r in rows:
-            # custom-scalars charts plot value against step: the step is the latency in microseconds
-            step = int(round(r[f"{precision}_ms"][batch] * 1000))
-            writer.add_scalar(f"study/{r['strategy']}/{precision}_top1", r[f"{precision}_top1"], step)
-        layout["study"][f"{precision.upper()} top-1 vs latency (us)"] = ["Multiline", [rf"study/.*/{precision}_top1"]]
-    writer.add_custom_scalars(layout)
-    for r in rows:  # the HParams dashboard: one run per point, sortable and filterable
-        metrics = {"hparam/macs_M": r["macs_M"], "hparam/images_seen": float(r["images_seen"])}
-        if r.get("pruned_top1") is not None:
-            metrics["hparam/pruned_top1"] = r["pruned_top1"]
+def study_entries(rows: list[dict]) -> list[dict]:
+    """An accuracy-latency entry (`compress.tensorboard_log.log_accuracy_latency`) per point, precision and timed
+    batch: its exported file on ONNX Runtime CPU, with the hparam names every run uses."""
+    entries = []
+    for r in rows:
         for precision in PRECISIONS:
-            metrics[f"hparam/{precision}_top1"] = r[f"{precision}_top1"]
-            metrics[f"hparam/{precision}_ms"] = r[f"{precision}_ms"][batch]
-        writer.add_hparams({"strategy": r["strategy"], "keep": r["keep"]}, metrics,
-                           run_name=f"hparams/{r['strategy']}_{r['keep']:g}")
+            size = r.get(f"{precision}_size_bytes")
+            for batch, ms in r[f"{precision}_ms"].items():
+                hp = hparams(artifact=r.get(f"{precision}_file"), precision=precision, runtime="ort_cpu", batch=batch,
+                             macs_M=r["macs_M"], file_MB=size and size / 1e6, strategy=r["strategy"], keep=r["keep"],
+                             seed=r["seed"])
+                entries.append({"name": f"{r['strategy']}_{r['keep']:g}_seed{r['seed']}_{precision}_ort_cpu_b{batch}",
+                                "hparams": hp, "top1": r[f"{precision}_top1"], "latency_ms": ms})
+    return entries
+
+
+def log_tensorboard(writer, rows: list[dict], batch: int, fig) -> None:
+    """The study in TensorBoard: the figure; every point as HParams entries (one per file, runtime and batch); and
+    each strategy's curve as the series `accuracy_vs_latency/ort_cpu_b<batch>_<precision>` (step: latency in
+    microseconds) of its own run, `curves/<strategy>`, so that TensorBoard overlays the strategies on one card."""
+    writer.add_figure("study/pareto", fig, 0)
+    log_accuracy_latency(writer, study_entries(rows), series=False)
+    unpruned = [r for r in rows if r["strategy"] == "unpruned"]
+    strategies = [s for s in dict.fromkeys(r["strategy"] for r in rows) if s != "unpruned"] or ["unpruned"]
+    for strategy in strategies:
+        members = curve(strategy, [r for r in rows if r["strategy"] == strategy], unpruned)
+        with SummaryWriter(str(Path(writer.log_dir) / "curves" / strategy)) as curve_writer:
+            log_accuracy_latency(curve_writer, study_entries(members), run_prefix=None)
+    writer.add_custom_scalars(custom_layout(accuracy_latency=True))
     writer.flush()
 
 
