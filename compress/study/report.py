@@ -68,7 +68,7 @@ def pareto_figure(rows: list[dict], batch: int):
             for r in (r for r in pts if r["strategy"] == strategy):
                 ax.annotate(f"{r['keep']:g}", (r[f"{precision}_ms"][batch], r[f"{precision}_top1"]), fontsize=7,
                             xytext=(3, 3), textcoords="offset points")
-        ax.set_xlabel(f"latency (ms, ONNX Runtime CPU, batch {batch}, measured)")
+        ax.set_xlabel(f"latency (ms): fastest call on ONNX Runtime CPU, batch {batch}")
         ax.set_title(f"{precision.upper()}")
         ax.grid(alpha=0.3)
     return finish_panels(fig, axes, "top-1 (%) of the exported ONNX file, 95% interval",
