@@ -12,6 +12,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from compress.files import write_text
 from compress.runtime.machine import cpu_info, describe_cpu
 
 # The packages whose versions a figure depends on (kernels, quantizer, pruner); absent ones are left out.
@@ -57,14 +58,10 @@ def report_header(title: str, command: str, machine: dict | None = None, when: d
 def write_result_report(path: Path, title: str, body: str, command: str | None = None,
                         machine: dict | None = None, when: datetime.date | None = None,
                         packages: dict[str, str] | None = None) -> Path:
-    """Write a report to `path` (parents made): `report_header` then `body`. Written to a temporary file and moved
-    into place, so an interrupted write never leaves half a report."""
+    """Write a report to `path` (parents made): `report_header` then `body`, atomically (`files.write_text`), so an
+    interrupted write never leaves half a report."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = report_header(title, command or command_line(), machine, when, packages) + body.rstrip() + "\n"
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    partial.replace(path)
+    write_text(path, report_header(title, command or command_line(), machine, when, packages) + body.rstrip() + "\n")
     return path
 
 

@@ -15,7 +15,7 @@ def test_report_opens_with_command_date_cpu_and_versions(tmp_path):
     assert lines[4] == "- CPU: AMD EPYC (family 26 model 2; avx2, avx512_vnni), 2 threads"
     assert lines[5].startswith("- packages: python ") and "torch " in lines[5]
     assert lines[-1] == "| 1 |"
-    assert not list(path.parent.glob("*.partial"))
+    assert [p.name for p in path.parent.iterdir()] == ["x.md"]  # no temporary file left
 
 
 def test_command_line_quotes_and_names_python():
