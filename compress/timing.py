@@ -204,18 +204,24 @@ def ratio_of_rounds(numerator: Sequence[float], denominator: Sequence[float]) ->
     return statistics.median(a / b for a, b in zip(numerator, denominator))
 
 
+def _same_rounds(numerator: Series, denominator: Series) -> tuple[list[float], list[float]]:
+    """The two series' fastest calls in the rounds that timed both, in round order."""
+    theirs = dict(zip(denominator.rounds, denominator.round_fastest))
+    pairs = [(t, theirs[r]) for r, t in zip(numerator.rounds, numerator.round_fastest) if r in theirs]
+    return [a for a, _ in pairs], [b for _, b in pairs]
+
+
 def round_ratios(numerator: Series, denominator: Series) -> list[float]:
     """Per round both series were timed in: numerator's fastest call / denominator's fastest call."""
-    theirs = dict(zip(denominator.rounds, denominator.round_fastest))
-    return [t / theirs[r] for r, t in zip(numerator.rounds, numerator.round_fastest) if r in theirs]
+    return [a / b for a, b in zip(*_same_rounds(numerator, denominator))]
 
 
 def ratio(numerator: Series, denominator: Series) -> float:
-    """The product's ratio numerator / denominator: the median of `round_ratios`."""
-    ratios = round_ratios(numerator, denominator)
-    if not ratios:
+    """The product's ratio numerator / denominator: `ratio_of_rounds` over the rounds that timed both."""
+    mine, theirs = _same_rounds(numerator, denominator)
+    if not mine:
         raise ValueError("ratio: the two series share no round")
-    return statistics.median(ratios)
+    return ratio_of_rounds(mine, theirs)
 
 
 # ---- rules for rounds past `Counts.rounds` --------------------------------------------------------------------
