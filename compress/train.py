@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from .data import Data
@@ -26,6 +27,7 @@ from .errors import UserError
 from .files import load_checkpoint, torch_save
 from .recipe import Distill, OptimCfg
 from .tensorboard_log import add_scalar
+from .train_device import AUTOCAST_DTYPES, compiled, resolve_channels_last, resolve_precision
 
 # TensorBoard gets a training's loss and learning rate every this many steps (and at each epoch's last step), so a
 # one-epoch fine-tune or QAT is a curve
@@ -40,10 +42,6 @@ EPOCH_SCALARS = (
     ("epoch_seconds", "train_seconds", "the epoch's training time (s), its evaluation left out; step: training "
                                        "images seen"),
 )
-
-# where `fit` trains under FP16 autocast + GradScaler when the recipe asks for AMP: on CPUs FP16 is emulated
-# (slower than FP32), and BF16 autocast's conv backward returned garbage gradients in torch 2.14 on AVX512-BF16
-AMP_DEVICE_TYPES = {"cuda"}
 
 
 class TrainingError(UserError, RuntimeError):
@@ -151,6 +149,14 @@ def distill_loss(logits, teacher_logits, targets, distill: Distill, label_smooth
     return (1 - distill.alpha) * ce + distill.alpha * t * t * kl
 
 
+def weight_average(model: nn.Module, decay: float | None) -> AveragedModel | None:
+    """An exponential moving average of `model`'s parameters and buffers (BN statistics too, so the average is
+    evaluated as it is), updated after each optimizer step with `decay`; None when `decay` is None."""
+    if decay is None:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 def _log_step(writer, tag: str, loss: float, lr: float, images: int) -> None:
     """One training step's loss and learning rate, at `images` training images seen."""
     add_scalar(writer, f"{tag}/train_loss", loss, images, "training loss of one batch, every "
@@ -177,23 +183,29 @@ def fit(
     test set. The checkpoint holds the learning-rate schedule's and the GradScaler's state too. TensorBoard gets
     `<tag>/train_loss` and `<tag>/lr` every `LOG_EVERY_STEPS` steps and `EPOCH_SCALARS` per epoch, all with the
     training images seen (over every process) as the step."""
+    device_type = env.device.type
+    autocast_dtype = AUTOCAST_DTYPES[resolve_precision(cfg.precision, device_type)]
+    channels_last = resolve_channels_last(cfg.channels_last, device_type)
     model.to(env.device)
-    if env.cuda and cfg.channels_last:
+    if channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg)
     steps_per_epoch = max(1, data.steps_per_epoch())
     total_steps = steps_per_epoch * cfg.epochs
     scheduler = make_scheduler(optimizer, cfg, total_steps, steps_per_epoch)
-    use_amp = cfg.amp and env.device.type in AMP_DEVICE_TYPES
-    scaler = torch.amp.GradScaler(env.device.type, enabled=use_amp)
+    # loss scaling for FP16 only: BF16 has FP32's exponent range
+    scaler = torch.amp.GradScaler(device_type, enabled=autocast_dtype is torch.float16)
+    ema = weight_average(model, cfg.ema_decay)
     history, start = [], 0
     if ckpt_path.exists():
         state = load_checkpoint(ckpt_path)
         if state.get("key") == key:
             model.load_state_dict(state["model"])
             restore_optimizer(optimizer, scheduler, state, (state["epoch"] + 1) * steps_per_epoch)
-            if state.get("scaler"):  # empty when saved without AMP
+            if state.get("scaler"):  # empty when saved without FP16
                 scaler.load_state_dict(state["scaler"])
+            if ema is not None:
+                ema.load_state_dict(state["ema"])
             history, start = state["history"], state["epoch"] + 1
             if env.main and start < cfg.epochs:
                 print(f"[{tag}] resuming after epoch {start} of {cfg.epochs} from {ckpt_path}", file=sys.stderr)
@@ -202,6 +214,8 @@ def fit(
     net = model
     if env.world_size > 1:
         net = DistributedDataParallel(model, device_ids=[env.device.index] if env.cuda else None)
+    if cfg.compile:
+        net = compiled(net, device_type, f"[{tag}]")
     images_per_step = data.cfg.batch_size * env.world_size  # full batches only: the last, incomplete one is dropped
     logged = -1  # the step whose loss and lr TensorBoard has last
     for epoch in range(start, cfg.epochs):
@@ -213,11 +227,10 @@ def fit(
         for i, (x, y) in enumerate(bar):
             lr = optimizer.param_groups[0]["lr"]
             x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
-            if env.cuda and cfg.channels_last:
+            if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             try:
-                # FP16, the type GradScaler guards (CUDA's autocast default; BF16 would need no scaling)
-                with torch.autocast(env.device.type, dtype=torch.float16, enabled=use_amp):
+                with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                     logits = net(x)
                     if teacher is not None and distill is not None:
                         with torch.no_grad():
@@ -235,6 +248,8 @@ def fit(
                 scaler.step(optimizer)
                 scaler.update()
                 advance(scheduler)
+                if ema is not None:
+                    ema.update_parameters(model)
             except torch.cuda.OutOfMemoryError:
                 raise TrainingError(
                     f"[{tag}] CUDA out of memory at data.batch_size={data.cfg.batch_size}; lower it"
@@ -253,10 +268,10 @@ def fit(
         if env.world_size > 1:
             # DDP hands rank 0's buffers to the others at the start of each forward, so the last step left every
             # rank its own BN statistics: evaluate rank 0's model, the one the checkpoint keeps, on every shard
-            for buffer in model.buffers():
+            for buffer in [*model.buffers(), *(() if ema is None else ema.module.buffers())]:
                 dist.broadcast(buffer, src=0)
         train_seconds = time.perf_counter() - began  # the epoch's training, its evaluation not included
-        metrics = evaluate_test_set(model, data, env)
+        metrics = evaluate_test_set(model if ema is None else ema.module, data, env)
         metrics.update(epoch=epoch + 1, train_loss=running / max(1, seen), lr=lr, train_seconds=train_seconds)
         history.append(metrics)
         if env.main:
@@ -271,9 +286,12 @@ def fit(
             )
             torch_save(
                 {"key": key, "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "history": history},
+                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "history": history,
+                 **({} if ema is None else {"ema": ema.state_dict()})},
                 ckpt_path,
             )
+    if ema is not None:  # the stage's model is the average
+        model.load_state_dict(ema.module.state_dict())
     model.to(memory_format=torch.contiguous_format)
     final = history[-1] if start < cfg.epochs else evaluate_test_set(model, data, env)
     return {**{k: final[k] for k in ("top1", "top5", "loss")}, "epochs": cfg.epochs, "history": history}

@@ -1,8 +1,8 @@
 """The GPU smoke tests, for anyone with a CUDA GPU: `pytest -m gpu` (skipped where torch sees no CUDA device), also
 run by `benchmarks/gpu_smoke.sh` before the quickstart recipe on CUDA.
 
-- `fit` on CUDA trains under float16 autocast (AMP) with channels_last input, as it promises, seen from inside the
-  model;
+- `fit` on CUDA trains under the precision `auto` picks (BF16 from compute capability 8.0, else FP16) with
+  channels_last input, as it promises, seen from inside the model;
 - the tiny pipeline through fine-tuning on CUDA: the re-parameterization check holds under the default TF32
   settings, and pruning rounds to the CUDA default;
 - ONNX Runtime's CUDA and TensorRT providers, each where ORT has it and it starts here: an exported model's logits
@@ -27,7 +27,7 @@ from repvgg import RepVGG, reparameterize
 
 
 @pytest.mark.gpu
-def test_fit_trains_under_float16_autocast_with_channels_last_on_cuda(tmp_path):
+def test_fit_trains_under_the_auto_precision_with_channels_last_on_cuda(tmp_path):
     data = build_data(DataCfg(kind="digits", image_size=32, batch_size=64, augment="none", train_subset=256), seed=0)
     torch.manual_seed(0)
     model = RepVGG([1, 1, 1, 1], [0.25, 0.25, 0.25, 0.25], num_classes=data.num_classes, stem_stride=1)
@@ -39,10 +39,11 @@ def test_fit_trains_under_float16_autocast_with_channels_last_on_cuda(tmp_path):
             seen.append((output.dtype, inputs[0].is_contiguous(memory_format=torch.channels_last)))
 
     first_conv.register_forward_hook(record)
-    result = fit(model, OptimCfg(epochs=1, lr=0.05, amp=True, channels_last=True), data,
+    result = fit(model, OptimCfg(epochs=1, lr=0.05, precision="auto", channels_last="auto"), data,
                  Env(device=torch.device("cuda"), out_dir=tmp_path), tag="gpu", ckpt_path=tmp_path / "fit.ckpt",
                  key="gpu")
-    assert len(seen) == data.steps_per_epoch() and set(seen) == {(torch.float16, True)}
+    expected = torch.bfloat16 if torch.cuda.get_device_capability()[0] >= 8 else torch.float16
+    assert len(seen) == data.steps_per_epoch() and set(seen) == {(expected, True)}
     assert np.isfinite(result["history"][-1]["train_loss"])
 
 

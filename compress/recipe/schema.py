@@ -21,6 +21,7 @@ from compress.runtime import RUNTIMES
 from compress.stem import FP32_STEM_REWRITES, STEM_REWRITES
 from compress.study.strategies import STRATEGIES
 from compress.timing import BENCH, LATENCY_TABLE
+from compress.train_device import PRECISIONS, QAT_AUTO_PRECISION, resolve_channels_last, resolve_precision
 from repvgg import CONFIGS
 from repvgg.model import block_specs, stage_widths
 
@@ -229,6 +230,14 @@ class Distill(Section):
     temperature: float = Field(4.0, gt=0, description="softmax temperature of both models' logits")
 
 
+def _refuse_amp(data):
+    """A section's `amp` (a boolean that meant FP16 autocast on CUDA only) is refused, naming what replaced it."""
+    if isinstance(data, dict) and "amp" in data:
+        raise ValueError("amp: replaced by precision (auto | fp32 | bf16 | fp16); auto picks BF16 or FP16 autocast "
+                         "where the device computes it natively, fp32 turns autocast off")
+    return data
+
+
 class OptimCfg(Section):
     """An optimisation schedule (train, finetune)."""
 
@@ -242,8 +251,23 @@ class OptimCfg(Section):
     schedule: Literal["cosine", "constant"] = Field("cosine", description="after warm-up: cosine decay to 0, or "
                                                                           "constant")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy label smoothing")
-    amp: bool = Field(True, description="mixed precision (CUDA only)")
-    channels_last: bool = Field(True, description="channels-last memory format (CUDA only)")
+    precision: Literal[PRECISIONS] = Field(
+        "auto", description="autocast precision of the forward and backward passes: auto (bf16 on CPUs with "
+                            "AVX512-BF16 or AMX and on CUDA with BF16, fp16 with loss scaling on older CUDA, else "
+                            "fp32; resolved at the door), fp32, bf16 or fp16")
+    channels_last: bool | Literal["auto"] = Field(
+        "auto", description="channels-last memory format; auto: on CUDA and on CPUs with AVX-512 (resolved at the "
+                            "door)")
+    compile: bool = Field(False, description="train through torch.compile (a compilation at each start; off, with a "
+                                             "warning, where the compiler toolchain is missing)")
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="keep an exponential moving average of the weights "
+                                                                  "and buffers with this decay per step, evaluated "
+                                                                  "each epoch; the stage's model is the average")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _amp_renamed(cls, data):
+        return _refuse_amp(data)
 
     @model_validator(mode="after")
     def _warmup_within_epochs(self):
@@ -445,6 +469,16 @@ class QuantCfg(Section):
         "auto", description="NNCF's overflow fix: weights on 7 bits, so INT8 kernels without VNNI (AVX2 pmaddubsw) "
                             "cannot saturate; auto: enable for cpu-avx2, disable for VNNI/AMX CPUs and GPUs")
 
+    precision: Literal[PRECISIONS] = Field(
+        "auto", description="QAT's autocast precision; auto is fp32: under autocast NNCF's activation quantizers "
+                            "round in BF16/FP16, off the INT8 grid the exported file uses (docs/int8.md)")
+    channels_last: bool | Literal["auto"] = Field("auto", description="QAT's memory format, as train.channels_last")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _amp_renamed(cls, data):
+        return _refuse_amp(data)
+
     @property
     def trains(self) -> bool:
         """QAT trains (`registry`: every rank then runs the stage); PTQ has nothing to train."""
@@ -570,6 +604,14 @@ class StudyCfg(Section):
                                                                "comparisons' intervals")
 
 
+def _resolved_layout(section: Section, device_type: str, qat: bool = False) -> dict:
+    """A training section's `precision` and `channels_last` made explicit for `device_type` (`compress.train_device`);
+    QAT's `auto` precision is `QAT_AUTO_PRECISION`."""
+    precision = QAT_AUTO_PRECISION if qat and section.precision == "auto" else section.precision
+    return {"precision": resolve_precision(precision, device_type),
+            "channels_last": resolve_channels_last(section.channels_last, device_type)}
+
+
 class Recipe(Section):
     """A recipe: its name and seed, the stages it runs, and one section per stage."""
 
@@ -622,11 +664,16 @@ class Recipe(Section):
         latency = self.prune.latency.model_copy(update={"stem": None if stem == "auto" else stem})
         update = {"prune": self.prune.model_copy(update={"round_to": self.prune.round_to or default_round_to(device_type),
                                                          "latency": latency}),
-                  "quantize": self.quantize.model_copy(update={"target_device": target, "overflow_fix": fix})}
+                  "quantize": self.quantize.model_copy(update={"target_device": target, "overflow_fix": fix,
+                                                               **_resolved_layout(self.quantize, device_type,
+                                                                                  qat=True)}),
+                  "finetune": self.finetune.model_copy(update=_resolved_layout(self.finetune, device_type))}
         if self.data.root is not None:
             update["data"] = self.data.model_copy(update={"root": self.data.root.resolve()})
         if self.model.checkpoint is not None:
             update["model"] = self.model.model_copy(update={"checkpoint": self.model.checkpoint.resolve()})
+        train = _resolved_layout(self.train, device_type)
         if self.train.teacher is not None:
-            update["train"] = self.train.model_copy(update={"teacher": self.train.teacher.resolve()})
+            train["teacher"] = self.train.teacher.resolve()
+        update["train"] = self.train.model_copy(update=train)
         return self.model_copy(update=update)

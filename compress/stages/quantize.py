@@ -43,7 +43,7 @@ def run(c: StageContext) -> dict | None:
     model = model.to(c.device).eval()
     teacher = copy.deepcopy(model) if cfg.distill is not None else None
     qat_cfg = OptimCfg(epochs=cfg.epochs, optimizer=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                       amp=False, channels_last=False)
+                       precision=cfg.precision, channels_last=cfg.channels_last)
 
     trained = {}  # QAT's `fit` ends with a test-set evaluation of the final model: not done twice
     ptq_metrics = {}  # QAT starts from PTQ: its top-1 before training, beside QAT's
