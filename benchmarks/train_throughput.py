@@ -27,12 +27,11 @@ from compress.train import fit, make_optimizer
 
 
 def bare_epoch(model, data, cfg, device) -> None:
-    """One epoch of a bare PyTorch loop: the engine times the whole call."""
+    """One epoch of a bare PyTorch loop over the batches `fit` trains on (`Data.train_loader`): the engine times
+    the whole call."""
     opt = make_optimizer(model, cfg)
-    loader = torch.utils.data.DataLoader(data.train_set, batch_size=data.cfg.batch_size, shuffle=True,
-                                         num_workers=data.cfg.workers, drop_last=True)
     model.train()
-    for x, y in loader:
+    for x, y in data.train_loader(0):
         x, y = x.to(device), y.to(device)
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)

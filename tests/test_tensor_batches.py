@@ -11,8 +11,20 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from compress import data as data_module
-from compress.data import (PAD, CheckedImageFolder, DataError, ImageTensors, _geometry, _image_transforms,
-                           augment_batch, build_data, cache_key, data_cache_dir, epoch_plan, normalise)
+from compress.data import (
+    PAD,
+    CheckedImageFolder,
+    DataError,
+    ImageTensors,
+    _geometry,
+    _image_transforms,
+    augment_batch,
+    build_data,
+    cache_key,
+    data_cache_dir,
+    epoch_plan,
+    normalise,
+)
 from compress.recipe import DataCfg
 
 SIZE = 16
@@ -116,8 +128,10 @@ def test_ranks_take_disjoint_shards_of_the_epochs_permutation(tmp_path, folder):
     assert sorted(torch.cat([p.flatten() for p in plans]).tolist()) == sorted(permutation[:steps * 8].tolist())
     assert not set(plans[0].flatten().tolist()) & set(plans[1].flatten().tolist())
     assert torch.equal(plans[1].flatten(), permutation[1:steps * 8:2])
+    threads = torch.get_num_threads()
     for data, plan in zip(ranks, plans):  # each rank's batches show its positions, un-augmented
         for (x, y), positions in zip(data.train_loader(epoch), plan):
+            assert torch.get_num_threads() == threads  # batches are made on one thread, the caller's count restored
             items = [data.train_set[int(p)] for p in positions]
             assert torch.equal(x, torch.stack([im for im, _ in items])) and y.tolist() == [int(c) for _, c in items]
 
@@ -130,12 +144,12 @@ def _torchvision_crop_flip(image, top, left, flip):
 
 def test_augmentation_is_torchvisions_pad4_crop_and_flip(tmp_path, folder):
     image = torch.randint(1, 256, (3, 12, 10), dtype=torch.uint8)  # no zero: the padding shows
-    draws = [(t, l, f) for t in range(2 * PAD + 1) for l in range(2 * PAD + 1) for f in (False, True)]
-    offsets = torch.tensor([[t, l] for t, l, _ in draws])
+    draws = [(top, left, f) for top in range(2 * PAD + 1) for left in range(2 * PAD + 1) for f in (False, True)]
+    offsets = torch.tensor([[top, left] for top, left, _ in draws])
     flips = torch.tensor([f for _, _, f in draws])
     got = augment_batch(image.expand(len(draws), -1, -1, -1), offsets, flips)
-    for out, (t, l, f) in zip(got, draws):
-        assert torch.equal(out, _torchvision_crop_flip(image, t, l, f)), (t, l, f)
+    for out, draw in zip(got, draws):
+        assert torch.equal(out, _torchvision_crop_flip(image, *draw)), draw
     # the plan draws every offset torchvision can (0..8 each way) and both flips
     plan = epoch_plan(2000, 100, 0, 0, True)
     assert plan.offsets.min() == 0 and plan.offsets.max() == 2 * PAD and set(plan.flips.flatten().tolist()) == {0, 1}
@@ -143,8 +157,8 @@ def test_augmentation_is_torchvisions_pad4_crop_and_flip(tmp_path, folder):
     data = build_data(_cfg(tmp_path, folder))
     plan = epoch_plan(len(data.train_set), 8, data.seed, 1, True)
     x, _ = next(iter(data.train_loader(1)))
-    for out, p, (t, l), f in zip(x, plan.positions[0], plan.offsets[0], plan.flips[0]):
-        expected = _torchvision_crop_flip(data.train_set.images[int(p)], int(t), int(l), bool(f))
+    for out, p, (top, left), f in zip(x, plan.positions[0], plan.offsets[0], plan.flips[0]):
+        expected = _torchvision_crop_flip(data.train_set.images[int(p)], int(top), int(left), bool(f))
         assert torch.equal(out, normalise(expected))
 
 
