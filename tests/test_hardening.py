@@ -115,7 +115,8 @@ def _image_tree(root: Path, bad: bool) -> Path:
 def test_undecodable_image_fails_with_its_path_or_is_skipped(tiny_recipe, capsys, tmp_path):
     root = _image_tree(tmp_path / "imgs", bad=True)
     argv = ["--recipe", str(tiny_recipe(stages=["train"], train={"epochs": 1}, data={"batch_size": 16})),
-            "--out", str(tmp_path / "run"), "--set", "data.kind=imagefolder", "--set", f"data.root={root}"]
+            "--out", str(tmp_path / "run"), "--set", "data.kind=imagefolder", "--set", f"data.root={root}",
+            "--set", f"data.cache_dir={tmp_path / 'cache'}"]
     assert "broken.png" in one_line_error(capsys, argv)
     assert main([*argv, "--set", "data.bad_images=skip"]) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

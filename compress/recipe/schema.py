@@ -51,6 +51,11 @@ MAX_TIMED_CALLS = 100_000  # bench warm-up and timed calls per file and round, a
 MAX_GRID = 64  # measured widths per axis of a latency table or a sensitivity curve
 MAX_STEPS = 100  # iterative pruning steps, latency re-plans, study seeds
 MAX_IMAGES = 1_000_000_000  # a count of images beyond any dataset (ImageNet-21k has 14 M)
+# Images at most this many pixels square (augmented as cifar or not at all) are held in memory as uint8 tensors and
+# batched in the training process (`DataCfg.tensor_batches`): CIFAR-10 takes 184 MB at 32 px, and per-image
+# DataLoader work costs more than the model's step at such sizes. TENSOR_BATCHES names those batches in the keys.
+TENSOR_BATCH_MAX_SIZE = 64
+TENSOR_BATCHES = "tensor_v1"
 
 
 def one_of(table: Mapping[str, object], what: str, fits: Callable[[object], bool] = lambda entry: True,
@@ -200,7 +205,11 @@ class DataCfg(Section):
                                                 "target share runs")
     image_size: int = Field(32, gt=0, le=MAX_IMAGE_SIZE, description="input height and width")
     batch_size: int = Field(64, gt=0, le=MAX_BATCH, description="per process (under torchrun, the global batch is this x ranks)")
-    workers: int = Field(0, ge=0, le=MAX_WORKERS, json_schema_extra=NO_EFFECT, description="DataLoader worker processes")
+    workers: int = Field(0, ge=0, le=MAX_WORKERS, json_schema_extra=NO_EFFECT,
+                         description="DataLoader worker processes. An ImageFolder or CIFAR-10 of at most 64 px, "
+                                     "augmented as cifar or none, is held in memory and its training batches are made "
+                                     "in the training process, without workers: there, workers only decode an "
+                                     "ImageFolder too large for memory (over 4 GiB decoded)")
     augment: Literal["none", "cifar", "imagenet"] = Field(
         "cifar", description="training augmentation: none, cifar (random crop with 4-pixel padding, flip) or imagenet "
                              "(random resized crop, flip)")
@@ -215,6 +224,26 @@ class DataCfg(Section):
         "fail", json_schema_extra=NO_EFFECT,
         description="an undecodable image stops the run with its path (fail) or is skipped and counted (skip); a run "
                     "under fail only finishes without bad images, where skip trains on the same data")
+    cache_dir: FilePath | None = Field(
+        None, json_schema_extra=NO_EFFECT,
+        description="where an ImageFolder held in memory (see workers) is cached once decoded, for later runs; "
+                    "None: $XDG_CACHE_HOME/repvgg-compress/data, else ~/.cache/repvgg-compress/data")
+
+    @property
+    def tensor_batches(self) -> bool:
+        """Whether training batches are cut and augmented as tensors in the training process (`compress.data`): an
+        ImageFolder or CIFAR-10 at most TENSOR_BATCH_MAX_SIZE pixels square, augmented as cifar or not at all. The
+        digits keep their DataLoader batches."""
+        return (self.kind in ("imagefolder", "cifar10") and self.image_size <= TENSOR_BATCH_MAX_SIZE
+                and self.augment in ("cifar", "none"))
+
+    def key_values(self, role: str = ROLE_WEIGHTS) -> dict:
+        """As `Section.key_values`; under tensor batches the weight keys also name them (`batches`), since their
+        shuffles and crops differ from the DataLoader's: runs trained on the DataLoader's batches are not reused."""
+        values = super().key_values(role)
+        if role == ROLE_WEIGHTS and self.tensor_batches:
+            values["batches"] = TENSOR_BATCHES
+        return values
 
     @model_validator(mode="after")
     def _root_needed(self):
