@@ -128,7 +128,9 @@ def main():
                                              for name, s in timed.items()))
 
     out = Transcript()
-    out.say(f"{recipe.model.name} widths {initial_model(recipe, data.num_classes)[0].widths}, {device}, batch "
+    model = recipe.model
+    architecture = model.name or f"blocks {model.num_blocks}, widths {model.widths or model.width_multiplier}"
+    out.say(f"{architecture}, stem stride {model.stem_stride}, {device}, batch "
             f"{data.cfg.batch_size}, {images} training images per timed epoch ({steps} steps), "
             f"{len(data.test_set)} test images; ours at {ours_setting} (the recipe's resolved settings)")
     jobs = {str(s): bare(s) for s in settings}

@@ -107,6 +107,20 @@ def stage_table(stages: dict) -> list[str]:
     return rows
 
 
+def training_table(history: list[dict]) -> list[str]:
+    """Markdown rows: a training's test top-1 after each epoch, its training loss, learning rate and seconds (the
+    training alone, and with the evaluation after it), then the totals."""
+    rows = ["| epoch | top-1 % | top-5 % | train loss | lr (last step) | training s | with evaluation s |",
+            "|---|---|---|---|---|---|---|"]
+    for h in history:
+        rows.append(f"| {h['epoch']} | {h['top1']:.2f} | {h['top5']:.2f} | {h['train_loss']:.4f} | {h['lr']:.3g} | "
+                    f"{h['train_seconds']:.0f} | {_fmt(h.get('wall_seconds'), '.0f')} |")
+    walls = [h["wall_seconds"] for h in history if "wall_seconds" in h]
+    wall = f", {sum(walls) / 60:.1f} min with evaluations" if len(walls) == len(history) else ""
+    rows += ["", f"{len(history)} epochs: {sum(h['train_seconds'] for h in history) / 60:.1f} min of training{wall}"]
+    return rows
+
+
 def int8_parity_table(artifacts: dict) -> list[str]:
     """Markdown rows: each INT8 file against its fake-quant model in PyTorch, on the same test images, per runtime."""
     rows = ["| artifact | runtime | images | fake-quant top-1 % (PyTorch) | top-1 % (file) | same class % | "
@@ -138,6 +152,9 @@ def run_report(recipe: Recipe, summary: dict, out_dir: Path) -> str:
         if parity:
             lines += ["INT8 parity (each INT8 file and its fake-quant model on the same test images):", "", *parity, ""]
     lines += ["Stages (top-1 in PyTorch on the test set):", "", *stage_table(stages), ""]
+    history = (stages.get("train") or {}).get("history") or []
+    if len(history) > 1:
+        lines += ["Training, epoch by epoch (top-1 in PyTorch on the test set):", "", *training_table(history), ""]
     quantize = stages.get("quantize")
     if quantize and "target_device" in quantize:
         ptq = f"; PTQ top-1 {quantize['ptq_top1']:.2f}% before QAT" if quantize["mode"] == "qat" else ""

@@ -27,7 +27,8 @@ from .errors import UserError
 from .files import load_checkpoint, torch_save
 from .recipe import Distill, OptimCfg
 from .tensorboard_log import add_scalar
-from .train_device import AUTOCAST_DTYPES, compiled, resolve_channels_last, resolve_precision
+from .train_device import (AUTOCAST_DTYPES, compiled, cpu_bf16_hazard, model_convs, resolve_channels_last,
+                           resolve_precision)
 
 # TensorBoard gets a training's loss and learning rate every this many steps (and at each epoch's last step), so a
 # one-epoch fine-tune or QAT is a curve
@@ -184,7 +185,11 @@ def fit(
     `<tag>/train_loss` and `<tag>/lr` every `LOG_EVERY_STEPS` steps and `EPOCH_SCALARS` per epoch, all with the
     training images seen (over every process) as the step."""
     device_type = env.device.type
-    autocast_dtype = AUTOCAST_DTYPES[resolve_precision(cfg.precision, device_type)]
+    hazard = cpu_bf16_hazard(model_convs(model, data.example_input())) if device_type == "cpu" else None
+    try:
+        autocast_dtype = AUTOCAST_DTYPES[resolve_precision(cfg.precision, device_type, cpu_hazard=hazard)]
+    except ValueError as e:
+        raise TrainingError(f"[{tag}] {e}") from None
     channels_last = resolve_channels_last(cfg.channels_last, device_type)
     model.to(env.device)
     if channels_last:
@@ -272,7 +277,8 @@ def fit(
                 dist.broadcast(buffer, src=0)
         train_seconds = time.perf_counter() - began  # the epoch's training, its evaluation not included
         metrics = evaluate_test_set(model if ema is None else ema.module, data, env)
-        metrics.update(epoch=epoch + 1, train_loss=running / max(1, seen), lr=lr, train_seconds=train_seconds)
+        metrics.update(epoch=epoch + 1, train_loss=running / max(1, seen), lr=lr, train_seconds=train_seconds,
+                       wall_seconds=time.perf_counter() - began)
         history.append(metrics)
         if env.main:
             if env.writer is not None:

@@ -4,7 +4,7 @@ Each `auto` is resolved from facts of the device (CPU flags, CUDA capability), n
 time, at the door (`Recipe.resolved`), so a run's keys name what ran.
 
 - Precision. `auto` is BF16 autocast where the hardware multiplies BF16 natively: CPUs with AVX512-BF16 or AMX
-  (oneDNN's BF16 convolutions), and CUDA devices that support BF16 (Ampere and later). Other CUDA devices get FP16
+  (oneDNN's BF16 convolutions; not for a model with a stride-2 conv on a 1x1 map, `cpu_bf16_hazard`), and CUDA devices that support BF16 (Ampere and later). Other CUDA devices get FP16
   autocast with a GradScaler (FP16's narrow exponent needs loss scaling; BF16's does not). Other CPUs train in FP32:
   without those instructions oneDNN emulates BF16, slower than FP32. docs/results/train_throughput.md has the
   figures.
@@ -41,17 +41,64 @@ def cuda_supports_bf16() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
 
 
+def cpu_bf16_hazard(convs: list[tuple[int, int]]) -> str | None:
+    """Where oneDNN's BF16 convolution backward goes wrong, among `convs` given as (stride, input map size) in
+    network order: a stride-2 3x3 conv on a 1x1 map gets a weight gradient of garbage in the taps that see only
+    padding (measured with torch 2.14.1: 15 of 20 backward passes off by more than 5%, NaN weights within two epochs
+    of a tiny model; a 1x1 map at stride 1 and every larger map are within BF16's rounding). Names the first such
+    conv, or None."""
+    for i, (stride, size) in enumerate(convs):
+        if stride > 1 and size == 1:
+            return f"conv {i} is a stride-{stride} conv on a 1x1 map"
+    return None
+
+
+def block_convs(strides: list[int], image_size: int) -> list[tuple[int, int]]:
+    """(stride, input map size) of each block of a network of these block `strides` at `image_size`."""
+    convs, size = [], image_size
+    for stride in strides:
+        convs.append((stride, size))
+        size = -(-size // stride)
+    return convs
+
+
+def model_convs(model: torch.nn.Module, example: torch.Tensor) -> list[tuple[int, int]]:
+    """(stride, smaller input side) of each spatial conv of `model`, in the order one forward of `example` runs
+    them."""
+    convs: list[tuple[int, int]] = []
+
+    def record(module, inputs, _output):
+        if module.kernel_size != (1, 1):
+            convs.append((max(module.stride), min(inputs[0].shape[-2:])))
+
+    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example)
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    return convs
+
+
 def resolve_precision(precision: str, device_type: str, flags: list[str] | None = None,
-                      cuda_bf16: bool | None = None) -> str:
+                      cuda_bf16: bool | None = None, cpu_hazard: str | None = None) -> str:
     """`precision` made explicit for a training on `device_type`: `auto` becomes bf16 on CPUs with `CPU_BF16_FLAGS`
-    (`flags`, default this CPU's) and on CUDA devices with BF16 (`cuda_bf16`, default this one's), fp16 on other
-    CUDA devices, else fp32. An explicit value is kept."""
+    (`flags`, default this CPU's) unless the model has a `cpu_hazard` (`cpu_bf16_hazard`), and on CUDA devices with
+    BF16 (`cuda_bf16`, default this one's), fp16 on other CUDA devices, else fp32. An explicit value is kept, except
+    bf16 on a CPU with a `cpu_hazard`: a ValueError naming it."""
+    if precision == "bf16" and device_type == "cpu" and cpu_hazard is not None:
+        raise ValueError(f"precision: bf16 trains wrongly on CPU here ({cpu_hazard}: oneDNN's BF16 weight gradient "
+                         f"of it is garbage); use fp32, auto, or a larger image_size")
     if precision != "auto":
         return precision
     if device_type == "cuda":
         return "bf16" if (cuda_supports_bf16() if cuda_bf16 is None else cuda_bf16) else "fp16"
     flags = cpu_flags() if flags is None else flags
-    return "bf16" if any(f in flags for f in CPU_BF16_FLAGS) else "fp32"
+    return "bf16" if any(f in flags for f in CPU_BF16_FLAGS) and cpu_hazard is None else "fp32"
 
 
 def resolve_channels_last(channels_last: bool | str, device_type: str, flags: list[str] | None = None) -> bool:

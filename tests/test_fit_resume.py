@@ -20,9 +20,7 @@ def _fit(out_dir, epochs: int, data_cfg: DataCfg = DATA, **cfg) -> tuple[RepVGG,
     model = RepVGG([1, 1, 1, 1], widths=[8, 8, 16, 16, 16], num_classes=10)
     env = Env(device=torch.device("cpu"), out_dir=out_dir)
     # constant lr unless `cfg` says otherwise: one epoch then a resumed second one train exactly as two epochs in one go
-    # FP32 unless `cfg` says otherwise: oneDNN's BF16 kernels are not bitwise reproducible from run to run
-    result = fit(model, TrainCfg(**{"epochs": epochs, "lr": 0.05, "schedule": "constant", "precision": "fp32", **cfg}),
-                 build_data(data_cfg), env,
+    result = fit(model, TrainCfg(**{"epochs": epochs, "lr": 0.05, "schedule": "constant", **cfg}), build_data(data_cfg), env,
                  tag="t", ckpt_path=out_dir / "t.ckpt", key="k")
     return model, result
 

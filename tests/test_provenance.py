@@ -160,26 +160,29 @@ def test_registry_ranks_follow_the_recipe(tmp_path, mode, ranks):
 
 
 def test_keys_of_a_run_made_before_the_restructure_are_unchanged(tmp_path):
-    """A quickstart run directory made before the stages became a package (71d0a0e) is reused after it: its stages'
-    keys, artifact keys and section hashes, as its summary.json recorded them, are what the recipe gives now, up to
-    the prune stage. From there on the keys changed on purpose: the prune stage now plans within the MAC budget
-    and re-fits the pruned layers (`prune.planner`, `prune.reconstruct`), and `quantize.target_device` (resolved
-    to this machine) and the overflow fix it calls for are part of what an INT8 artifact is made from; a `bn`
-    fine-tune's keys name its temporary BNs' initialisation since it changed."""
+    """A quickstart run directory made before the stages became a package (71d0a0e): every section hash its
+    summary.json recorded is what the recipe gives now, except those changed on purpose since. The training
+    sections name the precision and memory layout they ran at (`precision`, `channels_last`, resolved to this
+    machine, in place of `amp`), with `compile` and `ema_decay`; the prune stage plans within the MAC budget and
+    re-fits the pruned layers (`prune.planner`, `prune.reconstruct`); `quantize.target_device` (resolved to this
+    machine) and the overflow fix it calls for are part of what an INT8 artifact is made from; a `bn` fine-tune's
+    keys name its temporary BNs' initialisation since it changed."""
     before = json.loads((ROOT / "tests" / "data" / "quickstart_keys_before_restructure.json").read_text())
     recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml").resolved("cpu")
     run_dir = RunDir(tmp_path / "run", recipe)
     assert before["key_scheme"] == run_dir.summary["key_scheme"]
     assert list(before["stages"]) == list(recipe.stages)
-    for stage in ("train", "reparam"):
-        recorded = before["stages"][stage]
-        assert run_dir.key(stage) == recorded["key"], stage
-        assert run_dir.provenance(stage) == {k: recorded[k] for k in ("artifact_key", "sections")}, stage
-    for stage, changed_on_purpose in (("prune", ["prune"]), ("finetune", ["finetune", "prune"]),
-                                      ("quantize", ["finetune", "prune", "quantize"])):
+    for stage, changed_on_purpose in (("train", ["train"]), ("reparam", ["train"]), ("prune", ["prune", "train"]),
+                                      ("finetune", ["finetune", "prune", "train"]),
+                                      ("quantize", ["finetune", "prune", "quantize", "train"])):
         recorded = before["stages"][stage]["sections"]
-        changed = [k for k, v in run_dir.provenance(stage)["sections"].items() if v != recorded[k]]
+        now = run_dir.provenance(stage)["sections"]
+        assert list(now) == list(recorded), stage
+        changed = [k for k, v in now.items() if v != recorded[k]]
         assert sorted(changed) == changed_on_purpose, stage
+    for section in (recipe.train, recipe.finetune, recipe.quantize):
+        values = section.key_values()
+        assert "amp" not in values and values["precision"] in ("fp32", "bf16") and values["channels_last"] in (True, False)
     assert {"planner", "reconstruct"} <= set(recipe.prune.key_values())
     assert "sensitivity_images" not in recipe.prune.key_values()  # taylor does not read it
     assert {"target_device", "overflow_fix"} <= set(recipe.quantize.key_values())

@@ -8,9 +8,10 @@ from compress import train_device
 from compress.data import build_data
 from compress.env import Env
 from compress.files import load_checkpoint
+from compress.report import training_table
 from compress.recipe import DataCfg, RecipeError, TrainCfg, validate_recipe
-from compress.train import fit
-from compress.train_device import resolve_channels_last, resolve_precision
+from compress.train import TrainingError, fit
+from compress.train_device import block_convs, cpu_bf16_hazard, model_convs, resolve_channels_last, resolve_precision
 from repvgg import RepVGG
 
 ZEN5 = ["avx2", "avx512f", "avx512_vnni", "avx512_bf16"]
@@ -32,6 +33,36 @@ def test_auto_precision_on_cuda_follows_its_bf16_capability(bf16, expected):
 def test_an_explicit_precision_is_kept(precision):
     assert resolve_precision(precision, "cpu", flags=AVX2_ONLY) == precision
     assert resolve_precision(precision, "cuda", cuda_bf16=False) == precision
+
+
+def test_a_stride_2_conv_on_a_1x1_map_is_the_cpu_bf16_hazard():
+    # stem stride 2 at 16x16: 8, then stages 4, 2, 1, and stage 4's first block (block 4) strides over 1x1
+    assert cpu_bf16_hazard(block_convs([2, 2, 2, 2, 2], 16)) == "conv 4 is a stride-2 conv on a 1x1 map"
+    assert cpu_bf16_hazard(block_convs([1, 2, 2, 2, 2], 16)) is None  # stage 4 sees 2x2
+    assert cpu_bf16_hazard(block_convs([1, 2, 1, 2, 1, 2, 1, 2, 1], 16)) is None  # a 1x1 map at stride 1 is fine
+    assert resolve_precision("auto", "cpu", flags=ZEN5, cpu_hazard="conv 4") == "fp32"
+    assert resolve_precision("auto", "cuda", cuda_bf16=True, cpu_hazard="conv 4") == "bf16"  # oneDNN only
+    # the model's own convs, seen in a forward, agree with the recipe's block arithmetic (3x3 branches only)
+    model = RepVGG([1, 1, 1, 1], widths=[8, 8, 16, 16, 16], num_classes=10, stem_stride=2)
+    assert model_convs(model, torch.zeros(1, 3, 16, 16)) == block_convs([2, 2, 2, 2, 2], 16)
+
+
+def test_fit_trains_a_model_with_the_hazard_in_fp32_under_auto_and_refuses_bf16(tmp_path):
+    dtypes = set()
+    _fit(tmp_path / "auto", epochs=1, dtypes=dtypes, stem_stride=2, precision="auto")
+    assert dtypes == {torch.float32}
+    with pytest.raises(TrainingError, match=r"^\[t\] precision: bf16 trains wrongly on CPU here \(conv 4"):
+        _fit(tmp_path / "bf16", epochs=1, stem_stride=2, precision="bf16")
+
+
+def test_bf16_on_a_model_with_the_hazard_is_refused_in_one_line(monkeypatch):
+    monkeypatch.setattr(train_device, "cpu_flags", lambda: ZEN5)
+    tiny = _recipe(data={"image_size": 16}, model={"num_blocks": [1, 1, 1, 1], "width_multiplier": [0.25] * 4,
+                                                   "stem_stride": 2})
+    assert validate_recipe(tiny).resolved("cpu").train.precision == "fp32"
+    with pytest.raises(RecipeError, match=r"^train\.precision: bf16 trains wrongly on CPU here \(conv 4 is a "
+                                          r"stride-2 conv on a 1x1 map"):
+        validate_recipe({**tiny, "train": {"precision": "bf16"}}).resolved("cpu")
 
 
 def test_auto_channels_last_follows_the_device():
@@ -68,11 +99,12 @@ def test_amp_is_refused_in_one_line_naming_precision(section):
 DIGITS = DataCfg(kind="digits", image_size=16, augment="none", batch_size=64, train_subset=256, test_subset=200)
 
 
-def _fit(out_dir, data_cfg: DataCfg = DIGITS, seed: int = 0, dtypes: set | None = None, **cfg) -> tuple[RepVGG, dict]:
+def _fit(out_dir, data_cfg: DataCfg = DIGITS, seed: int = 0, dtypes: set | None = None, stem_stride: int = 1,
+         **cfg) -> tuple[RepVGG, dict]:
     """A tiny model fitted in `out_dir` (resuming from its checkpoint); `dtypes` collects the first conv's output
     types in training steps."""
     torch.manual_seed(seed)
-    model = RepVGG([1, 1, 1, 1], widths=[8, 8, 16, 16, 16], num_classes=10, stem_stride=1)
+    model = RepVGG([1, 1, 1, 1], widths=[8, 8, 16, 16, 16], num_classes=10, stem_stride=stem_stride)
     if dtypes is not None:
         conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
         conv.register_forward_hook(lambda m, i, out: dtypes.add(out.dtype) if m.training else None)
@@ -95,6 +127,12 @@ def test_ema_state_survives_a_resume_and_is_the_stages_model(tmp_path):
     averaged = {k.removeprefix("module."): v for k, v in got["ema"].items() if k.startswith("module.")}
     assert all(torch.equal(again.state_dict()[k], averaged[k]) for k in averaged)
     assert any(not torch.equal(got["model"][k], averaged[k]) for k in averaged if averaged[k].is_floating_point())
+    # the report's epoch table: one row per epoch, its evaluation's wall time beside the training's
+    history = result["history"]
+    assert all(h["wall_seconds"] >= h["train_seconds"] > 0 for h in history)
+    rows = training_table(history)
+    assert len(rows) == 2 + len(history) + 2 and rows[2].startswith(f"| 1 | {history[0]['top1']:.2f} |")
+    assert rows[-1].startswith("2 epochs: ") and rows[-1].endswith("min with evaluations")
 
 
 def test_compile_without_a_toolchain_warns_and_trains_eagerly(tmp_path, monkeypatch, capsys):

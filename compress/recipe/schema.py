@@ -21,11 +21,12 @@ from compress.runtime import RUNTIMES
 from compress.stem import FP32_STEM_REWRITES, STEM_REWRITES
 from compress.study.strategies import STRATEGIES
 from compress.timing import BENCH, LATENCY_TABLE
-from compress.train_device import PRECISIONS, QAT_AUTO_PRECISION, resolve_channels_last, resolve_precision
+from compress.train_device import (PRECISIONS, QAT_AUTO_PRECISION, block_convs, cpu_bf16_hazard,
+                                    resolve_channels_last, resolve_precision)
 from repvgg import CONFIGS
 from repvgg.model import block_specs, stage_widths
 
-from .errors import suggest
+from .errors import RecipeError, suggest
 
 # Epoch e of a run seeded s shuffles and augments with torch seed s * 1000 + e (`compress.data.Data.train_loader`):
 # past 1000 epochs a run would repeat the shuffles of seed s + 1, so 1000 is the most epochs a stage trains.
@@ -282,8 +283,9 @@ class OptimCfg(Section):
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy label smoothing")
     precision: Literal[PRECISIONS] = Field(
         "auto", description="autocast precision of the forward and backward passes: auto (bf16 on CPUs with "
-                            "AVX512-BF16 or AMX and on CUDA with BF16, fp16 with loss scaling on older CUDA, else "
-                            "fp32; resolved at the door), fp32, bf16 or fp16")
+                            "AVX512-BF16 or AMX, unless a stride-2 conv meets a 1x1 map, and on CUDA with BF16; fp16 "
+                            "with loss scaling on older CUDA; else fp32; resolved at the door), fp32, bf16 or fp16 "
+                            "(docs/training.md)")
     channels_last: bool | Literal["auto"] = Field(
         "auto", description="channels-last memory format; auto: on CUDA and on CPUs with AVX-512 (resolved at the "
                             "door)")
@@ -633,11 +635,26 @@ class StudyCfg(Section):
                                                                "comparisons' intervals")
 
 
-def _resolved_layout(section: Section, device_type: str, qat: bool = False) -> dict:
-    """A training section's `precision` and `channels_last` made explicit for `device_type` (`compress.train_device`);
-    QAT's `auto` precision is `QAT_AUTO_PRECISION`."""
+def _block_strides(model: ModelCfg) -> list[int] | None:
+    """The stride of every block of `model`, stem first; None where only its checkpoint knows the architecture."""
+    blocks = model.num_blocks
+    if blocks is None and model.name is not None:
+        blocks = CONFIGS[model.name if model.name in CONFIGS else f"RepVGG-{model.name}"][0]
+    if blocks is None:
+        return None
+    return [model.stem_stride, *(s for n in blocks for s in (2, *[1] * (int(n) - 1)))]
+
+
+def _resolved_layout(section: Section, name: str, device_type: str, cpu_hazard: str | None,
+                     qat: bool = False) -> dict:
+    """A training section's (`name`) `precision` and `channels_last` made explicit for `device_type`
+    (`compress.train_device`); QAT's `auto` precision is `QAT_AUTO_PRECISION`."""
     precision = QAT_AUTO_PRECISION if qat and section.precision == "auto" else section.precision
-    return {"precision": resolve_precision(precision, device_type),
+    try:
+        precision = resolve_precision(precision, device_type, cpu_hazard=cpu_hazard)
+    except ValueError as e:
+        raise RecipeError(f"{name}.{e}") from None
+    return {"precision": precision,
             "channels_last": resolve_channels_last(section.channels_last, device_type)}
 
 
@@ -683,10 +700,13 @@ class Recipe(Section):
     def resolved(self, device_type: str) -> Recipe:
         """The recipe with every default that depends on where it runs made explicit, so that keys hash what
         actually runs: `prune.round_to` for the device, `quantize.target_device` (auto: this machine) and the
-        `quantize.overflow_fix` it calls for, `prune.latency.stem` from the export's stem rewrite, `data.root`,
+        `quantize.overflow_fix` it calls for, every training section's `precision` and `channels_last`
+        (`compress.train_device`), `prune.latency.stem` from the export's stem rewrite, `data.root`,
         `model.checkpoint` and `train.teacher` as absolute paths. A run directory reused on another kind of machine
         then recomputes what was made for the other one."""
         target = resolve_target(self.quantize.target_device, device_type)
+        strides = _block_strides(self.model)
+        hazard = None if strides is None else cpu_bf16_hazard(block_convs(strides, self.data.image_size))
         fix = overflow_fix_for(target) if self.quantize.overflow_fix == "auto" else self.quantize.overflow_fix
         # the latency table times the first layer through the export's stem rewrite for its precision (once concrete)
         stem = getattr(self.export, ExportCfg.stem_field(self.prune.latency.precision == "int8"))
@@ -694,14 +714,15 @@ class Recipe(Section):
         update = {"prune": self.prune.model_copy(update={"round_to": self.prune.round_to or default_round_to(device_type),
                                                          "latency": latency}),
                   "quantize": self.quantize.model_copy(update={"target_device": target, "overflow_fix": fix,
-                                                               **_resolved_layout(self.quantize, device_type,
-                                                                                  qat=True)}),
-                  "finetune": self.finetune.model_copy(update=_resolved_layout(self.finetune, device_type))}
+                                                               **_resolved_layout(self.quantize, "quantize",
+                                                                                  device_type, hazard, qat=True)}),
+                  "finetune": self.finetune.model_copy(update=_resolved_layout(self.finetune, "finetune", device_type,
+                                                                               hazard))}
         if self.data.root is not None:
             update["data"] = self.data.model_copy(update={"root": self.data.root.resolve()})
         if self.model.checkpoint is not None:
             update["model"] = self.model.model_copy(update={"checkpoint": self.model.checkpoint.resolve()})
-        train = _resolved_layout(self.train, device_type)
+        train = _resolved_layout(self.train, "train", device_type, hazard)
         if self.train.teacher is not None:
             train["teacher"] = self.train.teacher.resolve()
         update["train"] = self.train.model_copy(update=train)
