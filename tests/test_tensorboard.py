@@ -12,7 +12,16 @@ from torch.utils.tensorboard import SummaryWriter
 from compress.cli import main
 from compress.figures import accuracy_latency_figure
 from compress.report import accuracy_caveats
-from compress.tensorboard_log import HPARAMS, LATENCY_METRIC, TOP1_METRIC, log_prune, runtime_tag, split_tables
+from compress.tensorboard_log import (
+    HPARAMS,
+    LATENCY_METRIC,
+    TOP1_METRIC,
+    hparams,
+    log_accuracy_latency,
+    log_prune,
+    runtime_tag,
+    split_tables,
+)
 
 BATCHES = (1, 4)
 
@@ -68,19 +77,41 @@ def test_hparams_one_entry_per_file_runtime_and_batch_with_the_same_names(run):
     assert set(entries) == set(timed)
 
 
-def test_every_accuracy_vs_latency_series_is_a_curve_at_latency_in_microseconds(run):
-    _, summary, events = run
+def test_every_file_is_a_dot_of_its_accuracy_vs_latency_card_at_latency_in_microseconds(run):
+    out, summary, events = run
     timed, artifacts = _timed(summary), summary["export"]["artifacts"]
-    series = [t for t in events.Tags()["scalars"] if t.startswith("accuracy_vs_latency/")]
-    expected = {f"accuracy_vs_latency/{rt}_b{b}_{name.rsplit('_', 1)[1]}" for name, rt, b in timed}
-    assert set(series) == expected
-    for tag in series:
-        runtime, batch, precision = re.fullmatch(r"accuracy_vs_latency/(\w+?)_b(\d+)_(fp32|int8)", tag).groups()
-        points = sorted((e.step, round(e.value, 3)) for e in events.Scalars(tag))
-        assert len(points) >= 2, tag
-        assert points == sorted((round(ms * 1000), round(artifacts[name]["top1"], 3))
-                                for (name, rt, b), ms in timed.items()
-                                if (rt, b) == (runtime, int(batch)) and name.endswith(precision))
+    # TensorBoard draws a one-point series as a dot and a longer one as a bare line: each file's point is alone
+    # in its HParams entry's run, which names it
+    assert not any(t.startswith("accuracy_vs_latency/") for t in events.Tags()["scalars"])
+    cards: dict[str, list] = {}
+    for path in (out / "tb" / "hparams").iterdir():
+        hp, metrics = _hparams_entry(path)
+        [(tag, points)] = [(t, v) for t, v in metrics.items() if t.startswith("accuracy_vs_latency/")]
+        key = (hp["artifact"], hp["runtime"], int(hp["batch"]))
+        assert tag == f"accuracy_vs_latency/{hp['runtime']}_b{int(hp['batch'])}_{hp['precision']}"
+        assert points == [pytest.approx(artifacts[hp["artifact"]]["top1"], abs=1e-4)]
+        events_of_run = EventAccumulator(str(path), size_guidance={"scalars": 0})
+        events_of_run.Reload()
+        assert [e.step for e in events_of_run.Scalars(tag)] == [round(timed[key] * 1000)]
+        assert "one dot per file" in events_of_run.SummaryMetadata(tag).summary_description
+        cards.setdefault(tag, []).append(hp["artifact"])
+    assert {f"accuracy_vs_latency/{rt}_b{b}_{name.rsplit('_', 1)[1]}" for name, rt, b in timed} == set(cards)
+    assert all(len(files) >= 2 for files in cards.values()), cards  # every card compares files
+
+
+def test_a_rebench_replaces_an_entry_and_a_run_without_entries_draws_curves(tmp_path):
+    entry = {"name": "plain_fp32_ort_cpu_b1", "top1": 90.0, "latency_ms": 0.5,
+             "hparams": hparams(artifact="plain_fp32", precision="fp32", runtime="ort_cpu", batch=1)}
+    with SummaryWriter(str(tmp_path)) as writer:
+        log_accuracy_latency(writer, [entry])
+        log_accuracy_latency(writer, [{**entry, "top1": 91.0, "latency_ms": 0.4}])
+        log_accuracy_latency(writer, [{**entry, "name": "b", "latency_ms": 0.3}, entry], run_prefix=None)
+    _, metrics = _hparams_entry(tmp_path / "hparams" / "plain_fp32_ort_cpu_b1")
+    assert metrics["accuracy_vs_latency/ort_cpu_b1_fp32"] == [91.0] and metrics[LATENCY_METRIC] == [pytest.approx(0.4)]
+    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("accuracy_vs_latency/ort_cpu_b1_fp32")] == [(300, 90.0),
+                                                                                                    (500, 90.0)]
 
 
 def test_every_latency_tag_names_its_runtime_and_the_batch_it_was_timed_at(run):
