@@ -216,10 +216,11 @@ def text_number(value) -> str:
     return str(value)
 
 
-def split_tables(markdown: str, max_columns: int = 7) -> str:
-    """`markdown` with every table wider than `max_columns` cut into tables of at most that many columns, each
-    repeating the first column (the row's name): TensorBoard's text dashboard squeezes a wide table's headers until
-    they break mid-word."""
+def split_tables(markdown: str, max_columns: int = 7, max_header_chars: int = 100) -> str:
+    """`markdown` with every table wider than `max_columns`, or whose headers past the first hold more than
+    `max_header_chars` characters, cut into tables within both limits, each repeating the first column (the row's
+    name): TensorBoard's text dashboard squeezes a wide table's columns until its headers and names break
+    mid-word."""
     lines, out, i = markdown.splitlines(), [], 0
     while i < len(lines):
         if not lines[i].startswith("|"):
@@ -230,17 +231,19 @@ def split_tables(markdown: str, max_columns: int = 7) -> str:
         while i < len(lines) and lines[i].startswith("|"):
             table.append([cell.strip() for cell in lines[i].strip().strip("|").split("|")])
             i += 1
-        width = len(table[0])
-        if width <= max_columns:
-            out += ["| " + " | ".join(row) + " |" for row in table]
-            continue
+        width, header = len(table[0]), [len(cell) for cell in table[0]]
         parts = -(-(width - 1) // (max_columns - 1))
-        size, longer = divmod(width - 1, parts)  # parts as even as can be
-        begin = 1
-        for part in range(parts):
-            end = begin + size + (part < longer)
+        while True:
+            size, longer = divmod(width - 1, parts)  # parts as even as can be
+            bounds, begin = [], 1
+            for part in range(parts):
+                bounds.append((begin, begin + size + (part < longer)))
+                begin = bounds[-1][1]
+            if parts >= width - 1 or all(sum(header[b:e]) <= max_header_chars for b, e in bounds):
+                break
+            parts += 1
+        for begin, end in bounds:
             columns = [0, *range(begin, end)]
-            begin = end
             out += ["| " + " | ".join(row[c] if c < len(row) else "" for c in columns) + " |" for row in table]
             out.append("")
         if out[-1] == "":

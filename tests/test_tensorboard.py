@@ -184,6 +184,19 @@ def test_split_tables_keeps_the_name_column_and_every_cell():
     assert sorted(map(int, cells)) == list(range(12))
 
 
+def test_split_tables_cuts_long_headers_so_names_do_not_break():
+    # five long headers in one 6-column table squeeze the name column until "train_fp32" breaks mid-word
+    names = ["x vs plain_fp32 (ORT CPU)", "PyTorch fastest call ms @8", "x vs plain_fp32 (PyTorch)",
+             "fastest runtime", "stem share (ORT CPU profile)"]
+    table = f"| artifact | {' | '.join(names)} |\n|{'---|' * 6}\n| train_fp32 | 0.97 | 131.20 | 0.57 | ORT CPU | - |"
+    tables = split_tables(table).split("\n\n")
+    assert len(tables) == 2
+    for t in tables:
+        header = t.splitlines()[0].strip("| ").split(" | ")
+        assert header[0] == "artifact" and sum(map(len, header[1:])) <= 100
+    assert "\n\n" not in split_tables(table, max_header_chars=1000)  # within both limits: one table
+
+
 def test_caveats_name_few_images_and_near_chance():
     artifacts = {"plain_fp32": {"top1": 11.0, "n": 32}, "plain_int8": {"top1": 60.0, "n": 5000}}
     lines = accuracy_caveats(artifacts, 10)
