@@ -4,8 +4,10 @@
   `torch_cpu`, `torch_cuda`) and ends in `_b<batch>`, so no tag ever holds two units or two batch sizes.
 - Every scalar carries a description (what it is, its unit, how it was measured), shown on its card.
 - Accuracy against latency is drawn by TensorBoard itself: an HParams entry per (exported file, runtime, batch),
-  every entry with the same hparam names (`HPARAMS`), and per (runtime, batch, precision) a scalar series of top-1
-  whose step is the latency in microseconds (`accuracy_vs_latency/<runtime>_b<batch>_<precision>`).
+  every entry with the same hparam names (`HPARAMS`), and per (runtime, batch, precision) a card of top-1 whose
+  step is the latency in microseconds (`accuracy_vs_latency/<runtime>_b<batch>_<precision>`). Each file's point
+  lies in its HParams entry's run, alone: TensorBoard's Time Series draws a one-point series as a dot and names it
+  by its run, whereas it draws a longer series as a bare line, with no marker at its points.
 
 A latency here is the product's statistic: a file's fastest single timed call over all rounds (docs/timing.md,
 `compress.timing`); other work on the machine only ever adds time."""
@@ -13,6 +15,7 @@ A latency here is the product's statistic: a file's fastest single timed call ov
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.plugins.scalar.metadata import create_summary_metadata
@@ -68,25 +71,54 @@ def series_tag(runtime: str, batch: int, precision: str) -> str:
 def log_accuracy_latency(writer, entries: Iterable[dict], run_prefix: str | None = "hparams",
                          series: bool = True) -> None:
     """Top-1 against latency, as views TensorBoard draws: `entries` are dicts with `hparams` (from `hparams`), `top1`
-    (percent), `latency_ms` (the fastest call) and `name` (the entry's HParams run, under `run_prefix/`). Each
-    becomes an HParams entry (none where `run_prefix` is None); with `series`, each (runtime, batch, precision) a
-    series with the latency in microseconds as the step, written in order of latency (TensorBoard drops points
-    logged at a lower step than the tag's last one)."""
+    (percent), `latency_ms` (the fastest call) and `name` (the entry's HParams run, under `run_prefix/`).
+
+    Each entry becomes an HParams entry in its own run, and with `series` that run also holds the entry's point of
+    its (runtime, batch, precision) card, at the latency in microseconds as the step: one dot per file, named by
+    its run. Where `run_prefix` is None there are no entry runs, and `series` writes the entries into `writer`'s
+    own run as one curve per card (a study's strategy), in order of latency (TensorBoard drops points logged at a
+    lower step than the tag's last one)."""
     entries = list(entries)
-    by_tag: dict[str, list[dict]] = {}
-    for e in entries if series else ():
-        hp = e["hparams"]
-        by_tag.setdefault(series_tag(hp["runtime"], hp["batch"], hp["precision"]), []).append(e)
-    for tag, members in by_tag.items():
-        hp = members[0]["hparams"]
-        description = (f"top-1 (%) of the {hp['precision'].upper()} files, one point per file, at step = its latency "
-                       f"in microseconds on {hp['runtime']}, batch {hp['batch']} (the {LATENCY_STATISTIC})")
-        for e in sorted(members, key=lambda e: e["latency_ms"]):
-            add_scalar(writer, tag, e["top1"], round(e["latency_ms"] * 1000), description)
-    for e in entries if run_prefix is not None else ():
-        writer.add_hparams(e["hparams"], {TOP1_METRIC: float(e["top1"]), LATENCY_METRIC: float(e["latency_ms"])},
-                           run_name=f"{run_prefix}/{e['name']}")
+    if run_prefix is None:
+        if series:
+            by_tag: dict[str, list[dict]] = {}
+            for e in entries:
+                by_tag.setdefault(_series_tag(e), []).append(e)
+            for tag, members in by_tag.items():
+                for e in sorted(members, key=lambda e: e["latency_ms"]):
+                    _add_point(writer, tag, e, "one point per file, joined in order of latency")
+        writer.flush()
+        return
+    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+    for e in entries:
+        metrics = {TOP1_METRIC: float(e["top1"]), LATENCY_METRIC: float(e["latency_ms"])}
+        # what `SummaryWriter.add_hparams` writes, and the entry's point beside it in the same run and event file
+        run = Path(writer.log_dir) / run_prefix / e["name"]
+        for old in run.glob("events.out.tfevents.*"):  # the run is this entry's alone: a re-bench replaces it
+            old.unlink()
+        with SummaryWriter(str(run)) as entry_writer:
+            for summary in hparams_summaries(e["hparams"], metrics):
+                entry_writer._get_file_writer().add_summary(summary)
+            for tag, value in metrics.items():
+                entry_writer.add_scalar(tag, value)
+            if series:
+                _add_point(entry_writer, _series_tag(e), e, "one dot per file, named by its run")
     writer.flush()
+
+
+def _series_tag(entry: dict) -> str:
+    hp = entry["hparams"]
+    return series_tag(hp["runtime"], hp["batch"], hp["precision"])
+
+
+def _add_point(writer, tag: str, entry: dict, layout: str) -> None:
+    """An entry's top-1 on its accuracy-versus-latency card, at step = its latency in microseconds."""
+    hp = entry["hparams"]
+    description = (f"top-1 (%) of the {hp['precision'].upper()} files, {layout}, at step = its latency in "
+                   f"microseconds on {hp['runtime']}, batch {hp['batch']} (the {LATENCY_STATISTIC})")
+    add_scalar(writer, tag, entry["top1"], round(entry["latency_ms"] * 1000), description)
 
 
 def custom_layout(latency_target: bool = False, accuracy_latency: bool = False) -> dict:
@@ -184,10 +216,11 @@ def text_number(value) -> str:
     return str(value)
 
 
-def split_tables(markdown: str, max_columns: int = 7) -> str:
-    """`markdown` with every table wider than `max_columns` cut into tables of at most that many columns, each
-    repeating the first column (the row's name): TensorBoard's text dashboard squeezes a wide table's headers until
-    they break mid-word."""
+def split_tables(markdown: str, max_columns: int = 7, max_header_chars: int = 100) -> str:
+    """`markdown` with every table wider than `max_columns`, or whose headers past the first hold more than
+    `max_header_chars` characters, cut into tables within both limits, each repeating the first column (the row's
+    name): TensorBoard's text dashboard squeezes a wide table's columns until its headers and names break
+    mid-word."""
     lines, out, i = markdown.splitlines(), [], 0
     while i < len(lines):
         if not lines[i].startswith("|"):
@@ -198,17 +231,19 @@ def split_tables(markdown: str, max_columns: int = 7) -> str:
         while i < len(lines) and lines[i].startswith("|"):
             table.append([cell.strip() for cell in lines[i].strip().strip("|").split("|")])
             i += 1
-        width = len(table[0])
-        if width <= max_columns:
-            out += ["| " + " | ".join(row) + " |" for row in table]
-            continue
+        width, header = len(table[0]), [len(cell) for cell in table[0]]
         parts = -(-(width - 1) // (max_columns - 1))
-        size, longer = divmod(width - 1, parts)  # parts as even as can be
-        begin = 1
-        for part in range(parts):
-            end = begin + size + (part < longer)
+        while True:
+            size, longer = divmod(width - 1, parts)  # parts as even as can be
+            bounds, begin = [], 1
+            for part in range(parts):
+                bounds.append((begin, begin + size + (part < longer)))
+                begin = bounds[-1][1]
+            if parts >= width - 1 or all(sum(header[b:e]) <= max_header_chars for b, e in bounds):
+                break
+            parts += 1
+        for begin, end in bounds:
             columns = [0, *range(begin, end)]
-            begin = end
             out += ["| " + " | ".join(row[c] if c < len(row) else "" for c in columns) + " |" for row in table]
             out.append("")
         if out[-1] == "":

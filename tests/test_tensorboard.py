@@ -12,7 +12,16 @@ from torch.utils.tensorboard import SummaryWriter
 from compress.cli import main
 from compress.figures import accuracy_latency_figure
 from compress.report import accuracy_caveats
-from compress.tensorboard_log import HPARAMS, LATENCY_METRIC, TOP1_METRIC, log_prune, runtime_tag, split_tables
+from compress.tensorboard_log import (
+    HPARAMS,
+    LATENCY_METRIC,
+    TOP1_METRIC,
+    hparams,
+    log_accuracy_latency,
+    log_prune,
+    runtime_tag,
+    split_tables,
+)
 
 BATCHES = (1, 4)
 
@@ -68,19 +77,41 @@ def test_hparams_one_entry_per_file_runtime_and_batch_with_the_same_names(run):
     assert set(entries) == set(timed)
 
 
-def test_every_accuracy_vs_latency_series_is_a_curve_at_latency_in_microseconds(run):
-    _, summary, events = run
+def test_every_file_is_a_dot_of_its_accuracy_vs_latency_card_at_latency_in_microseconds(run):
+    out, summary, events = run
     timed, artifacts = _timed(summary), summary["export"]["artifacts"]
-    series = [t for t in events.Tags()["scalars"] if t.startswith("accuracy_vs_latency/")]
-    expected = {f"accuracy_vs_latency/{rt}_b{b}_{name.rsplit('_', 1)[1]}" for name, rt, b in timed}
-    assert set(series) == expected
-    for tag in series:
-        runtime, batch, precision = re.fullmatch(r"accuracy_vs_latency/(\w+?)_b(\d+)_(fp32|int8)", tag).groups()
-        points = sorted((e.step, round(e.value, 3)) for e in events.Scalars(tag))
-        assert len(points) >= 2, tag
-        assert points == sorted((round(ms * 1000), round(artifacts[name]["top1"], 3))
-                                for (name, rt, b), ms in timed.items()
-                                if (rt, b) == (runtime, int(batch)) and name.endswith(precision))
+    # TensorBoard draws a one-point series as a dot and a longer one as a bare line: each file's point is alone
+    # in its HParams entry's run, which names it
+    assert not any(t.startswith("accuracy_vs_latency/") for t in events.Tags()["scalars"])
+    cards: dict[str, list] = {}
+    for path in (out / "tb" / "hparams").iterdir():
+        hp, metrics = _hparams_entry(path)
+        [(tag, points)] = [(t, v) for t, v in metrics.items() if t.startswith("accuracy_vs_latency/")]
+        key = (hp["artifact"], hp["runtime"], int(hp["batch"]))
+        assert tag == f"accuracy_vs_latency/{hp['runtime']}_b{int(hp['batch'])}_{hp['precision']}"
+        assert points == [pytest.approx(artifacts[hp["artifact"]]["top1"], abs=1e-4)]
+        events_of_run = EventAccumulator(str(path), size_guidance={"scalars": 0})
+        events_of_run.Reload()
+        assert [e.step for e in events_of_run.Scalars(tag)] == [round(timed[key] * 1000)]
+        assert "one dot per file" in events_of_run.SummaryMetadata(tag).summary_description
+        cards.setdefault(tag, []).append(hp["artifact"])
+    assert {f"accuracy_vs_latency/{rt}_b{b}_{name.rsplit('_', 1)[1]}" for name, rt, b in timed} == set(cards)
+    assert all(len(files) >= 2 for files in cards.values()), cards  # every card compares files
+
+
+def test_a_rebench_replaces_an_entry_and_a_run_without_entries_draws_curves(tmp_path):
+    entry = {"name": "plain_fp32_ort_cpu_b1", "top1": 90.0, "latency_ms": 0.5,
+             "hparams": hparams(artifact="plain_fp32", precision="fp32", runtime="ort_cpu", batch=1)}
+    with SummaryWriter(str(tmp_path)) as writer:
+        log_accuracy_latency(writer, [entry])
+        log_accuracy_latency(writer, [{**entry, "top1": 91.0, "latency_ms": 0.4}])
+        log_accuracy_latency(writer, [{**entry, "name": "b", "latency_ms": 0.3}, entry], run_prefix=None)
+    _, metrics = _hparams_entry(tmp_path / "hparams" / "plain_fp32_ort_cpu_b1")
+    assert metrics["accuracy_vs_latency/ort_cpu_b1_fp32"] == [91.0] and metrics[LATENCY_METRIC] == [pytest.approx(0.4)]
+    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("accuracy_vs_latency/ort_cpu_b1_fp32")] == [(300, 90.0),
+                                                                                                    (500, 90.0)]
 
 
 def test_every_latency_tag_names_its_runtime_and_the_batch_it_was_timed_at(run):
@@ -151,6 +182,19 @@ def test_split_tables_keeps_the_name_column_and_every_cell():
                for line in t.splitlines() if line.startswith("|"))
     cells = re.findall(r"\| (\d+) ", text)
     assert sorted(map(int, cells)) == list(range(12))
+
+
+def test_split_tables_cuts_long_headers_so_names_do_not_break():
+    # five long headers in one 6-column table squeeze the name column until "train_fp32" breaks mid-word
+    names = ["x vs plain_fp32 (ORT CPU)", "PyTorch fastest call ms @8", "x vs plain_fp32 (PyTorch)",
+             "fastest runtime", "stem share (ORT CPU profile)"]
+    table = f"| artifact | {' | '.join(names)} |\n|{'---|' * 6}\n| train_fp32 | 0.97 | 131.20 | 0.57 | ORT CPU | - |"
+    tables = split_tables(table).split("\n\n")
+    assert len(tables) == 2
+    for t in tables:
+        header = t.splitlines()[0].strip("| ").split(" | ")
+        assert header[0] == "artifact" and sum(map(len, header[1:])) <= 100
+    assert "\n\n" not in split_tables(table, max_header_chars=1000)  # within both limits: one table
 
 
 def test_caveats_name_few_images_and_near_chance():
