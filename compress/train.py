@@ -150,6 +150,11 @@ def distill_loss(logits, teacher_logits, targets, distill: Distill, label_smooth
     return (1 - distill.alpha) * ce + distill.alpha * t * t * kl
 
 
+def _out_of_memory(tag: str, data: Data) -> TrainingError:
+    """The one line for a training that ran out of device memory."""
+    return TrainingError(f"[{tag}] CUDA out of memory at data.batch_size={data.cfg.batch_size}; lower it")
+
+
 def weight_average(model: nn.Module, decay: float | None) -> AveragedModel | None:
     """An exponential moving average of `model`'s parameters and buffers (BN statistics too, so the average is
     evaluated as it is), updated after each optimizer step with `decay`; None when `decay` is None."""
@@ -185,7 +190,10 @@ def fit(
     `<tag>/train_loss` and `<tag>/lr` every `LOG_EVERY_STEPS` steps and `EPOCH_SCALARS` per epoch, all with the
     training images seen (over every process) as the step."""
     device_type = env.device.type
-    hazard = cpu_bf16_hazard(model_convs(model, data.example_input())) if device_type == "cpu" else None
+    try:
+        hazard = cpu_bf16_hazard(model_convs(model, data.example_input())) if device_type == "cpu" else None
+    except torch.cuda.OutOfMemoryError:
+        raise _out_of_memory(tag, data) from None
     try:
         autocast_dtype = AUTOCAST_DTYPES[resolve_precision(cfg.precision, device_type, cpu_hazard=hazard)]
     except ValueError as e:
@@ -256,9 +264,7 @@ def fit(
                 if ema is not None:
                     ema.update_parameters(model)
             except torch.cuda.OutOfMemoryError:
-                raise TrainingError(
-                    f"[{tag}] CUDA out of memory at data.batch_size={data.cfg.batch_size}; lower it"
-                ) from None
+                raise _out_of_memory(tag, data) from None
             running += loss.item() * len(y)
             seen += len(y)
             step = epoch * steps_per_epoch + i + 1

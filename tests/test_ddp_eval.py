@@ -37,8 +37,9 @@ def _fit_one_epoch(rank: int, out_dir) -> None:
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=WORLD)
     try:
         model = tiny_repvgg()
-        evaluated = []  # images this rank's model saw in eval mode
-        model.register_forward_pre_hook(lambda m, args: None if m.training else evaluated.append(len(args[0])))
+        evaluated = []  # images this rank's model saw in eval mode (not fit's one-image probe of its conv shapes)
+        model.register_forward_pre_hook(
+            lambda m, args: None if m.training or len(args[0]) == 1 else evaluated.append(len(args[0])))
         env = Env(device=torch.device("cpu"), out_dir=out_dir, rank=rank, world_size=WORLD)
         result = fit(model, TrainCfg(epochs=1, lr=0.05), build_data(DATA, rank=rank, world_size=WORLD), env,
                      tag="ddp", ckpt_path=out_dir / "ddp.ckpt", key="k")

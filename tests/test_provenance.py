@@ -74,11 +74,13 @@ def test_workers_reuse_and_test_subset_reevaluates_without_retraining(tiny_recip
 
 
 def test_round_to_is_resolved_into_the_key(tmp_path):
-    cpu, cuda = _rundir(tmp_path, "cpu"), _rundir(tmp_path, "cuda")
+    # the training's precision and layout fixed: under auto they follow the device too (test_train_device)
+    same = {"precision": "fp32", "channels_last": True}
+    cpu, cuda = _rundir(tmp_path, "cpu", train=same), _rundir(tmp_path, "cuda", train=same)
     assert (cpu.recipe.prune.round_to, cuda.recipe.prune.round_to) == (16, 8)
     assert cpu.artifact_key("prune") != cuda.artifact_key("prune")
     assert cpu.artifact_key("reparam") == cuda.artifact_key("reparam")
-    explicit = _rundir(tmp_path, "cuda", prune={"round_to": 16})
+    explicit = _rundir(tmp_path, "cuda", train=same, prune={"round_to": 16})
     assert explicit.artifact_key("prune") == cpu.artifact_key("prune")
 
 

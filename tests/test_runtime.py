@@ -161,7 +161,7 @@ def test_a_figure_names_the_cpu_with_its_family_model_and_isa(tmp_path, monkeypa
     cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
                        "model name\t: AMD EPYC\nflags\t\t: fpu sse avx2 avx512f avx512_vnni avx512_bf16\n")
     monkeypatch.setattr(machine, "CPUINFO", cpuinfo)
-    assert describe_cpu() == "AMD EPYC (family 26 model 2; avx2, avx512f, avx512_vnni)"
+    assert describe_cpu() == "AMD EPYC (family 26 model 2; avx2, avx512f, avx512_vnni, avx512_bf16)"
     info = machine_info(2, ["cpu"])
     assert (info["cpu"], info["cpu_family"], info["cpu_model_number"]) == ("AMD EPYC", "26", "2")
     assert describe_cpu(info) == describe_cpu()

@@ -35,11 +35,13 @@ def cpu_flags() -> list[str]:
     return sorted((_cpuinfo("flags") or "").split())
 
 
-ISA = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")  # what x86 CPU kernels (FP32, INT8) pick from
+# what x86 CPU kernels pick from: FP32 and INT8 (inference, latency tables), BF16 (training, `compress.train_device`)
+ISA = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16", "amx_bf16")
 
 
 def isa_flags(flags: list[str] | None = None) -> list[str]:
-    """Which of ISA the CPU has (from `flags`, default this CPU's): what every INT8 or latency figure depends on."""
+    """Which of ISA the CPU has (from `flags`, default this CPU's): what every INT8, latency or training-speed figure
+    depends on."""
     flags = cpu_flags() if flags is None else flags
     return [f for f in ISA if f in flags]
 
