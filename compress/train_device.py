@@ -4,10 +4,10 @@ Each `auto` is resolved from facts of the device (CPU flags, CUDA capability), n
 time, at the door (`Recipe.resolved`), so a run's keys name what ran.
 
 - Precision. `auto` is BF16 autocast where the hardware multiplies BF16 natively: CPUs with AVX512-BF16 or AMX
-  (oneDNN's BF16 convolutions; not for a model with a stride-2 conv on a 1x1 map, `cpu_bf16_hazard`), and CUDA devices that support BF16 (Ampere and later). Other CUDA devices get FP16
-  autocast with a GradScaler (FP16's narrow exponent needs loss scaling; BF16's does not). Other CPUs train in FP32:
-  without those instructions oneDNN emulates BF16, slower than FP32. docs/results/train_throughput.md has the
-  figures.
+  (oneDNN's BF16 convolutions; not for a model with a stride-2 conv on a 1x1 map, `cpu_bf16_hazard`), and CUDA
+  devices that support BF16 (Ampere and later). Other CUDA devices get FP16 autocast with a GradScaler (FP16's
+  narrow exponent needs loss scaling; BF16's does not). Other CPUs train in FP32: without those instructions oneDNN
+  emulates BF16, slower than FP32. docs/results/train_throughput.md has the figures.
 - Layout. `auto` is channels-last on CUDA (cuDNN's tensor-core kernels are NHWC) and on x86 CPUs with AVX-512
   (oneDNN's blocked NHWC kernels); elsewhere (AVX2-only x86, ARM) torch's default layout, unmeasured for training.
 - QAT's `auto` is FP32 (`QAT_AUTO_PRECISION`).

@@ -502,7 +502,7 @@ class QuantCfg(Section):
 
     precision: Literal[PRECISIONS] = Field(
         "auto", description="QAT's autocast precision; auto is fp32: under autocast NNCF's activation quantizers "
-                            "round in BF16/FP16, off the INT8 grid the exported file uses (docs/int8.md)")
+                            "round in BF16/FP16, off the INT8 grid the exported file uses (docs/training.md)")
     channels_last: bool | Literal["auto"] = Field("auto", description="QAT's memory format, as train.channels_last")
 
     @model_validator(mode="before")
