@@ -186,7 +186,10 @@ def fit(
 
     Returns the last evaluation (made afresh when no epoch was left to train: the test set may differ from the
     checkpoint's) and the per-epoch history. Under DDP every rank calls it, and each evaluates its shard of the
-    test set. The checkpoint holds the learning-rate schedule's and the GradScaler's state too. TensorBoard gets
+    test set. The checkpoint holds the learning-rate schedule's and the GradScaler's state too. With
+    `cfg.ema_decay` it holds the weights' average as well, each epoch evaluates the average, and `model` ends as it.
+    Precision and layout follow `compress.train_device` (an `auto` still here is resolved for this model and
+    device). TensorBoard gets
     `<tag>/train_loss` and `<tag>/lr` every `LOG_EVERY_STEPS` steps and `EPOCH_SCALARS` per epoch, all with the
     training images seen (over every process) as the step."""
     device_type = env.device.type
