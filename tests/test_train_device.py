@@ -45,6 +45,13 @@ def test_a_stride_2_conv_on_a_1x1_map_is_the_cpu_bf16_hazard():
     # the model's own convs, seen in a forward, agree with the recipe's block arithmetic (3x3 branches only)
     model = RepVGG([1, 1, 1, 1], widths=[8, 8, 16, 16, 16], num_classes=10, stem_stride=2)
     assert model_convs(model, torch.zeros(1, 3, 16, 16)) == block_convs([2, 2, 2, 2, 2], 16)
+    # a named model's strides at the door are those its built model runs (CONFIGS count stage 0's block too)
+    from compress.recipe.schema import _block_strides
+    from repvgg.model import create_model
+
+    named = validate_recipe({"name": "r", "model": {"name": "A0"}}).model
+    built = model_convs(create_model("A0", num_classes=10), torch.zeros(1, 3, 32, 32))
+    assert block_convs(_block_strides(named), 32) == built
 
 
 def test_fit_trains_a_model_with_the_hazard_in_fp32_under_auto_and_refuses_bf16(tmp_path):

@@ -636,13 +636,16 @@ class StudyCfg(Section):
 
 
 def _block_strides(model: ModelCfg) -> list[int] | None:
-    """The stride of every block of `model`, stem first; None where only its checkpoint knows the architecture."""
-    blocks = model.num_blocks
-    if blocks is None and model.name is not None:
-        blocks = CONFIGS[model.name if model.name in CONFIGS else f"RepVGG-{model.name}"][0]
-    if blocks is None:
+    """The stride of every block of `model`, stem first (`repvgg.model.block_specs`, as the model is built); None
+    where only its checkpoint knows the architecture."""
+    if model.num_blocks is not None:
+        blocks, widths = model.num_blocks, model.widths or stage_widths(model.width_multiplier)
+    elif model.name is not None:
+        blocks, multiplier, _ = CONFIGS[model.name if model.name in CONFIGS else f"RepVGG-{model.name}"]
+        blocks, widths = blocks[1:], stage_widths(multiplier)  # CONFIGS count stage 0's block too
+    else:
         return None
-    return [model.stem_stride, *(s for n in blocks for s in (2, *[1] * (int(n) - 1)))]
+    return [spec.stride for spec in block_specs(blocks, widths, stem_stride=model.stem_stride)]
 
 
 def _resolved_layout(section: Section, name: str, device_type: str, cpu_hazard: str | None,
