@@ -11,6 +11,7 @@ import re
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,8 +28,14 @@ from .errors import UserError
 from .files import load_checkpoint, torch_save
 from .recipe import Distill, OptimCfg
 from .tensorboard_log import add_scalar
-from .train_device import (AUTOCAST_DTYPES, compiled, cpu_bf16_hazard, model_convs, resolve_channels_last,
-                           resolve_precision)
+from .train_device import (
+    AUTOCAST_DTYPES,
+    compiled,
+    cpu_bf16_hazard,
+    model_convs,
+    resolve_channels_last,
+    resolve_precision,
+)
 
 # TensorBoard gets a training's loss and learning rate every this many steps (and at each epoch's last step), so a
 # one-epoch fine-tune or QAT is a curve
@@ -81,17 +88,22 @@ def evaluate_test_set(model: nn.Module, data: Data, env: Env) -> dict:
     return evaluate(model, data.test_loader(shard=distributed), env.device, all_reduce=distributed)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """The official recipe: weight decay on conv and linear weights, none on BN parameters and biases."""
-    decay, no_decay = [], []
-    for p in model.parameters():
+def param_groups(model: nn.Module, weight_decay: float, bare: frozenset[str] = frozenset()) -> list[dict]:
+    """The official recipe: weight decay on conv and linear weights, none on BN parameters and biases. The
+    parameters named in `bare` form a third group, stepped without momentum or weight decay (ResRep's compactors)."""
+    decay, no_decay, bare_steps = [], [], []
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.dim() > 1 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            (bare_steps if name in bare else decay if p.dim() > 1 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return groups + ([{"params": bare_steps, "weight_decay": 0.0, "momentum": 0.0}] if bare_steps else [])
 
 
-def make_optimizer(model: nn.Module, cfg: OptimCfg) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
+def make_optimizer(model: nn.Module, cfg: OptimCfg, bare: frozenset[str] = frozenset()) -> torch.optim.Optimizer:
+    """SGD with momentum or AdamW over `param_groups` (`bare` parameters: SGD only)."""
+    groups = param_groups(model, cfg.weight_decay, bare)
+    if bare and cfg.optimizer != "sgd":
+        raise ValueError("parameters stepped without momentum need optimizer sgd")
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=False)
     return torch.optim.AdamW(groups, lr=cfg.lr)
@@ -111,6 +123,18 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimCfg, total_steps:
         return after
     ramp = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1 / warmup, total_iters=warmup - 1)
     return torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, after], milestones=[warmup])
+
+
+def lr_sequence(cfg: OptimCfg, steps_per_epoch: int) -> list[float]:
+    """The learning rate of each of the `cfg.epochs * steps_per_epoch` steps `fit` takes, as its schedule sets them."""
+    total = max(1, steps_per_epoch) * cfg.epochs
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    scheduler = make_scheduler(optimizer, cfg, total, max(1, steps_per_epoch))
+    rates = []
+    for _ in range(total):
+        rates.append(optimizer.param_groups[0]["lr"])
+        advance(scheduler)
+    return rates
 
 
 def advance(scheduler: torch.optim.lr_scheduler.LRScheduler, steps: int = 1) -> None:
@@ -181,6 +205,8 @@ def fit(
     key: str,
     teacher: nn.Module | None = None,
     distill: Distill | None = None,
+    before_step: Callable[[int], None] | None = None,
+    bare_steps: frozenset[str] = frozenset(),
 ) -> dict:
     """Train `model` in place for `cfg.epochs`, resuming from `ckpt_path` when it holds the same `key`.
 
@@ -189,7 +215,9 @@ def fit(
     test set. The checkpoint holds the learning-rate schedule's and the GradScaler's state too. With
     `cfg.ema_decay` it holds the weights' average as well, each epoch evaluates the average, and `model` ends as it.
     Precision and layout follow `compress.train_device` (an `auto` still here is resolved for this model and
-    device). TensorBoard gets
+    device). `before_step(step)` runs after each backward pass, before the optimizer's step (`step`: 0-based over
+    the whole training; FP16 gradients unscaled first), and may change the gradients (ResRep's masks); the
+    parameters named in `bare_steps` take plain gradient steps, without momentum or weight decay. TensorBoard gets
     `<tag>/train_loss` and `<tag>/lr` every `LOG_EVERY_STEPS` steps and `EPOCH_SCALARS` per epoch, all with the
     training images seen (over every process) as the step."""
     device_type = env.device.type
@@ -205,7 +233,7 @@ def fit(
     model.to(env.device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, cfg)
+    optimizer = make_optimizer(model, cfg, bare_steps)
     steps_per_epoch = max(1, data.steps_per_epoch())
     total_steps = steps_per_epoch * cfg.epochs
     scheduler = make_scheduler(optimizer, cfg, total_steps, steps_per_epoch)
@@ -261,6 +289,9 @@ def fit(
                     )
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
+                if before_step is not None:
+                    scaler.unscale_(optimizer)
+                    before_step(epoch * steps_per_epoch + i)
                 scaler.step(optimizer)
                 scaler.update()
                 advance(scheduler)

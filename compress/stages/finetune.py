@@ -3,24 +3,33 @@ trains as `finetune.structure` says, a multi-branch one is re-parameterized afte
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
 
 from repvgg import PlainRepVGG, RepVGG, fold_bn, insert_bn, rebranch
 
 from ..context import StageContext
+from ..data import Data
 from ..recipe import FinetuneCfg
 from ..reparam import check_equivalent, to_plain
 from ..tensorboard_log import add_scalar
 from ..train import evaluate, fit
 
 
+def finetune_data(c: StageContext, cfg: FinetuneCfg) -> Data:
+    """The data a fine-tune trains on: the run's, under the fine-tune's seed, on its training subset."""
+    return c.data.reseeded(cfg.seed).with_train_subset(cfg.train_subset)
+
+
 def finetune_model(c: StageContext, model: nn.Module, cfg: FinetuneCfg, *, tag: str, key: str,
-                   teacher: nn.Module | None = None) -> dict:
+                   teacher: nn.Module | None = None, before_step: Callable[[int], None] | None = None,
+                   bare_steps: frozenset[str] = frozenset()) -> dict:
     """Train a pruned model in place. A plain one as `cfg.structure` says: as it is (plain), with a temporary BN
     after each conv folded back after (bn), or re-branched into RepVGG blocks at its widths and re-parameterized
     back after, checked exact at full precision (rebranch). Every DDP rank builds the same model: fixed,
     unaugmented calibration batches, and the fine-tune's seed (`cfg.seed`, else the recipe's) for the new 1x1
-    branches, its shuffles and its subset."""
+    branches, its shuffles and its subset. `before_step` and `bare_steps` go to `fit` (ResRep's masks)."""
     structure = cfg.structure if isinstance(model, PlainRepVGG) else "multibranch"
     seeded = c.data.reseeded(cfg.seed)
     calibration = seeded.calibration_loader(min(512, len(seeded.train_set)))
@@ -29,9 +38,9 @@ def finetune_model(c: StageContext, model: nn.Module, cfg: FinetuneCfg, *, tag: 
         insert_bn(model, calibration)
     elif structure == "rebranch":
         net = rebranch(model, calibration, seed=seeded.seed).to(c.device)
-    data = seeded.with_train_subset(cfg.train_subset)
+    data = finetune_data(c, cfg)
     result = fit(net, cfg, data, c.env, tag=tag, ckpt_path=c.out_dir / f"{tag}.ckpt", key=key, teacher=teacher,
-                 distill=cfg.distill)
+                 distill=cfg.distill, before_step=before_step, bare_steps=bare_steps)
     result["images_seen"] = cfg.epochs * data.images_per_epoch()
     if structure == "bn":
         fold_bn(model)
