@@ -71,6 +71,10 @@ class ChainMacCost(MacCost):
             raise RuntimeError(f"prune: Torch-Pruning counts {counted:.0f} MACs for the plain model, the per-layer "
                                f"formula {counted - self.constant + model.linear.out_features:.0f}")
 
+    def summed(self, widths: Sequence[int]) -> float:
+        """`cost(widths)` from the per-layer formula, without building the model: for searches that ask often."""
+        return self.constant + sum(self.slot_cost(i, widths[i - 1] if i else None, w) for i, w in enumerate(widths))
+
     def slot_cost(self, i: int, width_in: int | None, width: int) -> float:
         area, groups = self.layers[i]
         cin = self.example_input.shape[1] if width_in is None else width_in

@@ -21,8 +21,14 @@ from compress.runtime import RUNTIMES
 from compress.stem import FP32_STEM_REWRITES, STEM_REWRITES
 from compress.study.strategies import STRATEGIES
 from compress.timing import BENCH, LATENCY_TABLE
-from compress.train_device import (PRECISIONS, QAT_AUTO_PRECISION, block_convs, cpu_bf16_hazard,
-                                    resolve_channels_last, resolve_precision)
+from compress.train_device import (
+    PRECISIONS,
+    QAT_AUTO_PRECISION,
+    block_convs,
+    cpu_bf16_hazard,
+    resolve_channels_last,
+    resolve_precision,
+)
 from repvgg import CONFIGS
 from repvgg.model import block_specs, stage_widths
 
@@ -384,9 +390,36 @@ class LatencyCfg(Section):
                     "stage's key holds it")
 
 
+class ResRepCfg(Section):
+    """ResRep (`prune.method: resrep`): its training budget and its schedule, as fractions of that training's steps
+    (docs/pruning.md, "ResRep")."""
+
+    epochs: int = Field(1, gt=0, le=MAX_EPOCHS, description="its training, in epochs of the fine-tune's data "
+                                                            "(finetune.train_subset) at the fine-tune's optimizer "
+                                                            "settings (lr, schedule, distill, structure)")
+    first_mask: float = Field(0.1, ge=0, lt=1, description="fraction of its steps before the first mask is chosen")
+    mask_every: float = Field(0.05, gt=0, le=1, description="fraction of its steps between two mask choices")
+    target_by: float = Field(0.5, ge=0, lt=1, description="fraction of its steps by which the masks meet the target; "
+                                                          "they are held after")
+    lasso: float | None = Field(None, gt=0, description="group-lasso strength on masked compactor rows; None: "
+                                                        "twice the strength whose steps take a row of norm 1 to zero "
+                                                        "over the steps after target_by")
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.first_mask > self.target_by:
+            raise ValueError(f"prune.resrep: first_mask ({self.first_mask:g}) is after target_by ({self.target_by:g})")
+        return self
+
+
 class PruneCfg(Section):
     """Pruning (stage prune): the target, the criterion, and how widths are planned."""
 
+    method: Literal["importance", "resrep"] = Field(
+        "importance", description="importance: remove the channels the criterion ranks lowest, at once; resrep: "
+                                  "train compactors that the masked channels fade out of, then cut them (`resrep`)")
+    resrep: ResRepCfg = Field(default_factory=ResRepCfg, description="ResRep's training and schedule "
+                                                                     "(method: resrep)")
     mode: Literal["plain", "multibranch"] = Field(
         "plain", description="prune the re-parameterized plain model (plain) or the training-time multi-branch model "
                              "(multibranch, re-parameterized after fine-tuning)")
@@ -438,10 +471,18 @@ class PruneCfg(Section):
         if not given:
             self.keep_macs = 0.5
         if self.reconstruct is None:
-            self.reconstruct = self.mode == "plain"
+            self.reconstruct = self.mode == "plain" and self.method == "importance"
         elif self.reconstruct and self.mode == "multibranch":
             raise ValueError("prune.reconstruct: re-fits plain layers; prune.mode=multibranch has none until after "
                              "fine-tuning (set it false)")
+        if self.method == "resrep":
+            wrong = [f"{key}={value}" for key, value, fine in (
+                ("mode", self.mode, self.mode == "plain"), ("reconstruct", self.reconstruct, not self.reconstruct),
+                ("steps", self.steps, self.steps == 1), ("channel_ratio", self.channel_ratio, self.channel_ratio is None),
+            ) if not fine]
+            if wrong:
+                raise ValueError(f"prune.method=resrep trains compactors on the plain model to a cost target: "
+                                 f"{', '.join('prune.' + w for w in wrong)} does not go with it")
         return self
 
     @property
@@ -452,8 +493,8 @@ class PruneCfg(Section):
 
     @property
     def trains(self) -> bool:
-        """Iterative pruning fine-tunes between its steps (`registry`: every rank then prunes)."""
-        return self.steps > 1
+        """Iterative pruning fine-tunes between its steps, and ResRep trains (`registry`: every rank then prunes)."""
+        return self.steps > 1 or self.method == "resrep"
 
     def key_values(self, role: str = ROLE_WEIGHTS) -> dict:
         """As `Section.key_values`, with the `latency` settings' own roles (its cache_dir changes nothing), and
@@ -461,6 +502,11 @@ class PruneCfg(Section):
         settings without the sensitivity criterion and the reconstruction's without reconstruction."""
         values = super().key_values(role)
         values.pop("latency", None)
+        values.pop("resrep", None)
+        if self.method == "importance":  # as every prune keyed before ResRep existed: their keys stay valid
+            values.pop("method", None)
+        elif self.resrep.key_values(role):
+            values["resrep"] = self.resrep.key_values(role)
         nested = self.latency.key_values(role)
         if self.target.latency and nested:
             values["latency"] = nested
@@ -628,6 +674,8 @@ class StudyCfg(Section):
                           "unpruned latency, the pruned model fine-tuned and a latency-matched model trained from "
                           "scratch on each number of added images; None: no such curve")
     budget_keep_latency: float = Field(0.5, gt=0, lt=1, description="the prune-or-retrain curve's latency fraction")
+    budget_resrep: bool = Field(True, description="the prune-or-retrain curve's third side: ResRep to the pruned "
+                                                  "side's latency target, trained on the same added images")
     budget_equal_total: bool = Field(True, description="also scratch on the base's images plus the recipe's fine-tune "
                                                        "(equal total images): each seed costs about as much as "
                                                        "training the base")
@@ -687,6 +735,14 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _consistent(self):
         self.stages = [s for s in STAGE_NAMES if s in self.stages]  # always run in pipeline order
+        ft = self.finetune
+        if self.prune.method == "resrep" and (ft.structure == "rebranch" or ft.ema_decay or ft.optimizer != "sgd"):
+            culprit = ("finetune.structure=rebranch" if ft.structure == "rebranch" else
+                       f"finetune.ema_decay={ft.ema_decay}" if ft.ema_decay else f"finetune.optimizer={ft.optimizer}")
+            raise ValueError(f"{culprit}: prune.method=resrep trains compactors in the plain model's layers with "
+                             f"finetune's settings; it needs structure plain or bn, optimizer sgd (compactors step "
+                             f"without momentum) and no weight average (it would average the compactors across "
+                             f"their masks)")
         if self.prune.mode == "multibranch" and self.finetune.structure == "rebranch":
             raise ValueError("finetune.structure: rebranch re-branches a plain-pruned model; prune.mode: multibranch "
                              "models keep their branches (use structure: bn or plain)")

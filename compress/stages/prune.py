@@ -12,12 +12,14 @@ from repvgg import PlainRepVGG, RepVGG
 
 from ..context import StageContext
 from ..prune import LatencyOptions, PruneOptions, criterion, load_or_build_table, prune_model
+from ..prune.cost import LatencyCost
 from ..prune.measure import fastest_runtime, measure_ratios
+from ..prune.resrep import ResRepOptions, compactor_weights, resrep_prune
 from ..recipe import LatencyCfg, PruneCfg
 from ..rundir import PipelineError
 from ..tensorboard_log import log_prune, runtime_tag
-from ..train import evaluate
-from .finetune import finetune_model
+from ..train import evaluate, lr_sequence
+from .finetune import finetune_data, finetune_model
 
 
 def latency_options(cfg: LatencyCfg) -> LatencyOptions:
@@ -101,15 +103,10 @@ def run(c: StageContext) -> dict | None:
             shared = [measure_ratios(*args, **kwargs) if c.env.main else None]
             torch.distributed.broadcast_object_list(shared, src=0, group=c.env.wait_group)
             return shared[0]
-    # fixed, unaugmented batches for taylor/hessian: the same importance whenever (and wherever) it is run
-    images = cfg.gradient_batches * c.data.cfg.batch_size
-    if criterion(cfg.importance).measured:
-        images = max(images, cfg.sensitivity_images)
-    if cfg.reconstruct:
-        images = max(images, cfg.reconstruct_images)
-    batches = c.data.calibration_loader(images)
-    report = prune_model(model, options, example, batches=batches, between_steps=finetune_between_steps,
-                         latency_table=table, measure=measure)
+    if cfg.method == "resrep":
+        report = _resrep(c, model, options, example, table)
+    else:
+        report = _importance(c, model, options, cfg, example, table, measure, finetune_between_steps)
     if choice is not None:
         report["latency"]["provider_choice"] = choice
     if every_rank:
@@ -122,3 +119,36 @@ def run(c: StageContext) -> dict | None:
                   options.latency.batch)
     c.save("prune", model)
     return {**report, "top1": metrics["top1"], "top5": metrics["top5"]}
+
+
+def _resrep(c: StageContext, model: PlainRepVGG, options: PruneOptions, example: torch.Tensor,
+            table) -> dict:
+    """ResRep: compactors trained with the fine-tune's settings for `prune.resrep.epochs` (distilled from the
+    unpruned plain model when `finetune.distill` is set), then cut and merged (`compress.prune.resrep`)."""
+    cfg = c.recipe.prune.resrep
+    train_cfg = c.recipe.finetune.model_copy(update={"epochs": cfg.epochs})
+    lrs = lr_sequence(train_cfg, finetune_data(c, train_cfg).steps_per_epoch())
+    teacher = c.load("reparam") if train_cfg.distill is not None else None
+    resrep = ResRepOptions(first_mask=cfg.first_mask, mask_every=cfg.mask_every, target_by=cfg.target_by,
+                           lasso=cfg.lasso)
+
+    def train(m, before_step) -> dict:
+        return finetune_model(c, m, train_cfg, tag="resrep", key=c.dir.artifact_key("prune"), teacher=teacher,
+                              before_step=before_step, bare_steps=frozenset(compactor_weights(m)))
+
+    latency = LatencyCost(table, model) if table is not None else None
+    return resrep_prune(model, options, resrep, example, train, lrs, latency)
+
+
+def _importance(c: StageContext, model, options: PruneOptions, cfg: PruneCfg, example: torch.Tensor, table,
+                measure, finetune_between_steps) -> dict:
+    """The channels the criterion ranks lowest, removed at once (`prune_model`)."""
+    # fixed, unaugmented batches for taylor/hessian: the same importance whenever (and wherever) it is run
+    images = cfg.gradient_batches * c.data.cfg.batch_size
+    if criterion(cfg.importance).measured:
+        images = max(images, cfg.sensitivity_images)
+    if cfg.reconstruct:
+        images = max(images, cfg.reconstruct_images)
+    batches = c.data.calibration_loader(images)
+    return prune_model(model, options, example, batches=batches, between_steps=finetune_between_steps,
+                       latency_table=table, measure=measure)
