@@ -153,6 +153,23 @@ def test_digits_smoke_study_with_every_strategy_then_a_second_study_on_its_base(
     assert [(r["strategy"], r["seed"]) for r in rows] == [("unpruned", 0), ("plain", 0), ("plain", 1)]
     assert "| plain | 0.6 | +1 |" in (second / "study.md").read_text()
 
+    # ResRep and plain without its re-fit on the same base: ResRep trains in its prune stage on the fine-tune's
+    # images (no fine-tune after), so every pruned point has seen as many images
+    recipe4 = _smoke_recipe(tiny_recipe, tmp_path, base_dir=str(out), strategies=["plain", "plain-norefit", "resrep"],
+                            keep_macs=[0.6])
+    third = tmp_path / "resrep"
+    assert main(["--recipe", recipe4, "--out", str(third)]) == 0
+    rows = {r["strategy"]: r for r in json.loads((third / "study.json").read_text())["rows"]}
+    assert rows["resrep"]["images_seen"] == rows["plain-norefit"]["images_seen"] == rows["plain"]["images_seen"]
+    stages = json.loads((third / "points" / "resrep_0.6" / "summary.json").read_text())["stages"]
+    assert stages["prune"]["planner"] == "resrep" and stages["finetune"]["epochs"] == 0
+    assert stages["prune"]["resrep"]["masked_max"] == 0  # the masked rows reached zero: the cut is exact
+    assert stages["prune"]["top1"] == pytest.approx(stages["prune"]["resrep"]["top1_before_cut"], abs=0.6)
+    assert 0.5 < stages["prune"]["keep_macs_achieved"] <= 0.6
+    norefit = json.loads((third / "points" / "plain-norefit_0.6" / "summary.json").read_text())["stages"]["prune"]
+    assert "reconstruct" not in norefit and "reconstruct" in first["prune"]
+    assert "| resrep | 0.6 |" in (third / "study.md").read_text()
+
     # ... and one whose base differs is refused in one line that names what changed
     other = tiny_recipe(name="other", train={"epochs": 3}, study={"base_dir": str(out), "keep_macs": [0.6]})
     line = one_line_error(capsys, ["--recipe", str(other), "--out", str(tmp_path / "third")])
@@ -392,8 +409,14 @@ def test_digits_prune_or_retrain_curve_with_two_budgets(tiny_recipe, tmp_path):
     assert main(["--recipe", recipe, "--out", str(out)]) == 0
     budget = json.loads((out / "study.json").read_text())["budget"]
     sides = [(r["side"], r["added_images"]) for r in budget["rows"]]
-    assert sides[:2] == [("budget-plain", 320), ("budget-plain", 640)]
-    assert [s for s, _ in sides[2:]] == ["budget-scratch"] * 3 and sides[-1][1] is None  # the last: equal total
+    assert sides[:4] == [("budget-plain", 320), ("budget-plain", 640), ("budget-resrep", 320), ("budget-resrep", 640)]
+    assert [s for s, _ in sides[4:]] == ["budget-scratch"] * 3 and sides[-1][1] is None  # the last: equal total
+    resrep = {r["added_images"]: r for r in budget["rows"] if r["side"] == "budget-resrep"}
+    plain = {r["added_images"]: r for r in budget["rows"] if r["side"] == "budget-plain"}
+    assert all(resrep[n]["images_seen"] == plain[n]["images_seen"] for n in (320, 640))  # the same added images
+    twin = json.loads((out / "points" / "budget-resrep_add320" / "summary.json").read_text())["stages"]["prune"]
+    assert twin["planner"] == "resrep" and twin["latency"]["budget_ms"] == pytest.approx(
+        0.6 * twin["latency"]["before_ms"]) and twin["latency"]["predicted_ms"] <= twin["latency"]["budget_ms"]
     scratch = {r["added_images"]: r for r in budget["rows"] if r["side"] == "budget-scratch"}
     assert scratch[320]["images_seen"] <= 320 and scratch[None]["images_seen"] > 640
     trained = json.loads((out / "points" / "budget-scratch_add320" / "summary.json").read_text())["stages"]["train"]
@@ -408,7 +431,8 @@ def test_digits_prune_or_retrain_curve_with_two_budgets(tiny_recipe, tmp_path):
     first = md.splitlines()[2]  # the title, a blank line, then the prune-or-retrain sentence
     assert first == budget["verdict"] and ("matched pruning" in first or "did not match" in first)
     assert "## Prune or retrain" in md and (out / "prune_or_retrain.png").stat().st_size > 10_000
-    assert "- FP32, equal added images: at 320: pruned " in md and "; at 640: pruned " in md
+    assert "- FP32, equal added images: at 320: pruned " in md and "; at 640: pruned " in md and ", ResRep " in md
+    assert budget["resrep"]["fp32"] in md and "pruning beat ResRep at" in budget["resrep"]["fp32"]
     assert "- INT8, equal total images: scratch on " in md
     assert "| points/budget-scratch_add640 |" in md and "points/gone" not in md  # this study's phases only
     # the match is kept under the pruned model's key, so a rerun trains no scratch point anew

@@ -8,6 +8,8 @@ For each budget N of added training images, and each seed (`study.seeds`):
   on the same latency table and then timed against the unpruned model the way the prune checks its plan (within
   5% of the pruned model's measured ratio), trained from random init on N images, distilled from the same
   teacher when `study.scratch_distill`;
+- the ResRep side (`study.budget_resrep`, on by default): the base pruned by ResRep to the pruned side's latency
+  target, its compactors trained on the same N images (`points.resrep_twin`);
 - and (`study.budget_equal_total`, on by default) scratch once more at the base's images plus the recipe's
   fine-tune: equal *total* images, counting the base's training for the pruned side.
 """
@@ -29,7 +31,8 @@ from ..stages.prune import latency_options, resolve_provider
 from .points import scratch_recipe, updated
 
 MATCH = 0.05  # a scratch model's measured latency ratio within this (relative) of the pruned model's
-PRUNED, SCRATCH = "budget-plain", "budget-scratch"
+PRUNED, SCRATCH, RESREP = "budget-plain", "budget-scratch", "budget-resrep"
+SIDE_COLOURS = {PRUNED: "#1f77b4", SCRATCH: "#9467bd", RESREP: "#e377c2"}
 
 
 def finetune_with(recipe: Recipe, images: int, data: Data) -> Recipe:
@@ -135,6 +138,26 @@ def verdict(rows: list[dict], precision: str = "fp32") -> str:
             f"{last:,} added images, {scratch[last]:.2f}% vs {pruned[last]:.2f}% for the pruned model ({what}).")
 
 
+def resrep_verdict(rows: list[dict], precision: str = "fp32") -> str | None:
+    """Where the pruned side (the toolkit's default pruning) beats ResRep at equal added images, and where it does
+    not (means over seeds); None without a ResRep side."""
+    pruned, resrep = side_means(rows, PRUNED, precision), side_means(rows, RESREP, precision)
+    shared = [n for n in pruned if n in resrep]
+    if not shared:
+        return None
+    ahead = [n for n in shared if pruned[n] > resrep[n]]
+    behind = [n for n in shared if n not in ahead]
+
+    def listed(ns: list[int]) -> str:
+        return ", ".join(f"{n:,} ({pruned[n]:.2f}% vs {resrep[n]:.2f}%)" for n in ns)
+
+    seeds = len({r["seed"] for r in rows})
+    what = f"{precision.upper()} top-1, pruned vs ResRep, mean of {seeds} seed{'s' * (seeds != 1)}"
+    parts = [f"pruning beat ResRep at {listed(ahead)}" if ahead else "pruning beat ResRep at no budget",
+             f"ResRep matched or beat it at {listed(behind)}" if behind else "ResRep matched it at none"]
+    return f"At equal added images, {parts[0]}; {parts[1]} ({what})."
+
+
 def _side(rows: list[dict], precision: str) -> str:
     """One side's top-1 at one budget: the mean over seeds, the seeds' range and the test-set interval."""
     top1 = [r[f"{precision}_top1"] for r in rows]
@@ -152,7 +175,7 @@ def comparisons(rows: list[dict], precision: str) -> list[str]:
 
     shared = [n for n in side_means(rows, PRUNED, precision) if at(SCRATCH, n)]
     lines = [f"at {n:,}: pruned {_side(at(PRUNED, n), precision)}, scratch {_side(at(SCRATCH, n), precision)}"
-             for n in shared]
+             + (f", ResRep {_side(at(RESREP, n), precision)}" if at(RESREP, n) else "") for n in shared]
     out = [f"{precision.upper()}, equal added images: " + "; ".join(lines) + "." if lines else
            f"{precision.upper()}, equal added images: no budget was run on both sides."]
     total = at(SCRATCH, None)
@@ -174,8 +197,10 @@ def budget_figure(rows: list[dict]):
     fig = new_figure((12, 4.5))
     axes = fig.subplots(1, 2, sharey=True)
     for ax, precision in zip(axes, ("fp32", "int8")):
-        for side, colour in ((PRUNED, "#1f77b4"), (SCRATCH, "#9467bd")):
+        for side, colour in SIDE_COLOURS.items():
             pts = [r for r in rows if r["side"] == side and r["added_images"] is not None]
+            if not pts:
+                continue
             x = [r["added_images"] for r in pts]
             y = [r[f"{precision}_top1"] for r in pts]
             err = [[v - r[f"{precision}_ci"][0] for v, r in zip(y, pts)], [r[f"{precision}_ci"][1] - v

@@ -160,14 +160,24 @@ def pruned_recipe(recipe: Recipe, strategy: str, keep: float) -> Recipe:
     if structure == "rebranch" and record.structure != "rebranch":
         structure = "bn"
     stages = [s for s in STAGE_NAMES if s != "bench"]
-    return updated(recipe, prune=prune, finetune={"structure": structure}, stages=stages,
-                   export={"artifacts": ["pruned_fp32", "pruned_int8"]})
+    point = updated(recipe, prune=prune, finetune={"structure": structure}, stages=stages,
+                    export={"artifacts": ["pruned_fp32", "pruned_int8"]})
+    return resrep_twin(point) if record.prune_trains else point
+
+
+def resrep_twin(recipe: Recipe) -> Recipe:
+    """A pruned point's ResRep twin: the same target, reached by ResRep trained on the point's fine-tune images
+    (`finetune.epochs` on `finetune.train_subset`), with no fine-tune after."""
+    resrep = {**recipe.prune.resrep.model_dump(mode="json"), "epochs": recipe.finetune.epochs}
+    return updated(recipe, prune={"method": "resrep", "reconstruct": False, "resrep": resrep},
+                   finetune={"epochs": 0})
 
 
 def pruned_images(recipe: Recipe, data: Data) -> tuple[int, int]:
     """Training images a pruned point's model saw: (base training, fine-tuning), QAT not counted."""
     base = recipe.train.epochs * data.images_per_epoch()
-    return base, recipe.finetune.epochs * data.with_train_subset(recipe.finetune.train_subset).images_per_epoch()
+    epochs = recipe.finetune.epochs + (recipe.prune.resrep.epochs if recipe.prune.method == "resrep" else 0)
+    return base, epochs * data.with_train_subset(recipe.finetune.train_subset).images_per_epoch()
 
 
 def scratch_recipe(recipe: Recipe, widths: list[int], data: Data, teacher: Path | None) -> Recipe:

@@ -26,7 +26,17 @@ from ..recipe import Recipe
 from ..record import run_record
 from ..stages.bench import bench_options
 from .analysis import PRECISIONS, ROUND_STATISTIC, compare, correctness, point_row, seed_differences
-from .budget import PRUNED, SCRATCH, finetune_with, latency_matched_widths, scratch_with, verdict, with_side
+from .budget import (
+    PRUNED,
+    RESREP,
+    SCRATCH,
+    finetune_with,
+    latency_matched_widths,
+    resrep_verdict,
+    scratch_with,
+    verdict,
+    with_side,
+)
 from .points import (
     base_recipe,
     check_base_dir,
@@ -34,6 +44,7 @@ from .points import (
     pruned_images,
     pruned_recipe,
     reseeded,
+    resrep_twin,
     scratch_recipe,
     scratch_widths,
     seed_from_base,
@@ -151,6 +162,14 @@ class Study:
                 pt = self._point(PRUNED, cfg.budget_keep_latency, reseeded(precipe, seed, False), base,
                                  base_images + images, seed, f"{PRUNED}_add{added}" + (f"_seed{seed}" if seed else ""))
                 points.append(with_side(pt, PRUNED, images))
+        if cfg.budget_resrep:  # the third side: ResRep to the same latency target on the same added images
+            for added in cfg.added_images:
+                precipe = resrep_twin(finetune_with(pruned, added, self.data))
+                images = pruned_images(precipe, self.data)[1]
+                for seed in range(cfg.seeds):
+                    pt = self._point(RESREP, cfg.budget_keep_latency, reseeded(precipe, seed, False), base,
+                                     base_images + images, seed, f"{RESREP}_add{added}" + (f"_seed{seed}" if seed else ""))
+                    points.append(with_side(pt, RESREP, images))
         widths, self.budget_match = self._matched_widths(points[0]["run"])
         teacher = base.dir.path("reparam").resolve() if cfg.scratch_distill else None
         # None: equal total images (base plus the recipe's fine-tune)
@@ -261,7 +280,9 @@ class Study:
         if budget:
             budget_rows = [with_side(row_of(pt), pt["side"], pt["added_images"]) for pt in budget]
             result["budget"] = {"rows": budget_rows, "verdict": verdict(budget_rows),
-                                "verdict_int8": verdict(budget_rows, "int8"), "match": self.budget_match,
+                                "verdict_int8": verdict(budget_rows, "int8"),
+                                "resrep": {p: resrep_verdict(budget_rows, p) for p in PRECISIONS},
+                                "match": self.budget_match,
                                 "keep_latency": self.recipe.study.budget_keep_latency,
                                 "equal_total": self.recipe.study.budget_equal_total}
         write_report(self.recipe, result, self.out_dir, self.env.writer)

@@ -4,7 +4,9 @@ one entry in `STRATEGIES` (the recipe's `study.strategies` accepts exactly these
 Every pruning strategy prunes the shared base to `keep` of its cost; `target` says which cost (`prune.keep_macs`
 or `prune.keep_latency`), `prune` sets other prune keys, `structure` how a pruned plain model fine-tunes (None: the
 recipe's, except that only a strategy that asks for `rebranch` gets it). A `from_scratch` strategy prunes nothing:
-it trains a model of the same cost from random init, and its curve does not end at the unpruned model.
+it trains a model of the same cost from random init, and its curve does not end at the unpruned model. A
+`prune_trains` strategy (ResRep) spends the fine-tune's images in its prune stage: its points train as long as the
+others' fine-tunes.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ class Strategy:
     prune: dict = field(default_factory=dict)  # other prune-section values
     structure: str | None = None  # finetune.structure of its points (None: the recipe's, rebranch -> bn)
     from_scratch: bool = False
+    prune_trains: bool = False  # its prune stage trains on the fine-tune's budget (ResRep), and no fine-tune follows
 
 
 # plain-latency points: fractions of the FP32 latency at batch 8, so they sit at latencies comparable to the others'.
@@ -37,6 +40,12 @@ STRATEGIES: dict[str, Strategy] = {
                               "ranking bisected to the MAC target, no re-fit (this toolkit's default before "
                               "pruning in loss units)", "#8c564b",
                               prune={"importance": "l2", "planner": "ranking", "reconstruct": False}),
+    "plain-norefit": Strategy("plain without the re-fit (prune.reconstruct off): beside multibranch, what the "
+                              "identity branches' coupling costs with the same criterion and fine-tune", "#7f7f7f",
+                              prune={"reconstruct": False}),
+    "resrep": Strategy("ResRep on the plain model: compactors trained for the fine-tune's budget while the masked "
+                       "rows fade to zero under a group lasso, then cut and merged (no fine-tune after)", "#e377c2",
+                       prune={"method": "resrep", "reconstruct": False}, prune_trains=True),
     "plain-uniform": Strategy("the same, one ratio for every layer", "#2ca02c", prune={"scope": "local"}),
     "plain-latency": Strategy("plain, to the same fraction of the plain model's measured FP32 latency (batch 8) "
                               "instead of its MACs", "#ff7f0e", target="keep_latency",
