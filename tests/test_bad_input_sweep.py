@@ -213,6 +213,10 @@ def generate(seed: int = SEED, count: int = MUTANTS) -> list[Mutant]:
     # (their own generator: the draws below stay as they are)
     depths = random.Random(seed + 1)
     mutants += [_misspelt(depths, base, next(p for p in given if len(p) == depth)) for depth in (1, 2, 3)]
+    # and an unknown key at every depth, whatever the draw and however many fields the schema has
+    mutants += [Mutant("unknown key", f"{'.'.join(section) or 'top level'} beside colour",
+                       (".".join((*section, "colour")),), raw=_set(base, (*section, "colour"), 1))
+                for section in ((), ("train",), ("prune", "latency"))]
     kinds = ("wrong type", "out of range", "non-finite", "unknown key", "misspelt key", "duplicate key",
              "syntax error", "undecodable", "valid change", "section shape")
     while len(mutants) < count:

@@ -247,7 +247,9 @@ def test_a_vnni_target_on_a_cpu_without_vnni_warns_at_export_and_bench(tiny_reci
     monkeypatch.setattr(deploy, "cpu_flags", lambda: ["avx2", "fma"])  # this CPU, as an AVX2-only one
     recipe = tiny_recipe(stages=["train", "reparam", "quantize", "export", "bench"], train={"epochs": 1},
                          quantize={"mode": "ptq", "calibration_size": 64, "target_device": "cpu-vnni"},
-                         export={"artifacts": ["plain_int8"]},
+                         # a VNNI-targeted file on a CPU without VNNI may saturate, as the warning says: the check
+                         # of its agreement with the fake-quant model is not what this test is about
+                         export={"artifacts": ["plain_int8"], "int8_agreement": 0.5},
                          bench={"batch_sizes": [2], "warmup": 1, "iters": 2, "rounds": 1, "providers": ["cpu"]})
     assert main(["--recipe", str(recipe), "--out", str(tmp_path / "run")]) == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]

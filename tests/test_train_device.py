@@ -8,8 +8,8 @@ from compress import train_device
 from compress.data import build_data
 from compress.env import Env
 from compress.files import load_checkpoint
-from compress.report import training_table
 from compress.recipe import DataCfg, RecipeError, TrainCfg, validate_recipe
+from compress.report import training_table
 from compress.train import TrainingError, fit
 from compress.train_device import block_convs, cpu_bf16_hazard, model_convs, resolve_channels_last, resolve_precision
 from repvgg import RepVGG
