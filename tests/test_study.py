@@ -227,6 +227,19 @@ def test_compare_interpolates_each_curve_at_the_shared_latencies_on_the_same_ima
     assert at15["diff"] == pytest.approx(20.0) and at15["significant"] and at15["low"] > 15
 
 
+def test_coupling_is_compared_apart_from_the_refit_when_a_study_has_both():
+    from compress.study.analysis import compare
+
+    pairs = [point("unpruned", 4.0, 990), point("plain", 1.0, 800), point("plain-norefit", 1.0, 700),
+             point("multibranch", 1.0, 650)]
+    points, rows = zip(*pairs)
+    found = {(c["a"], c["b"]): c["diff"] for c in compare(list(points), list(rows), [8], resamples=200)["comparisons"]
+             if c["precision"] == "fp32" and c["latency_ms"] == 1.0}
+    # plain's lead over multibranch (15 pt) = the re-fit (plain vs plain-norefit, 10) + the coupling (5)
+    assert found == pytest.approx({("plain", "plain-norefit"): 10.0, ("plain", "multibranch"): 15.0,
+                                   ("plain-norefit", "multibranch"): 5.0})
+
+
 def test_compare_uses_each_curves_upper_hull():
     from compress.study.analysis import compare
 

@@ -23,6 +23,9 @@ from .strategies import STRATEGIES
 
 PRECISIONS = ("fp32", "int8")
 REFERENCE = "plain"  # every other strategy is compared with it
+# further pairs compared where a study has both: the coupling alone (the same criterion and fine-tune, no re-fit on
+# either side), which with plain vs plain-norefit (the re-fit) splits plain's lead over multibranch in two
+PAIRS = (("plain-norefit", "multibranch"),)
 
 
 def stage_widths(widths: list[int], num_blocks: list[int]) -> list[list[int]]:
@@ -85,10 +88,10 @@ def point_row(point: dict, rounds: dict, macs_params: tuple[float, float], num_b
 
 
 def compare(points: list[dict], rows: list[dict], batches: list[int], resamples: int = 2000) -> dict:
-    """`REFERENCE` against every other pruning strategy and scratch, at equal measured latency, along each side's
-    upper hull (`stats.upper_hull`): for each precision and batch, at every latency both hulls reach (each hull's
-    own points inside the other's range), each side's per-image correctness interpolated between its two hull
-    points around it, the difference bootstrapped over the same resampled test images for both sides. Every
+    """`REFERENCE` against every other pruning strategy and scratch (and the `PAIRS` a study has both sides of), at
+    equal measured latency, along each side's upper hull (`stats.upper_hull`): for each precision and batch, at
+    every latency both hulls reach (each hull's own points inside the other's range), each side's per-image
+    correctness interpolated between its two hull points around it, the difference bootstrapped over the same resampled test images for both sides. Every
     pruning strategy's curve ends at the unpruned model (keep 1: nothing pruned), which is not compared with
     itself; a from-scratch strategy's points are its own.
 
@@ -117,18 +120,19 @@ def compare(points: list[dict], rows: list[dict], batches: list[int], resamples:
         hulls[strategy, precision, batch] = [members[i] for i in on]
         out["off_hull"] += [{"strategy": strategy, "keep": row["keep"], "precision": precision, "batch": batch}
                             for k, (_, row) in enumerate(members) if k not in on]
-    for other, precision, batch in itertools.product([s for s in curves if s != REFERENCE], PRECISIONS, batches):
+    pairs = [(REFERENCE, s) for s in curves if s != REFERENCE] + [p for p in PAIRS if all(s in curves for s in p)]
+    for (first, other), precision, batch in itertools.product(pairs, PRECISIONS, batches):
         sides = []
-        for strategy in (REFERENCE, other):
+        for strategy in (first, other):
             hull = hulls[strategy, precision, batch]
             sides.append(([row[f"{precision}_ms"][batch] for _, row in hull],
                           [row.get(f"{precision}_rounds_ms", {}).get(batch) for _, row in hull],
                           np.stack([pt["correct"][precision] for pt, _ in hull])))
         itself = unpruned[1][f"{precision}_ms"][batch] if unpruned is not None else None
         for at in (t for t in shared_latencies(sides[0][0], sides[1][0]) if t != itself):
-            where = {"a": REFERENCE, "b": other, "precision": precision, "batch": batch, "latency_ms": at}
+            where = {"a": first, "b": other, "precision": precision, "batch": batch, "latency_ms": at}
             weights = [interpolation_weights(lat, at) for lat, _, _ in sides]
-            gap = next((f"{s} {why}" for s, (lat, rounds, _), w in zip((REFERENCE, other), sides, weights)
+            gap = next((f"{s} {why}" for s, (lat, rounds, _), w in zip((first, other), sides, weights)
                         if (why := _order_in_noise(lat, rounds, w)) is not None), None)
             if gap:
                 out["skipped"].append({**where, "why": gap})
