@@ -39,7 +39,7 @@ from repvgg import PlainRepVGG
 
 from .cost import ChainMacCost, LatencyCost
 from .errors import PruneError
-from .options import PruneOptions
+from .options import PruneOptions, default_round_to
 from .slots import Slot, layer_widths, slots_of
 
 
@@ -248,7 +248,7 @@ def resrep_prune(model: PlainRepVGG, options: PruneOptions, resrep: ResRepOption
     if target.kind == "channel_ratio":
         raise PruneError("prune.method=resrep meets a cost: give keep_macs, keep_latency or target_ms, not "
                          "channel_ratio")
-    round_to = options.round_to or 16
+    round_to = options.round_to or default_round_to(example_input.device.type)
     slots = slots_of(model, options, round_to)
     model.eval()
     macs_before, params_before = tp.utils.count_ops_and_params(model, example_input)
