@@ -77,7 +77,8 @@ def test_masks_follow_the_row_norms_globally_and_within_each_layer():
             c.weight.mul_(torch.rand(len(c.mask), 1, 1, 1, generator=g) + 0.1)
     cost = ChainMacCost(model, IMAGE).summed
     before = cost(model.widths())
-    schedule = ResRepSchedule(compactors, slots, cost, 0.5 * before, "prune.keep_macs=0.5", ResRepOptions(), 1.0, [0.01] * 100)
+    schedule = ResRepSchedule(compactors, slots, cost, 0.5 * before, "prune.keep_macs=0.5", ResRepOptions(), 1.0,
+                              [0.01] * 100)
     widths = schedule.choose_masks(0.6 * before)
     assert cost(widths) <= 0.6 * before < cost([w + (w < s.init) for w, s in zip(widths, slots)])
     masked = torch.cat([c.row_norms()[~c.mask] for c in compactors[1:]])
@@ -86,7 +87,8 @@ def test_masks_follow_the_row_norms_globally_and_within_each_layer():
     assert widths == schedule.widths()
 
     coarse = slots_of(model, options(round_to=8), 8)  # at granularity 8, a layer's kept count rounds up...
-    schedule = ResRepSchedule(compactors, coarse, cost, 0.5 * before, "prune.keep_macs=0.5", ResRepOptions(), 1.0, [0.01] * 100)
+    schedule = ResRepSchedule(compactors, coarse, cost, 0.5 * before, "prune.keep_macs=0.5", ResRepOptions(), 1.0,
+                              [0.01] * 100)
     widths = schedule.choose_masks(0.6 * before)
     assert all(w % 8 == 0 for w in widths[1:]) and cost(widths) <= 0.6 * before
     for c in compactors[1:]:  # ...and within the layer the masked rows are still its smallest

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch_pruning as tp
@@ -43,7 +43,7 @@ from .options import PruneOptions, default_round_to
 from .plan import Planner, search_ratio
 from .realize import realize
 from .reconstruct import reconstruct
-from .slots import layer_widths, slot_widths, slots_of
+from .slots import Slot, layer_widths, slot_widths, slots_of
 
 VERIFY_TOLERANCE = 0.02  # |measured / unpruned - target| a latency plan may miss by before it is planned again
 
@@ -140,6 +140,25 @@ def _stderr(line: str) -> None:
     print(line, file=sys.stderr)
 
 
+def size_before(model: nn.Module, example_input: torch.Tensor) -> dict:
+    """What a prune's report records of the model before pruning: its MACs and parameters as Torch-Pruning counts
+    them, its layer widths and its channel groups."""
+    macs, params = tp.utils.count_ops_and_params(model, example_input)
+    return {"macs_before": macs, "params_before": params, "widths_before": layer_widths(model),
+            "groups": len(channel_groups(model, example_input))}
+
+
+def size_after(model: nn.Module, example_input: torch.Tensor, before: dict, slots: list[Slot],
+               widths: Sequence[int]) -> dict:
+    """`before` (`size_before`) with the pruned model's MACs, parameters and layer widths, the fraction of the MACs
+    kept and the fraction of the prunable slots' channels removed (`widths`: the slots' widths after pruning)."""
+    macs, params = tp.utils.count_ops_and_params(model, example_input)
+    prunable = [i for i, s in enumerate(slots) if s.prunable] or range(len(slots))
+    return {**before, "macs_after": macs, "params_after": params, "widths_after": layer_widths(model),
+            "keep_macs_achieved": macs / before["macs_before"],
+            "channels_removed": 1 - sum(widths[i] for i in prunable) / sum(slots[i].init for i in prunable)}
+
+
 def prune_model(
     model: nn.Module,
     options: PruneOptions,
@@ -165,9 +184,7 @@ def prune_model(
     was_training = model.training
     model.eval()
     try:
-        macs_before, params_before = tp.utils.count_ops_and_params(model, example_input)
-        widths_before = layer_widths(model)
-        n_groups = len(channel_groups(model, example_input))
+        before = size_before(model, example_input)
         importance = make_importance(options.importance)
         slots = slots_of(model, options, round_to)
         macs = MacCost(model, example_input)
@@ -182,30 +199,16 @@ def prune_model(
         if reference is not None:
             images = first_images(batches or [], options.reconstruct_images)
             refit = reconstruct(model, reference, kept, images, ridge=options.reconstruct_ridge)
-        macs_after, params_after = tp.utils.count_ops_and_params(model, example_input)
+        report = size_after(model, example_input, before, slots, widths)
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
-    if slot_widths(slots) != widths or macs_after != macs.cost(widths):  # e.g. between_steps left a BN inserted
+    if slot_widths(slots) != widths or report["macs_after"] != macs.cost(widths):  # e.g. a BN left inserted
         raise RuntimeError(
             f"pruning did not realize its plan: widths {slot_widths(slots)} for {widths}, "
-            f"{macs_after:.0f} MACs for {macs.cost(widths):.0f}"
+            f"{report['macs_after']:.0f} MACs for {macs.cost(widths):.0f}"
         )
-    prunable = [i for i, s in enumerate(slots) if s.prunable] or range(len(slots))
-    report = {
-        "macs_before": macs_before,
-        "macs_after": macs_after,
-        "params_before": params_before,
-        "params_after": params_after,
-        "widths_before": widths_before,
-        "widths_after": layer_widths(model),
-        "groups": n_groups,
-        "keep_macs_achieved": macs_after / macs_before,
-        "channel_ratio": ratio,
-        "channels_removed": 1 - sum(widths[i] for i in prunable) / sum(slots[i].init for i in prunable),
-        "round_to": round_to,
-    }
-    report.update(plan)
+    report.update(channel_ratio=ratio, round_to=round_to, **plan)
     if options.reconstruct:
         report["reconstruct"] = refit
     return report

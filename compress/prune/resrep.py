@@ -32,7 +32,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import torch_pruning as tp
 from torch import nn
 
 from repvgg import PlainRepVGG
@@ -40,7 +39,8 @@ from repvgg import PlainRepVGG
 from .cost import ChainMacCost, LatencyCost
 from .errors import PruneError
 from .options import PruneOptions, default_round_to
-from .slots import Slot, layer_widths, slots_of
+from .pruning import size_after, size_before
+from .slots import Slot, slots_of
 
 
 @dataclass(frozen=True)
@@ -114,8 +114,7 @@ def merge_compactors(model: PlainRepVGG) -> list[int]:
     first): conv' = C_kept * conv and bias' = C_kept * bias, and the next layer (or the head) reads only the kept
     channels. Returns the kept channel count of each layer."""
     kept_widths = []
-    for i, layer in enumerate(model.layers):
-        compactor = compactors_of(model)[i]
+    for i, (layer, compactor) in enumerate(zip(model.layers, compactors_of(model))):
         if compactor is None:
             kept_widths.append(layer.conv.out_channels)
             continue
@@ -161,8 +160,9 @@ class ResRepSchedule:
     training), with the compactors stepped by plain SGD. Masks are chosen at `mask_steps`, for the costs in
     `goals`; `lasso` is the strength in force."""
 
-    def __init__(self, compactors: list[Compactor | None], slots: Sequence[Slot], cost: Callable[[Sequence[int]], float],
-                 target: float, target_name: str, options: ResRepOptions, lasso: float, lrs: Sequence[float]):
+    def __init__(self, compactors: list[Compactor | None], slots: Sequence[Slot],
+                 cost: Callable[[Sequence[int]], float], target: float, target_name: str, options: ResRepOptions,
+                 lasso: float, lrs: Sequence[float]):
         self.compactors, self.slots, self.cost, self.target, self.lasso = compactors, slots, cost, target, lasso
         self.target_name, self.lrs = target_name, lrs
         total_steps = len(lrs)
@@ -173,8 +173,8 @@ class ResRepSchedule:
         before = cost([s.init for s in slots])
         floor = cost([s.choices()[0] for s in slots])
         if floor > target * (1 + 1e-9):
-            raise PruneError(f"{target_name} is not reachable: the narrowest widths allowed cost {floor:.4g}, the target "
-                             f"{target:.4g}")
+            raise PruneError(f"{target_name} is not reachable: the narrowest widths allowed cost {floor:.4g}, the "
+                             f"target {target:.4g}")
         n = len(self.mask_steps)
         self.goals = [before - (before - target) * (k + 1) / n for k in range(n)]
         self.trace: list[dict] = []
@@ -228,8 +228,9 @@ class ResRepSchedule:
 
     def masked_norms(self) -> dict:
         """The masked rows' largest norm and the kept rows' median, before the cut: how far the lasso took them."""
-        masked = torch.cat([c.row_norms()[~c.mask.cpu()] for c in self.compactors if c is not None] or [torch.zeros(0)])
-        kept = torch.cat([c.row_norms()[c.mask.cpu()] for c in self.compactors if c is not None] or [torch.zeros(0)])
+        scored = [(c.row_norms(), c.mask.cpu()) for c in self.compactors if c is not None]
+        masked = torch.cat([norms[~mask] for norms, mask in scored] or [torch.zeros(0)])
+        kept = torch.cat([norms[mask] for norms, mask in scored] or [torch.zeros(0)])
         return {"masked_max": float(masked.max()) if len(masked) else 0.0,
                 "kept_median": float(kept.median()) if len(kept) else 0.0}
 
@@ -240,8 +241,8 @@ def resrep_prune(model: PlainRepVGG, options: PruneOptions, resrep: ResRepOption
     """Prune `model` in place by ResRep to `options.target` (keep_macs; keep_latency or target_ms through
     `latency_cost`): compactors added, `train(model, before_step)` run (it must call `before_step(step)` after
     each backward pass, before the optimizer's step, over the `len(lrs)` steps whose learning rates `lrs` are,
-    and step `compactor_weights(model)` by plain SGD), then the masked rows cut and the compactors merged. Returns the report the
-    prune stage records (as `prune_model`'s, with ResRep's trace)."""
+    and step `compactor_weights(model)` by plain SGD), then the masked rows cut and the compactors merged. Returns
+    the report the prune stage records (as `prune_model`'s, with ResRep's trace)."""
     if not isinstance(model, PlainRepVGG):
         raise PruneError(f"prune.method=resrep prunes a PlainRepVGG, got a {type(model).__name__}")
     target = options.target
@@ -251,8 +252,7 @@ def resrep_prune(model: PlainRepVGG, options: PruneOptions, resrep: ResRepOption
     round_to = options.round_to or default_round_to(example_input.device.type)
     slots = slots_of(model, options, round_to)
     model.eval()
-    macs_before, params_before = tp.utils.count_ops_and_params(model, example_input)
-    widths_before = layer_widths(model)
+    size = size_before(model, example_input)
     if target.latency:
         if latency_cost is None:
             raise PruneError(f"{target.name}: ResRep needs the latency table (prune.latency)")
@@ -272,14 +272,9 @@ def resrep_prune(model: PlainRepVGG, options: PruneOptions, resrep: ResRepOption
     norms = schedule.masked_norms()
     widths = merge_compactors(model)
     model.eval()
-    macs_after, params_after = tp.utils.count_ops_and_params(model, example_input)
-    prunable = [i for i, s in enumerate(slots) if s.prunable] or range(len(slots))
     report = {
-        "macs_before": macs_before, "macs_after": macs_after, "params_before": params_before,
-        "params_after": params_after, "widths_before": widths_before, "widths_after": layer_widths(model),
-        "groups": len(slots), "keep_macs_achieved": macs_after / macs_before, "channel_ratio": None,
-        "channels_removed": 1 - sum(widths[i] for i in prunable) / sum(slots[i].init for i in prunable),
-        "round_to": round_to, "planner": "resrep",
+        **size_after(model, example_input, size, slots, widths), "channel_ratio": None, "round_to": round_to,
+        "planner": "resrep",
         "resrep": {"lasso": lasso, "mask_steps": schedule.mask_steps, "trace": schedule.trace,
                    "steps": len(lrs), "top1_before_cut": trained.get("top1"), **norms,
                    "options": {"first_mask": resrep.first_mask, "mask_every": resrep.mask_every,

@@ -478,7 +478,8 @@ class PruneCfg(Section):
         if self.method == "resrep":
             wrong = [f"{key}={value}" for key, value, fine in (
                 ("mode", self.mode, self.mode == "plain"), ("reconstruct", self.reconstruct, not self.reconstruct),
-                ("steps", self.steps, self.steps == 1), ("channel_ratio", self.channel_ratio, self.channel_ratio is None),
+                ("steps", self.steps, self.steps == 1),
+                ("channel_ratio", self.channel_ratio, self.channel_ratio is None),
             ) if not fine]
             if wrong:
                 raise ValueError(f"prune.method=resrep trains compactors on the plain model to a cost target: "

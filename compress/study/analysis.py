@@ -91,9 +91,9 @@ def compare(points: list[dict], rows: list[dict], batches: list[int], resamples:
     """`REFERENCE` against every other pruning strategy and scratch (and the `PAIRS` a study has both sides of), at
     equal measured latency, along each side's upper hull (`stats.upper_hull`): for each precision and batch, at
     every latency both hulls reach (each hull's own points inside the other's range), each side's per-image
-    correctness interpolated between its two hull points around it, the difference bootstrapped over the same resampled test images for both sides. Every
-    pruning strategy's curve ends at the unpruned model (keep 1: nothing pruned), which is not compared with
-    itself; a from-scratch strategy's points are its own.
+    correctness interpolated between its two hull points around it, the difference bootstrapped over the same
+    resampled test images for both sides. Every pruning strategy's curve ends at the unpruned model (keep 1:
+    nothing pruned), which is not compared with itself; a from-scratch strategy's points are its own.
 
     Left out, and listed: latencies where one side's two hull points are not timed in the same order in every
     bench round that timed both undisturbed, or in too few such rounds (`{precision}_rounds_ms`: the interpolation

@@ -198,8 +198,9 @@ def budget_section(budget: dict, batch: int) -> list[str]:
              f"- Latency: the pruned side keeps {budget['keep_latency']:g} of the unpruned FP32 latency (batch 8); its "
              f"model measured {match['pruned_ratio']:.3f} of the unpruned one; the scratch widths measured {tries} "
              f"(searched on the latency table, {match['provider']}, within 5%, else the closest): "
-             f"{match['widths']}.", "- Added images: the pruned side's fine-tune; the scratch side's whole training; the ResRep "
-             "side's compactor training. "
+             f"{match['widths']}.",
+             "- Added images: the pruned side's fine-tune; the scratch side's whole training; the ResRep side's "
+             "compactor training. "
              + ("Equal total images: scratch trained on the base's images plus the recipe's fine-tune."
                 if budget["equal_total"] else "Equal total images: not run (`study.budget_equal_total: "
                 "false`)."),

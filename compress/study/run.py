@@ -154,22 +154,17 @@ class Study:
         base, points = self.base_run, []
         base_images, ft_images = pruned_images(r, self.data)
         pruned = pruned_recipe(r, "plain-latency", cfg.budget_keep_latency)
-        for added in cfg.added_images:
-            precipe = finetune_with(pruned, added, self.data)
-            images = precipe.finetune.epochs * self.data.with_train_subset(precipe.finetune.train_subset)\
-                .images_per_epoch()
-            for seed in range(cfg.seeds):
-                pt = self._point(PRUNED, cfg.budget_keep_latency, reseeded(precipe, seed, False), base,
-                                 base_images + images, seed, f"{PRUNED}_add{added}" + (f"_seed{seed}" if seed else ""))
-                points.append(with_side(pt, PRUNED, images))
-        if cfg.budget_resrep:  # the third side: ResRep to the same latency target on the same added images
+        # the pruned side, then (`study.budget_resrep`) ResRep to the same latency target on the same added images
+        sides = [(PRUNED, lambda point: point), *([(RESREP, resrep_twin)] if cfg.budget_resrep else [])]
+        for side, as_side in sides:
             for added in cfg.added_images:
-                precipe = resrep_twin(finetune_with(pruned, added, self.data))
+                precipe = as_side(finetune_with(pruned, added, self.data))
                 images = pruned_images(precipe, self.data)[1]
                 for seed in range(cfg.seeds):
-                    pt = self._point(RESREP, cfg.budget_keep_latency, reseeded(precipe, seed, False), base,
-                                     base_images + images, seed, f"{RESREP}_add{added}" + (f"_seed{seed}" if seed else ""))
-                    points.append(with_side(pt, RESREP, images))
+                    tag = f"{side}_add{added}" + (f"_seed{seed}" if seed else "")
+                    pt = self._point(side, cfg.budget_keep_latency, reseeded(precipe, seed, False), base,
+                                     base_images + images, seed, tag)
+                    points.append(with_side(pt, side, images))
         widths, self.budget_match = self._matched_widths(points[0]["run"])
         teacher = base.dir.path("reparam").resolve() if cfg.scratch_distill else None
         # None: equal total images (base plus the recipe's fine-tune)
