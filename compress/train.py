@@ -222,7 +222,9 @@ def fit(
     training images seen (over every process) as the step."""
     device_type = env.device.type
     try:
-        hazard = cpu_bf16_hazard(model_convs(model, data.example_input())) if device_type == "cpu" else None
+        # only a precision that may become BF16 on this CPU needs the model's conv shapes (a one-image forward)
+        may_bf16 = device_type == "cpu" and cfg.precision in ("auto", "bf16")
+        hazard = cpu_bf16_hazard(model_convs(model, data.example_input())) if may_bf16 else None
     except torch.cuda.OutOfMemoryError:
         raise _out_of_memory(tag, data) from None
     try:
