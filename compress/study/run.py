@@ -155,7 +155,7 @@ class Study:
         base_images, ft_images = pruned_images(r, self.data)
         pruned = pruned_recipe(r, "plain-latency", cfg.budget_keep_latency)
         # the pruned side, then (`study.budget_resrep`) ResRep to the same latency target on the same added images
-        sides = [(PRUNED, lambda point: point), *([(RESREP, resrep_twin)] if cfg.budget_resrep else [])]
+        sides = [(PRUNED, lambda recipe: recipe), *([(RESREP, resrep_twin)] if cfg.budget_resrep else [])]
         for side, as_side in sides:
             for added in cfg.added_images:
                 precipe = as_side(finetune_with(pruned, added, self.data))
